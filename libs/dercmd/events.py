@@ -1,0 +1,220 @@
+"""Event contracts: one versioned pydantic model per topic.
+
+On the wire an event is its model's JSON (camelCase field names) as the Kafka value, the
+entity id as the key (the command id on ``dercmd.commands.state``), and CloudEvents
+binary-mode headers (``ce_specversion``, ``ce_id``, ``ce_type``, ``ce_source``, ``ce_time``,
+``content-type``). ``ce_type`` carries the model's version, e.g. ``dercmd.command.accepted.v1``;
+a breaking change to a model is a new class with a new ``CE_TYPE``, never an edit in place.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class CommandType(StrEnum):
+    START_CHARGING = "StartCharging"
+    STOP_CHARGING = "StopCharging"
+    RESET = "Reset"
+    DISCONNECT = "Disconnect"
+    LIMIT_FEED_IN = "LimitFeedIn"
+    STOP_FEED_IN = "StopFeedIn"
+
+
+#: Types whose ``value`` is required (an integer >= 0); every other type takes no value.
+VALUED_TYPES: frozenset[CommandType] = frozenset({CommandType.LIMIT_FEED_IN})
+
+
+class CommandStatus(StrEnum):
+    PENDING = "Pending"
+    TRIGGERED = "Triggered"
+    SENT = "Sent"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    CANCELED = "Canceled"
+    REJECTED = "Rejected"
+
+    @property
+    def rank(self) -> int:
+        """Position in the one-way state machine: a command only ever moves to a higher rank."""
+        return _RANK[self]
+
+    @property
+    def terminal(self) -> bool:
+        return self.rank == _TERMINAL_RANK
+
+
+_TERMINAL_RANK = 3
+_RANK = {
+    CommandStatus.PENDING: 0,
+    CommandStatus.TRIGGERED: 1,
+    CommandStatus.SENT: 2,
+    CommandStatus.SUCCEEDED: _TERMINAL_RANK,
+    CommandStatus.FAILED: _TERMINAL_RANK,
+    CommandStatus.CANCELED: _TERMINAL_RANK,
+    CommandStatus.REJECTED: _TERMINAL_RANK,
+}
+
+
+class Model(BaseModel):
+    """Base of every wire model: camelCase JSON, snake_case Python, unknown fields refused."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+class Event(Model):
+    """A model that travels on a topic. Subclasses set ``CE_TYPE`` (versioned)."""
+
+    CE_TYPE: ClassVar[str]
+
+
+class CommandFields(Model):
+    """What the caller asks for; shared by the request, REST body and accepted event."""
+
+    type: CommandType
+    value: int | None = None
+
+    @model_validator(mode="after")
+    def _value_matches_type(self) -> CommandFields:
+        if self.type in VALUED_TYPES:
+            if self.value is None:
+                raise ValueError(f"{self.type} requires an integer value >= 0 (watts)")
+            if self.value < 0:
+                raise ValueError("value must be >= 0")
+        elif self.value is not None:
+            raise ValueError(f"{self.type} takes no value")
+        return self
+
+
+class CommandRequestV1(CommandFields, Event):
+    """``dercmd.commands.requests``: a command produced onto Kafka by a caller.
+
+    ``id`` is optional; without it the command id is the event's ``ce_id`` header, and
+    without that one derived from the record's topic position, so a redelivered request
+    always maps to the same command.
+    """
+
+    CE_TYPE: ClassVar[str] = "dercmd.command.request.v1"
+
+    id: str | None = Field(None, min_length=1, max_length=64)
+    entity_id: str = Field(min_length=1, max_length=128)
+    ignore_cooldown: bool = False
+
+
+class CommandAcceptedV1(CommandFields, Event):
+    """``dercmd.commands.accepted`` (internal): validated, authorised, in the ledger as Pending."""
+
+    CE_TYPE: ClassVar[str] = "dercmd.command.accepted.v1"
+
+    id: str
+    entity_id: str
+    ignore_cooldown: bool = False
+    #: When to start; None for an immediate command ("now" by arbitration's clock, so a
+    #: few seconds of skew between hosts can never turn it into a scheduled one).
+    trigger_time: datetime | None = None
+    end_time: datetime | None = None
+    accepted_at: datetime
+    source: str
+
+
+class DispatchOrderV1(CommandFields, Event):
+    """``dercmd.dispatch.orders`` (internal): arbitration's instruction to deliver now.
+
+    ``fence`` is the entity's fencing token after the slot change that produced the order;
+    dispatch refuses an order whose fence is older than the entity's current one.
+    """
+
+    CE_TYPE: ClassVar[str] = "dercmd.dispatch.order.v1"
+
+    command_id: str
+    entity_id: str
+    fence: int
+    accepted_at: datetime
+    ordered_at: datetime
+
+
+class StatusEventV1(Event):
+    """``dercmd.commands.status``: one transition of one command (every transition)."""
+
+    CE_TYPE: ClassVar[str] = "dercmd.command.status.v1"
+
+    #: Unique per transition. Defaults to ``<command id>/<status>``: a command enters each
+    #: status at most once, so a re-emitted transition (after a crash or redelivery) has the
+    #: same id and consumers drop it.
+    event_id: str = ""
+    command_id: str
+    entity_id: str
+    status: CommandStatus
+    at: datetime = Field(default_factory=utcnow)
+    reason: str | None = None
+    detail: str | None = None
+    cooldown_until: datetime | None = None
+    fence: int | None = None
+    superseded_by: str | None = None
+    # Set on Pending (and on Rejected when readable) so a consumer can show the command.
+    type: CommandType | None = None
+    value: int | None = None
+    trigger_time: datetime | None = None
+    source: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_event_id(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not (data.get("event_id") or data.get("eventId")):
+            command_id = data.get("command_id") or data.get("commandId")
+            status = data.get("status")
+            data = {**data, "event_id": f"{command_id}/{CommandStatus(status).value}"}
+        return data
+
+
+class CommandStateV1(Event):
+    """``dercmd.commands.state`` (compacted, keyed by command id): the latest state of a command."""
+
+    CE_TYPE: ClassVar[str] = "dercmd.command.state.v1"
+
+    id: str
+    entity_id: str
+    status: CommandStatus
+    type: CommandType | None = None
+    value: int | None = None
+    trigger_time: datetime | None = None
+    reason: str | None = None
+    detail: str | None = None
+    cooldown_until: datetime | None = None
+    superseded_by: str | None = None
+    source: str | None = None
+    created_at: datetime
+    updated_at: datetime
+    accepted_at: datetime | None = None
+    triggered_at: datetime | None = None
+    sent_at: datetime | None = None
+    confirmed_at: datetime | None = None
+
+
+class DeviceReportV1(Event):
+    """``dercmd.devices.reports``: a measurement report a device backend sent on request."""
+
+    CE_TYPE: ClassVar[str] = "dercmd.device.report.v1"
+
+    entity_id: str
+    at: datetime
+    measurements: dict[str, Any]
+    command_id: str | None = None
+
+
+def dump(model: BaseModel) -> bytes:
+    return model.model_dump_json(by_alias=True, exclude_none=True).encode()

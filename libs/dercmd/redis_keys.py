@@ -1,0 +1,19 @@
+"""Redis key names. Every key of one entity carries the entity id as its hash tag
+(``{entity}``), so a script touching several keys of one entity works on Redis Cluster."""
+
+from __future__ import annotations
+
+
+def slots(entity_id: str) -> str:
+    """Hash: ``fence``, ``active``, ``active_end``, ``scheduled``, ``scheduled_start``, ``cooldown_until``."""
+    return f"dercmd:{{{entity_id}}}:slots"
+
+
+def decision(entity_id: str, command_id: str) -> str:
+    """String: arbitration's recorded decision for one command (makes redelivery a no-op)."""
+    return f"dercmd:{{{entity_id}}}:decision:{command_id}"
+
+
+def delivery(entity_id: str, command_id: str) -> str:
+    """String: dispatch's delivery state for one command (at-most-once delivery)."""
+    return f"dercmd:{{{entity_id}}}:delivery:{command_id}"

@@ -1,0 +1,77 @@
+"""Every setting, read from ``DERCMD_*`` environment variables.
+
+Defaults work on one machine (``make run``); docker-compose.yml overrides what differs on a
+cluster. The README's settings table is generated from this class's field descriptions, so
+describe a new field where it is declared.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DERCMD_", extra="ignore")
+
+    kafka_bootstrap: str = Field(
+        "",
+        description="Kafka bootstrap servers (host:port,...). Empty: `make run` starts an embedded broker.",
+    )
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for locks, fences, slots and cooldowns.")
+    database_url: str = Field(
+        "sqlite:///var/dercmd.sqlite3",
+        description="SQLAlchemy URL of the ledger (SQLite file by default; `postgresql+psycopg://...` in production).",
+    )
+    fleet_file: str = Field(
+        "deploy/fleet.example.yaml", description="Entities, their kind/vendor/backend, and bearer tokens."
+    )
+    bind_host: str = Field("127.0.0.1", description="Address every service's HTTP server binds to.")
+    api_port: int = Field(8080, description="intake: REST API, OpenAPI docs at /docs, /metrics, /health.")
+    arbitration_port: int = Field(8081, description="arbitration: /metrics, /health.")
+    dispatch_port: int = Field(8082, description="dispatch: /metrics, /health, vendor callbacks.")
+    status_port: int = Field(8083, description="status: /metrics, /health.")
+    simulator_port: int = Field(8090, description="simulator: vendor-cloud API, /sim/devices/{id}/received.")
+    dispatch_callback_url: str = Field(
+        "",
+        description="URL at which vendor backends reach this dispatch replica; empty: http://{bind_host}:{dispatch_port}.",
+    )
+    vendor_cloud_url: str = Field(
+        "", description="Base URL of the vendor-cloud backend; empty: the local simulator."
+    )
+    vendor_cloud_token: str = Field("sim-vendor-secret", description="Bearer token dispatch presents to the vendor cloud.")
+    vendor_cloud_timeout_s: float = Field(5.0, description="Deadline of one call to the vendor cloud, in seconds.")
+    sim_confirm_delay_ms: int = Field(
+        5, description="simulator: how long a simulated device takes to confirm a command, ms."
+    )
+    cooldown_s: float = Field(
+        600.0, description="Default cooldown between commands to one entity, seconds (fleet file may override; 0 disables)."
+    )
+    topic_partitions: int = Field(4, description="Partitions of every topic created at start-up.")
+    topic_replication: int = Field(1, description="Replication factor of topics created at start-up.")
+    kafka_fetch_max_wait_ms: int = Field(
+        20, description="Longest a consumer fetch waits for data (faust hard-codes 1500; this overrides it)."
+    )
+    kafka_linger_ms: int = Field(2, description="Producer linger, milliseconds.")
+    kafka_idempotence: bool = Field(
+        False, description="Idempotent producer (Apache Kafka only; the embedded broker refuses it)."
+    )
+    kafka_session_timeout_ms: int = Field(10_000, description="Consumer group session timeout.")
+    kafka_heartbeat_ms: int = Field(2_000, description="Consumer group heartbeat interval.")
+    embedded_kafka_port: int = Field(9092, description="Port of the embedded broker `make run` starts.")
+    log_level: str = Field("INFO", description="Log level of every service.")
+
+    @property
+    def callback_base_url(self) -> str:
+        return self.dispatch_callback_url or f"http://{self.bind_host}:{self.dispatch_port}"
+
+    @property
+    def vendor_cloud_base_url(self) -> str:
+        return self.vendor_cloud_url or f"http://{self.bind_host}:{self.simulator_port}/vendor-cloud"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

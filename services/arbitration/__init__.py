@@ -1,0 +1,1 @@
+"""arbitration: cooldown and slot rules, atomically in Redis; emits dispatch orders."""

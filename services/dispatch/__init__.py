@@ -1,0 +1,1 @@
+"""dispatch: delivers dispatch orders through device backends; emits Sent/Succeeded/Failed."""

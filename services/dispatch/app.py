@@ -1,0 +1,172 @@
+"""The dispatch service: a faust agent over ``dercmd.dispatch.orders`` that delivers each order
+through the entity's backend, and the callback endpoint where backends report results."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from faust.web import Request, Response, View
+from pydantic import ValidationError
+
+from dercmd import topics
+from dercmd.events import CommandStatus, DispatchOrderV1, StatusEventV1, utcnow
+from dercmd.fleet import Fleet
+from dercmd.protocols.vendor_cloud import VendorResult
+from dercmd.settings import Settings
+from dercmd.streams import StreamApp
+
+from . import backends, metrics
+from .delivery import Deliveries, Outcome
+
+log = logging.getLogger(__name__)
+
+
+class Dispatcher:
+    """Turns one order into at most one backend call and the status events it earns."""
+
+    def __init__(self, app: StreamApp, fleet: Fleet) -> None:
+        self._app = app
+        self._fleet = fleet
+        self._deliveries = Deliveries(app.redis)
+        self._backends: dict[str, backends.DeviceBackend] = {}
+        self._callback_base = app.settings.callback_base_url.rstrip("/")
+
+    def _backend(self, name: str) -> backends.DeviceBackend | None:
+        if name not in self._backends:
+            backend = backends.create(name, self._app.settings)
+            if backend is None:
+                return None
+            self._backends[name] = backend
+        return self._backends[name]
+
+    async def aclose(self) -> None:
+        for backend in self._backends.values():
+            await backend.aclose()
+
+    async def _emit(self, order: DispatchOrderV1, status: CommandStatus, **fields: Any) -> None:
+        event = StatusEventV1(command_id=order.command_id, entity_id=order.entity_id, status=status, fence=order.fence, **fields)
+        await self._app.publisher.publish(topics.STATUS, event, order.entity_id)
+
+    async def _emit_outcome(self, order: DispatchOrderV1, outcome: Outcome) -> None:
+        await self._emit(order, outcome.status, reason=outcome.reason, detail=outcome.detail)
+
+    async def handle(self, order: DispatchOrderV1) -> None:
+        extra = {"command_id": order.command_id, "entity_id": order.entity_id, "fence": order.fence}
+        claim = await self._deliveries.claim(order.entity_id, order.command_id, order.fence)
+        if claim == "stale":
+            # A newer command took the slot; arbitration already reported this one Canceled.
+            metrics.ORDERS.labels("stale").inc()
+            log.info("stale order dropped", extra=extra)
+            return
+        if claim != "claimed":
+            metrics.ORDERS.labels("redelivered").inc()
+            await self._resume(order, claim)
+            return
+
+        entity = self._fleet.entity(order.entity_id)
+        backend = self._backend(entity.backend) if entity else None
+        if entity is None or backend is None:
+            outcome = Outcome(
+                CommandStatus.FAILED,
+                "backend_not_available",
+                f"no backend {entity.backend!r} in this deployment" if entity else "entity not in the fleet",
+            )
+            await self._finish(order, outcome, "failed")
+            return
+
+        started = time.perf_counter()
+        try:
+            accepted = await backend.send(order, entity, f"{self._callback_base}/callbacks/{backend.name}/{order.entity_id}/{order.command_id}")
+        except backends.BackendError as exc:
+            metrics.BACKEND_CALLS.labels(backend.name, "error").inc()
+            # Retries with backoff come with the retry policy; today one attempt decides.
+            await self._finish(order, Outcome(CommandStatus.FAILED, exc.reason, exc.detail), "failed")
+            log.warning("backend refused", extra={**extra, "reason": exc.reason, "detail": exc.detail})
+            return
+        finally:
+            metrics.BACKEND_SECONDS.labels(backend.name).observe(time.perf_counter() - started)
+        metrics.BACKEND_CALLS.labels(backend.name, "accepted").inc()
+        metrics.ACCEPT_TO_SENT_SECONDS.observe((utcnow() - order.accepted_at).total_seconds())
+        metrics.ORDERS.labels("sent").inc()
+
+        # Sent goes out before the state says so: a result arriving meanwhile is held back
+        # ("deferred") and published below, after Sent.
+        await self._emit(order, CommandStatus.SENT, detail=f"backend request {accepted.backend_ref}")
+        if accepted.confirmation is backends.Confirmation.SYNC:
+            await self._finish(order, Outcome(CommandStatus.SUCCEEDED), None)
+            return
+        state = await self._deliveries.sent(order.entity_id, order.command_id)
+        if state.startswith("result:"):
+            outcome = Outcome.decode(state.removeprefix("result:"))
+            await self._deliveries.finish(order.entity_id, order.command_id, outcome)
+            await self._emit_outcome(order, outcome)
+        log.info("sent", extra={**extra, "backend": backend.name})
+
+    async def _finish(self, order: DispatchOrderV1, outcome: Outcome, result: str | None) -> None:
+        await self._deliveries.finish(order.entity_id, order.command_id, outcome)
+        await self._emit_outcome(order, outcome)
+        if result:
+            metrics.ORDERS.labels(result).inc()
+
+    async def _resume(self, order: DispatchOrderV1, state: str) -> None:
+        """An order seen before (redelivery, or a crash mid-way): never call the backend again;
+        re-publish what the recorded state proves. Consumers drop events they already have."""
+        if state == "inflight":
+            # A previous attempt died during the call: the device may or may not have it.
+            outcome = Outcome(CommandStatus.FAILED, "delivery_unknown", "dispatch stopped during the backend call")
+            await self._finish(order, outcome, None)
+        elif state == "sent":
+            await self._emit(order, CommandStatus.SENT)
+        elif state.startswith(("result:", "done:")):
+            outcome = Outcome.decode(state.split(":", 1)[1])
+            if outcome.status is CommandStatus.SUCCEEDED:
+                await self._emit(order, CommandStatus.SENT)
+            await self._deliveries.finish(order.entity_id, order.command_id, outcome)
+            await self._emit_outcome(order, outcome)
+        log.info("redelivered order resumed", extra={"command_id": order.command_id, "state": state})
+
+    async def on_result(self, entity_id: str, command_id: str, outcome: Outcome) -> str:
+        """A backend's asynchronous result for a command this service sent."""
+        state = await self._deliveries.result(entity_id, command_id, outcome)
+        metrics.CALLBACKS.labels(outcome.status.value).inc()
+        if state == "emit":
+            event = StatusEventV1(
+                command_id=command_id, entity_id=entity_id, status=outcome.status, reason=outcome.reason, detail=outcome.detail
+            )
+            await self._app.publisher.publish(topics.STATUS, event, entity_id)
+        log.info("backend result", extra={"command_id": command_id, "entity_id": entity_id, "result": outcome.status.value, "state": state})
+        return state
+
+
+def build(settings: Settings) -> StreamApp:
+    app = StreamApp("dispatch", settings, settings.dispatch_port)
+    dispatcher = Dispatcher(app, Fleet.load(settings.fleet_file))
+
+    @app.agent(app.topic_of(topics.ORDERS), name="dispatch")
+    async def dispatch(stream: Any) -> None:
+        async for event in stream.events():
+            await app.guarded(topics.ORDERS, event, dispatcher.handle)
+
+    @app.page("/callbacks/vendor-cloud/{entity_id}/{command_id}")
+    class VendorCloudCallback(View):
+        async def post(self, request: Request, entity_id: str, command_id: str) -> Response:
+            try:
+                result = VendorResult.model_validate_json(await self.read_request_content(request))
+            except ValidationError as exc:
+                return self.json({"key": "invalid_result", "detail": str(exc)}, status=400)
+            if result.command_id != command_id:
+                return self.json({"key": "command_id_mismatch"}, status=400)
+            outcome = (
+                Outcome(CommandStatus.SUCCEEDED)
+                if result.result == "SUCCEEDED"
+                else Outcome(CommandStatus.FAILED, "device_failed", result.message)
+            )
+            state = await dispatcher.on_result(entity_id, command_id, outcome)
+            if state == "missing":
+                return self.json({"key": "unknown_command"}, status=404)
+            return self.json({"state": state})
+
+    app.closers.append(dispatcher.aclose)
+    return app

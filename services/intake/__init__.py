@@ -1,0 +1,1 @@
+"""intake: REST API and requests-topic consumer; validation, auth, compatibility; writes Pending."""

@@ -1,0 +1,172 @@
+"""The REST API (BRIEF 2.1). Every error is JSON ``{"key": ..., "message": ...}`` with a stable key."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import redis.asyncio as aioredis
+from aiokafka.errors import KafkaError
+from fastapi import Depends, FastAPI, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+
+from dercmd import metrics as metrics_lib
+from dercmd.events import CommandAcceptedV1, CommandFields, CommandStateV1, CommandStatus, StatusEventV1, new_id, utcnow
+from dercmd.fleet import Entity, Fleet, Role
+from dercmd.kafka import Publisher, ensure_topics
+from dercmd.ledger import Ledger
+from dercmd.settings import Settings
+
+from . import metrics
+from .admission import Admission, Refusal
+from .requests_consumer import RequestsConsumer
+
+log = logging.getLogger(__name__)
+
+
+class CommandBody(CommandFields):
+    """Body of ``POST /v1/entities/{entityId}/commands``."""
+
+
+class Error(BaseModel):
+    key: str
+    message: str
+
+
+def command_json(state: CommandStateV1) -> dict[str, Any]:
+    return state.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    fleet = Fleet.load(settings.fleet_file)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ledger = Ledger(settings.database_url)
+        await asyncio.to_thread(ledger.create_schema)
+        redis = aioredis.from_url(settings.redis_url)
+        await ensure_topics(settings)
+        publisher = Publisher(settings, source="/dercmd/intake")
+        await publisher.start()
+        admission = Admission(fleet, ledger, publisher, redis)
+        consumer = RequestsConsumer(settings, admission)
+        await consumer.start()
+        app.state.admission = admission
+        try:
+            yield
+        finally:
+            await consumer.stop()
+            await publisher.stop()
+            await redis.aclose()
+            ledger.close()
+
+    app = FastAPI(
+        title="dercmd",
+        version="1",
+        description="Commands to fleets of distributed energy resources. Errors are `{key, message}`.",
+        lifespan=lifespan,
+    )
+
+    def admission_of(request: Request) -> Admission:
+        return request.app.state.admission
+
+    def token_of(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> str:
+        if credentials is None or not fleet.knows_token(credentials.credentials):
+            raise Refusal("unauthorized", "a valid bearer token is required", status=401,
+                          headers={"WWW-Authenticate": "Bearer"})
+        return credentials.credentials
+
+    def authorise(token: str, entity_id: str, needed: Role) -> Entity:
+        entity = fleet.entity(entity_id)
+        role = fleet.role(token, entity_id)
+        if entity is None or role is None:
+            # The same answer whether it does not exist or may not be seen.
+            raise Refusal("entity_not_found", f"no entity {entity_id}", status=404)
+        if not role.allows(needed):
+            raise Refusal("forbidden", f"{role} may not send commands to {entity_id}", status=403)
+        return entity
+
+    @app.exception_handler(Refusal)
+    async def _refusal(request: Request, exc: Refusal) -> JSONResponse:
+        metrics.REFUSED.labels("rest", exc.key).inc()
+        return JSONResponse({"key": exc.key, "message": exc.message, **exc.extra}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        metrics.REFUSED.labels("rest", "validation_error").inc()
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
+        return JSONResponse({"key": "validation_error", "message": "the request is not valid", "errors": errors}, status_code=400)
+
+    errors = {s: {"model": Error} for s in (400, 401, 403, 404, 409, 503)}
+
+    @app.post("/v1/entities/{entityId}/commands", status_code=201, responses=errors, tags=["commands"])
+    async def create_command(
+        body: CommandBody,
+        entity_id: Annotated[str, Path(alias="entityId", max_length=128)],
+        ignore_cooldown: Annotated[bool, Query(alias="ignoreCooldown")] = False,
+        token: str = Depends(token_of),
+        admission: Admission = Depends(admission_of),
+    ) -> Any:
+        """Send a command to one entity now. 201: accepted as ``Pending``."""
+        entity = authorise(token, entity_id, Role.CONTRIBUTOR)
+        admission.check(entity, body)
+        if not ignore_cooldown:
+            await admission.check_cooldown(entity_id)
+        cmd = CommandAcceptedV1(
+            id=new_id(),
+            entity_id=entity_id,
+            type=body.type,
+            value=body.value,
+            ignore_cooldown=ignore_cooldown,
+            accepted_at=utcnow(),
+            source="rest",
+        )
+        try:
+            state = await admission.admit(cmd)
+        except KafkaError as exc:
+            # The command is in the ledger but could not be announced: say so, truthfully.
+            failed = StatusEventV1(command_id=cmd.id, entity_id=entity_id, status=CommandStatus.FAILED,
+                                   reason="intake_unavailable", detail=repr(exc))
+            await asyncio.to_thread(admission.ledger.apply, [failed])
+            raise Refusal("intake_unavailable", "the command could not be queued; retry later", status=503) from exc
+        log.info("accepted", extra={"command_id": cmd.id, "entity_id": entity_id, "type": cmd.type.value, "source": "rest"})
+        return JSONResponse(command_json(state), status_code=201, headers={"Location": f"/v1/commands/{cmd.id}"})
+
+    @app.get("/v1/commands/{id}", responses=errors, tags=["commands"])
+    async def get_command(
+        id: Annotated[str, Path(max_length=64)],
+        token: str = Depends(token_of),
+        admission: Admission = Depends(admission_of),
+    ) -> Any:
+        """A command's current state."""
+        state = await asyncio.to_thread(admission.ledger.get, id)
+        if state is None or fleet.role(token, state.entity_id) is None:
+            raise Refusal("command_not_found", f"no command {id}", status=404)
+        return command_json(state)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def _metrics() -> Response:
+        body, content_type = metrics_lib.exposition()
+        return Response(body, media_type=content_type)
+
+    @app.get("/health", include_in_schema=False)
+    async def _health(admission: Admission = Depends(admission_of)) -> JSONResponse:
+        try:
+            await admission.redis.ping()
+            await asyncio.to_thread(admission.ledger.ping)
+            if not admission.publisher.started:
+                raise RuntimeError("producer not started")
+        except Exception as exc:
+            return JSONResponse({"status": "unhealthy", "service": "intake", "error": repr(exc)}, status_code=503)
+        return JSONResponse({"status": "ok", "service": "intake"})
+
+    return app

@@ -1,0 +1,18 @@
+"""intake's metrics, all of them."""
+
+from prometheus_client import Counter, Histogram
+
+from dercmd.metrics import LATENCY_BUCKETS
+
+ACCEPTED = Counter("dercmd_commands_accepted_total", "Commands accepted (Pending), by source (rest, kafka).", ["source"])
+REFUSED = Counter(
+    "dercmd_commands_refused_total",
+    "Commands refused at intake (REST 4xx or Kafka Rejected), by source and error key.",
+    ["source", "key"],
+)
+ADMIT_SECONDS = Histogram(
+    "dercmd_intake_admit_seconds",
+    "From receiving a command to its Pending row and accepted event being durable.",
+    ["source"],
+    buckets=LATENCY_BUCKETS,
+)

@@ -1,0 +1,1 @@
+"""simulator: device backends speaking real protocols, recording what each device received."""

@@ -1,0 +1,7 @@
+from dercmd.settings import get_settings
+from dercmd.web import serve
+
+from .app import create_app
+
+settings = get_settings()
+serve("simulator", create_app(settings), settings, settings.simulator_port)

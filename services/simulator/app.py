@@ -1,0 +1,51 @@
+"""The simulator's HTTP server: every simulated backend's API, plus ``/sim/...`` to read what
+devices received."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Path, Response
+
+from dercmd import metrics as metrics_lib
+from dercmd.fleet import Fleet
+from dercmd.settings import Settings
+
+from .recorder import Recorder
+from .vendor_cloud import VendorCloudSim
+
+
+def create_app(settings: Settings) -> FastAPI:
+    fleet = Fleet.load(settings.fleet_file)
+    recorder = Recorder()
+    vendor_cloud = VendorCloudSim(fleet, recorder, settings.vendor_cloud_token, settings.sim_confirm_delay_ms / 1000)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await vendor_cloud.aclose()
+
+    app = FastAPI(title="dercmd simulator", lifespan=lifespan)
+    app.include_router(vendor_cloud.router)
+
+    @app.get("/sim/devices/{entityId}/received", tags=["sim"])
+    async def received(entity_id: str = Path(alias="entityId")) -> Any:
+        """Every command this device received, in order."""
+        return {"entityId": entity_id, "commands": [r.to_json() for r in recorder.received(entity_id)]}
+
+    @app.get("/sim/received", tags=["sim"])
+    async def totals() -> Any:
+        return {"total": recorder.total}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def _metrics() -> Response:
+        body, content_type = metrics_lib.exposition()
+        return Response(body, media_type=content_type)
+
+    @app.get("/health", include_in_schema=False)
+    async def _health() -> Any:
+        return {"status": "ok", "service": "simulator"}
+
+    return app

@@ -1,0 +1,1 @@
+"""status: folds status events into the ledger, publishes the latest state per command."""

@@ -1,0 +1,36 @@
+"""docker-compose.yml and deploy/prometheus.yml stay valid and complete."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DERCMD_SERVICES = ["intake", "arbitration", "dispatch", "status", "simulator"]
+ALL_SERVICES = ["kafka", "redis", "postgres", "prometheus", "grafana", *DERCMD_SERVICES]
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose not installed")
+def test_compose_config_is_valid() -> None:
+    proc = subprocess.run(
+        ["docker-compose", "-f", "docker-compose.yml", "config", "-q"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_every_service_exists_with_a_healthcheck() -> None:
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    for name in ALL_SERVICES:
+        assert name in services, name
+        assert services[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+
+
+def test_prometheus_scrapes_every_dercmd_service() -> None:
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    jobs = {job["job_name"] for job in config["scrape_configs"]}
+    assert set(DERCMD_SERVICES) <= jobs
