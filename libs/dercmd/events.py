@@ -197,6 +197,7 @@ class CommandStateV1(Event):
     cooldown_until: datetime | None = None
     superseded_by: str | None = None
     source: str | None = None
+    ignore_cooldown: bool = False
     created_at: datetime
     updated_at: datetime
     accepted_at: datetime | None = None

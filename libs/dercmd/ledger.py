@@ -135,8 +135,9 @@ def _insert_ignoring_conflicts(conn: Connection, table: Table, values: dict[str,
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
-    result = conn.execute(insert(table).values(**values).on_conflict_do_nothing())
-    return result.rowcount == 1
+    key = next(iter(table.primary_key.columns))
+    result = conn.execute(insert(table).values(**values).on_conflict_do_nothing().returning(key))
+    return result.first() is not None
 
 
 def _state(row: Any) -> CommandStateV1:
@@ -153,6 +154,7 @@ def _state(row: Any) -> CommandStateV1:
             "cooldown_until": row.cooldown_until,
             "superseded_by": row.superseded_by,
             "source": row.source,
+            "ignore_cooldown": row.ignore_cooldown,
             "created_at": row.created_at,
             "updated_at": row.updated_at,
             "accepted_at": row.accepted_at,

@@ -88,6 +88,7 @@ class Admission:
             value=cmd.value,
             trigger_time=pending.trigger_time,
             source=cmd.source,
+            ignore_cooldown=cmd.ignore_cooldown,
             created_at=cmd.accepted_at,
             updated_at=cmd.accepted_at,
             accepted_at=cmd.accepted_at,

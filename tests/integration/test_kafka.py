@@ -1,0 +1,65 @@
+"""Kafka plumbing on the embedded broker: topic creation, CloudEvents headers, dead letters,
+and faust's consumer using the configured fetch wait."""
+
+from __future__ import annotations
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient
+
+from dercmd import topics
+from dercmd.events import CommandStatus, StatusEventV1
+from dercmd.kafka import DLQ_ERROR, DLQ_SOURCE, Publisher, decode, ensure_topics, header
+from dercmd.settings import Settings
+from dercmd.streams import StreamApp
+
+
+async def read_all(bootstrap: str, topic: str, count: int) -> list:  # type: ignore[type-arg]
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    records = []
+    try:
+        while len(records) < count:
+            batch = await consumer.getmany(timeout_ms=10_000)
+            if not batch:
+                break
+            for rs in batch.values():
+                records.extend(rs)
+    finally:
+        await consumer.stop()
+    return records
+
+
+async def test_topics_are_created_with_the_configured_partitions(kafka_bootstrap: str) -> None:
+    settings = Settings(kafka_bootstrap=kafka_bootstrap, topic_partitions=4)
+    await ensure_topics(settings)  # again: existing topics are left alone
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_topics(topics.all_names())
+    finally:
+        await admin.close()
+    partitions = {d["topic"]: len(d["partitions"]) for d in described}
+    assert partitions == {name: 4 for name in topics.all_names()}
+
+
+async def test_published_events_carry_key_and_cloudevents_headers(kafka_bootstrap: str) -> None:
+    publisher = Publisher(Settings(kafka_bootstrap=kafka_bootstrap), source="/dercmd/test")
+    event = StatusEventV1(command_id="k-1", entity_id="ev-kafka", status=CommandStatus.SENT)
+    await publisher.publish(topics.REPORTS, event, "ev-kafka")  # a topic no service consumes
+    await publisher.dead_letter(topics.REPORTS, key=b"ev-kafka", value=b"{not json", headers=[("x", b"1")],
+                                error="boom", partition=2, offset=7)
+    await publisher.stop()
+    (record,) = [r for r in await read_all(kafka_bootstrap, topics.REPORTS.name, 1) if r.key == b"ev-kafka"]
+    assert decode(topics.STATUS, record.value) == event
+    assert header(record.headers, "ce_type") == "dercmd.command.status.v1"
+    assert header(record.headers, "ce_source") == "/dercmd/test"
+    (dead,) = await read_all(kafka_bootstrap, topics.REPORTS.dlq, 1)
+    assert dead.value == b"{not json" and header(dead.headers, "x") == "1"
+    assert header(dead.headers, DLQ_ERROR) == "boom"
+    assert header(dead.headers, DLQ_SOURCE) == f"{topics.REPORTS.name}/2/7"
+
+
+async def test_faust_consumers_use_the_configured_fetch_wait(kafka_bootstrap: str) -> None:
+    app = StreamApp("fetch-wait-check", Settings(kafka_bootstrap=kafka_bootstrap, kafka_fetch_max_wait_ms=17), port=1)
+    consumer = app.consumer._thread._create_worker_consumer(app.transport)
+    assert consumer._fetch_max_wait_ms == 17

@@ -1,0 +1,72 @@
+"""The ledger's monotonic state machine, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from dercmd.events import CommandAcceptedV1, CommandStatus as S, CommandType, StatusEventV1
+from dercmd.ledger import Ledger
+
+T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def ledger(ledger_url: str):  # type: ignore[no-untyped-def]
+    ledger = Ledger(ledger_url)
+    ledger.create_schema()
+    yield ledger
+    ledger.close()
+
+
+def accepted() -> CommandAcceptedV1:
+    return CommandAcceptedV1(id=str(uuid.uuid4()), entity_id="ev-1", type=CommandType.START_CHARGING, accepted_at=T0, source="rest")
+
+
+def event(cmd: CommandAcceptedV1, status: S, seconds: float, **kw: object) -> StatusEventV1:
+    return StatusEventV1(command_id=cmd.id, entity_id=cmd.entity_id, status=status, at=T0 + timedelta(seconds=seconds), **kw)
+
+
+def test_pending_row_then_forward_transitions_with_stage_times(ledger: Ledger) -> None:
+    cmd = accepted()
+    assert ledger.record_pending(cmd) is True
+    assert ledger.record_pending(cmd) is False
+    applied = ledger.apply([event(cmd, s, i) for i, s in enumerate([S.PENDING, S.TRIGGERED, S.SENT, S.SUCCEEDED])])
+    assert [a.changed for a in applied] == [True, True, True, True]
+    state = ledger.get(cmd.id)
+    assert state is not None and state.status is S.SUCCEEDED
+    assert (state.accepted_at, state.triggered_at, state.sent_at, state.confirmed_at) == tuple(T0 + timedelta(seconds=i) for i in range(4))
+    assert [h["status"] for h in ledger.history(cmd.id)] == ["Pending", "Triggered", "Sent", "Succeeded"]
+
+
+def test_late_and_duplicate_events_never_move_a_command_backwards(ledger: Ledger) -> None:
+    cmd = accepted()
+    ledger.record_pending(cmd)
+    ledger.apply([event(cmd, S.SUCCEEDED, 3)])
+    late = ledger.apply([event(cmd, S.SENT, 2), event(cmd, S.TRIGGERED, 1), event(cmd, S.SUCCEEDED, 3)])
+    assert [a.changed for a in late] == [False, False, False]
+    assert ledger.get(cmd.id).status is S.SUCCEEDED  # type: ignore[union-attr]
+
+
+def test_a_terminal_status_is_final(ledger: Ledger) -> None:
+    cmd = accepted()
+    ledger.record_pending(cmd)
+    ledger.apply([event(cmd, S.SUCCEEDED, 1)])
+    (after,) = ledger.apply([event(cmd, S.CANCELED, 2, reason="superseded", superseded_by="x")])
+    assert not after.changed
+    assert after.state.status is S.SUCCEEDED and after.state.superseded_by is None
+
+
+def test_an_event_for_an_unknown_command_creates_it(ledger: Ledger) -> None:
+    (applied,) = ledger.apply([StatusEventV1(command_id="rej-" + uuid.uuid4().hex, entity_id="ev-9", status=S.REJECTED,
+                                             reason="invalid_request", at=T0, source="kafka")])
+    assert applied.changed and applied.state.status is S.REJECTED and applied.state.reason == "invalid_request"
+
+
+def test_times_come_back_timezone_aware(ledger: Ledger) -> None:
+    cmd = accepted()
+    ledger.record_pending(cmd)
+    state = ledger.get(cmd.id)
+    assert state is not None and state.accepted_at == T0 and state.accepted_at.tzinfo is not None
