@@ -23,7 +23,9 @@ from dercmd.launcher import Stack, free_port
 T = TypeVar("T")
 
 REDIS_URL = os.environ.get("DERCMD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-POSTGRES_URL = os.environ.get("DERCMD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+POSTGRES_URL = os.environ.get(
+    "DERCMD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres:postgres@127.0.0.1:5432/postgres"
+)
 
 
 def _unavailable(what: str, exc: Exception) -> None:

@@ -154,6 +154,8 @@ class Stack:
         return self
 
     def wait_healthy(self, name: str, deadline_s: float = 60) -> None:
+        """Until ``/health`` answers 200 and, for a consumer, its partitions are assigned
+        (one replica of each here, so it must own some before it can take work)."""
         end = time.monotonic() + deadline_s
         proc = self.procs[name]
         last = ""
@@ -162,7 +164,7 @@ class Stack:
                 raise LaunchError(f"{name} exited with {proc.returncode} while starting{self._log_hint(name)}")
             try:
                 response = httpx.get(f"{self.url(name)}/health", timeout=1)
-                if response.status_code == 200:
+                if response.status_code == 200 and response.json().get("partitions", 1) > 0:
                     return
                 last = response.text
             except httpx.HTTPError as exc:

@@ -1,8 +1,8 @@
 """Every setting, read from ``DERCMD_*`` environment variables.
 
 Defaults work on one machine (``make run``); docker-compose.yml overrides what differs on a
-cluster. The README's settings table is generated from this class's field descriptions, so
-describe a new field where it is declared.
+cluster. The README lists every field (tests/unit/test_docs.py checks it): describe a new
+field where it is declared and add it there.
 """
 
 from __future__ import annotations

@@ -61,6 +61,7 @@ def create_app(settings: Settings) -> FastAPI:
         consumer = RequestsConsumer(settings, admission)
         await consumer.start()
         app.state.admission = admission
+        app.state.consumer = consumer
         try:
             yield
         finally:
@@ -159,7 +160,7 @@ def create_app(settings: Settings) -> FastAPI:
         return Response(body, media_type=content_type)
 
     @app.get("/health", include_in_schema=False)
-    async def _health(admission: Admission = Depends(admission_of)) -> JSONResponse:
+    async def _health(request: Request, admission: Admission = Depends(admission_of)) -> JSONResponse:
         try:
             await admission.redis.ping()
             await asyncio.to_thread(admission.ledger.ping)
@@ -167,6 +168,6 @@ def create_app(settings: Settings) -> FastAPI:
                 raise RuntimeError("producer not started")
         except Exception as exc:
             return JSONResponse({"status": "unhealthy", "service": "intake", "error": repr(exc)}, status_code=503)
-        return JSONResponse({"status": "ok", "service": "intake"})
+        return JSONResponse({"status": "ok", "service": "intake", "partitions": request.app.state.consumer.partitions})
 
     return app

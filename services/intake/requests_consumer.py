@@ -61,6 +61,10 @@ class RequestsConsumer:
                 pass
         await self._consumer.stop()
 
+    @property
+    def partitions(self) -> int:
+        return len(self._consumer.assignment())
+
     async def _run(self) -> None:
         while True:
             batches = await self._consumer.getmany(timeout_ms=1000, max_records=500)

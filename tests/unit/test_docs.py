@@ -1,0 +1,19 @@
+"""The README's tables stay true: every setting and every topic is documented."""
+
+from pathlib import Path
+
+from dercmd import topics
+from dercmd.settings import Settings
+
+README = (Path(__file__).parents[2] / "README.md").read_text()
+
+
+def test_every_setting_is_in_the_readme() -> None:
+    missing = [f"DERCMD_{name.upper()}" for name in Settings.model_fields if f"`DERCMD_{name.upper()}`" not in README]
+    assert missing == []
+
+
+def test_every_topic_and_model_version_is_in_the_readme() -> None:
+    for topic in topics.ALL:
+        assert f"`{topic.name}`" in README
+        assert f"`{topic.model.CE_TYPE}`" in README
