@@ -82,11 +82,16 @@ class Event(Model):
     CE_TYPE: ClassVar[str]
 
 
+#: Ids a caller may choose: safe in URLs, headers and keys.
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
+MAX_VALUE = 2**31 - 1
+
+
 class CommandFields(Model):
     """What the caller asks for; shared by the request, REST body and accepted event."""
 
     type: CommandType
-    value: int | None = None
+    value: int | None = Field(None, le=MAX_VALUE)
 
     @model_validator(mode="after")
     def _value_matches_type(self) -> CommandFields:
@@ -103,14 +108,15 @@ class CommandFields(Model):
 class CommandRequestV1(CommandFields, Event):
     """``dercmd.commands.requests``: a command produced onto Kafka by a caller.
 
-    ``id`` is optional; without it the command id is the event's ``ce_id`` header, and
-    without that one derived from the record's topic position, so a redelivered request
+    ``id`` is optional (letters, digits and ``._:-``, at most 64); without it the command id
+    is the event's ``ce_id`` header (or, if that is not such an id, a UUID derived from it),
+    and without that one derived from the record's topic position, so a redelivered request
     always maps to the same command.
     """
 
     CE_TYPE: ClassVar[str] = "dercmd.command.request.v1"
 
-    id: str | None = Field(None, min_length=1, max_length=64)
+    id: str | None = Field(None, pattern=ID_PATTERN)
     entity_id: str = Field(min_length=1, max_length=128)
     ignore_cooldown: bool = False
 

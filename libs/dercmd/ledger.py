@@ -84,7 +84,7 @@ commands = Table(
 command_events = Table(
     "command_events",
     metadata,
-    Column("event_id", String(64), primary_key=True),
+    Column("event_id", String(100), primary_key=True),
     Column("command_id", String(64), nullable=False, index=True),
     Column("status", String(16), nullable=False),
     Column("at", UTCDateTime, nullable=False),
@@ -105,10 +105,12 @@ _STAGE_COLUMN = {
 
 @dataclass(frozen=True, slots=True)
 class Applied:
-    """The outcome of folding one event: the command's state after it, and whether the event
-    was news (first seen, and the command is now in its status)."""
+    """The outcome of folding one event: the command's state after it; ``current`` when the
+    command is in the event's status (the event won or repeats the winner); ``changed`` when
+    it is also the first time this event was seen."""
 
     state: CommandStateV1
+    current: bool
     changed: bool
 
 
@@ -218,9 +220,10 @@ class Ledger:
                 elif fresh and ev.status.rank > CommandStatus(row.status).rank:
                     conn.execute(update(commands).where(commands.c.id == ev.command_id).values(**self._changes(ev)))
                 row = conn.execute(select(commands).where(commands.c.id == ev.command_id)).one()
-                # A new event whose status the command now has: new to every reader of the
-                # state (this includes the Pending that intake wrote before announcing it).
-                out.append(Applied(_state(row), changed=fresh and row.status == ev.status.value))
+                # "current" includes the Pending that intake wrote before announcing it, and a
+                # redelivered event whose state may not have been published the first time.
+                current = row.status == ev.status.value
+                out.append(Applied(_state(row), current=current, changed=fresh and current))
         return out
 
     @staticmethod

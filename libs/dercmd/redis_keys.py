@@ -4,13 +4,19 @@
 from __future__ import annotations
 
 
+#: How long a command's decision and delivery state are kept: a redelivery older than this
+#: would be treated as new.
+STATE_TTL_S = 7 * 24 * 3600
+
+
 def slots(entity_id: str) -> str:
     """Hash: ``fence``, ``active``, ``active_end``, ``scheduled``, ``scheduled_start``, ``cooldown_until``."""
     return f"dercmd:{{{entity_id}}}:slots"
 
 
 def decision(entity_id: str, command_id: str) -> str:
-    """String: arbitration's recorded decision for one command (makes redelivery a no-op)."""
+    """String: arbitration's recorded decision for one command (makes redelivery a no-op).
+    intake writes ``{"outcome": "aborted"}`` here first when it could not announce a command."""
     return f"dercmd:{{{entity_id}}}:decision:{command_id}"
 
 

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import faust
 import redis.asyncio as aioredis
+import redis.exceptions
 import sqlalchemy.exc
 from aiokafka.errors import KafkaError
 from faust.transport.drivers import aiokafka as faust_aiokafka
@@ -34,7 +35,11 @@ INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
     KafkaError,
     aioredis.ConnectionError,
     aioredis.TimeoutError,
+    redis.exceptions.ReadOnlyError,  # a replica during failover
+    redis.exceptions.BusyLoadingError,  # a restarted Redis loading its data
     sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.TimeoutError,  # connection pool exhausted
     OSError,
     asyncio.TimeoutError,
 )
@@ -122,8 +127,10 @@ class StreamApp(faust.App):
         await self.publisher.start()
         await super().on_start()
 
-    async def on_stop(self) -> None:
-        await super().on_stop()
+    async def on_shutdown(self) -> None:
+        # After faust has stopped its agents and web server (mode calls on_shutdown after
+        # stopping children), so nothing uses these any more.
+        await super().on_shutdown()
         for close in self.closers:
             await close()
         await self.publisher.stop()

@@ -17,13 +17,11 @@ from dercmd.fleet import Fleet
 
 _SCRIPT = resources.files(__package__).joinpath("arbitrate.lua").read_text()
 
-#: How long a decision is remembered, so a redelivered accepted event changes nothing.
-DECISION_TTL_S = 7 * 24 * 3600
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    outcome: str  # activated | scheduled | cooldown | expired
+    outcome: str  # activated | scheduled | cooldown | expired | aborted (by intake: emits nothing)
     fence: int
     superseded: tuple[str, ...]
     cooldown_until: datetime | None
@@ -77,7 +75,7 @@ class Arbiter:
                 _ms(cmd.end_time) if cmd.end_time else "",
                 int(cooldown_s * 1000),
                 "1" if cmd.ignore_cooldown else "0",
-                DECISION_TTL_S,
+                redis_keys.STATE_TTL_S,
             ],
         )
         return Decision.from_json(raw)

@@ -14,8 +14,10 @@
 -- Returns the decision as JSON: {outcome, fence, superseded[], cooldownUntil, duplicate}.
 -- outcome: "activated" (dispatch now), "scheduled" (stored in the scheduled slot),
 -- "cooldown" (refused; cooldownUntil says until when), "expired" (endAt already past).
--- A command seen before returns its first decision with duplicate=true and changes nothing.
--- Every slot change increments the entity's fence; dispatch refuses orders with an older one.
+-- A command seen before returns its first decision with duplicate=true and changes nothing;
+-- that includes "aborted", which intake records when it could not announce a command.
+-- Every slot change increments the entity's fence; an activation also records it as
+-- active_fence, and dispatch refuses orders older than that.
 
 local recorded = redis.call('GET', KEYS[2])
 if recorded then
@@ -36,7 +38,7 @@ local cooldown = tonumber(ARGV[5])
 local ignore_cooldown = ARGV[6] == '1'
 
 local d = {outcome = '', fence = 0, superseded = {}, cooldownUntil = 0, duplicate = false}
-local slot = redis.call('HMGET', KEYS[1], 'fence', 'active', 'scheduled', 'cooldown_until')
+local slot = redis.call('HMGET', KEYS[1], 'fence', 'active', 'scheduled', 'cooldown_until', 'delivered')
 d.fence = tonumber(slot[1]) or 0
 local cooldown_until = tonumber(slot[4]) or 0
 
@@ -50,18 +52,22 @@ elseif start_at <= now then
     d.cooldownUntil = cooldown_until
   else
     d.outcome = 'activated'
-    if slot[2] then table.insert(d.superseded, slot[2]) end
+    -- The active command is Canceled only if dispatch has not claimed it yet ("delivered" is
+    -- set atomically by dispatch's claim): once claimed, its delivery result is its one
+    -- terminal status. A scheduled command is never delivered before it is active.
+    if slot[2] and slot[2] ~= slot[5] then table.insert(d.superseded, slot[2]) end
     if slot[3] then table.insert(d.superseded, slot[3]) end
     d.fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
-    redis.call('HSET', KEYS[1], 'active', cmd, 'active_end', ARGV[4])
-    redis.call('HDEL', KEYS[1], 'scheduled', 'scheduled_start')
+    redis.call('HSET', KEYS[1], 'active', cmd, 'active_end', ARGV[4], 'active_fence', d.fence)
+    redis.call('HDEL', KEYS[1], 'scheduled', 'scheduled_start', 'delivered')
     if cooldown > 0 then
       d.cooldownUntil = now + cooldown
       redis.call('HSET', KEYS[1], 'cooldown_until', d.cooldownUntil)
     end
   end
 else
-  -- rule 3: in the future; overwrites the scheduled slot
+  -- rule 3: in the future; overwrites the scheduled slot. The fence moves, active_fence
+  -- does not: the active command's dispatch order stays valid.
   d.outcome = 'scheduled'
   if slot[3] then table.insert(d.superseded, slot[3]) end
   d.fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)

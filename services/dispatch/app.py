@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from typing import Any
+from urllib.parse import quote
 
 from faust.web import Request, Response, View
 from pydantic import ValidationError
@@ -49,91 +50,94 @@ class Dispatcher:
         event = StatusEventV1(command_id=order.command_id, entity_id=order.entity_id, status=status, fence=order.fence, **fields)
         await self._app.publisher.publish(topics.STATUS, event, order.entity_id)
 
-    async def _emit_outcome(self, order: DispatchOrderV1, outcome: Outcome) -> None:
+    async def _conclude(self, order: DispatchOrderV1, outcome: Outcome) -> None:
+        """Publish the terminal status, then record it: a crash in between re-publishes it."""
         await self._emit(order, outcome.status, reason=outcome.reason, detail=outcome.detail)
+        await self._deliveries.finish(order.entity_id, order.command_id, outcome)
 
     async def handle(self, order: DispatchOrderV1) -> None:
         extra = {"command_id": order.command_id, "entity_id": order.entity_id, "fence": order.fence}
         claim = await self._deliveries.claim(order.entity_id, order.command_id, order.fence)
         if claim == "stale":
-            # A newer command took the slot; arbitration already reported this one Canceled.
+            # A newer command took the slot before this one was claimed; arbitration has
+            # already reported this one Canceled (superseded).
             metrics.ORDERS.labels("stale").inc()
             log.info("stale order dropped", extra=extra)
             return
         if claim != "claimed":
+            # Seen before (redelivery, or our own retry after a failed publish): never call
+            # the backend again; carry on from what the recorded state proves.
             metrics.ORDERS.labels("redelivered").inc()
-            await self._resume(order, claim)
+            log.info("order resumed", extra={**extra, "state": claim})
+            await self._continue(order, claim)
             return
 
         entity = self._fleet.entity(order.entity_id)
         backend = self._backend(entity.backend) if entity else None
         if entity is None or backend is None:
-            outcome = Outcome(
-                CommandStatus.FAILED,
-                "backend_not_available",
-                f"no backend {entity.backend!r} in this deployment" if entity else "entity not in the fleet",
-            )
-            await self._finish(order, outcome, "failed")
+            detail = f"no backend {entity.backend!r} in this deployment" if entity else "entity not in the fleet"
+            await self._conclude(order, Outcome(CommandStatus.FAILED, "backend_not_available", detail))
+            metrics.ORDERS.labels("failed").inc()
             return
 
+        callback = "/".join(quote(part, safe="") for part in (backend.name, order.entity_id, order.command_id))
         started = time.perf_counter()
         try:
-            accepted = await backend.send(order, entity, f"{self._callback_base}/callbacks/{backend.name}/{order.entity_id}/{order.command_id}")
+            accepted = await backend.send(order, entity, f"{self._callback_base}/callbacks/{callback}")
         except backends.BackendError as exc:
-            metrics.BACKEND_CALLS.labels(backend.name, "error").inc()
             # Retries with backoff come with the retry policy; today one attempt decides.
-            await self._finish(order, Outcome(CommandStatus.FAILED, exc.reason, exc.detail), "failed")
+            metrics.BACKEND_CALLS.labels(backend.name, "error").inc()
+            metrics.ORDERS.labels("failed").inc()
             log.warning("backend refused", extra={**extra, "reason": exc.reason, "detail": exc.detail})
+            await self._conclude(order, Outcome(CommandStatus.FAILED, exc.reason, exc.detail))
+            return
+        except Exception as exc:  # a backend bug: whether the device got it is unknown
+            metrics.BACKEND_CALLS.labels(backend.name, "error").inc()
+            metrics.ORDERS.labels("failed").inc()
+            log.exception("backend failed unexpectedly", extra=extra)
+            await self._conclude(order, Outcome(CommandStatus.FAILED, "delivery_unknown", repr(exc)))
             return
         finally:
             metrics.BACKEND_SECONDS.labels(backend.name).observe(time.perf_counter() - started)
         metrics.BACKEND_CALLS.labels(backend.name, "accepted").inc()
         metrics.ACCEPT_TO_SENT_SECONDS.observe((utcnow() - order.accepted_at).total_seconds())
         metrics.ORDERS.labels("sent").inc()
+        log.info("sent", extra={**extra, "backend": backend.name, "backend_ref": accepted.backend_ref})
+        state = await self._deliveries.accepted(order.entity_id, order.command_id)
+        if accepted.confirmation is backends.Confirmation.SYNC and state == "accepted":
+            state = f"result:{Outcome(CommandStatus.SUCCEEDED).encode()}"
+        await self._continue(order, state)
 
-        # Sent goes out before the state says so: a result arriving meanwhile is held back
-        # ("deferred") and published below, after Sent.
-        await self._emit(order, CommandStatus.SENT, detail=f"backend request {accepted.backend_ref}")
-        if accepted.confirmation is backends.Confirmation.SYNC:
-            await self._finish(order, Outcome(CommandStatus.SUCCEEDED), None)
-            return
-        state = await self._deliveries.sent(order.entity_id, order.command_id)
-        if state.startswith("result:"):
-            outcome = Outcome.decode(state.removeprefix("result:"))
-            await self._deliveries.finish(order.entity_id, order.command_id, outcome)
-            await self._emit_outcome(order, outcome)
-        log.info("sent", extra={**extra, "backend": backend.name})
-
-    async def _finish(self, order: DispatchOrderV1, outcome: Outcome, result: str | None) -> None:
-        await self._deliveries.finish(order.entity_id, order.command_id, outcome)
-        await self._emit_outcome(order, outcome)
-        if result:
-            metrics.ORDERS.labels(result).inc()
-
-    async def _resume(self, order: DispatchOrderV1, state: str) -> None:
-        """An order seen before (redelivery, or a crash mid-way): never call the backend again;
-        re-publish what the recorded state proves. Consumers drop events they already have."""
+    async def _continue(self, order: DispatchOrderV1, state: str) -> None:
+        """Take a command from its recorded delivery state to wherever it can get now."""
         if state == "inflight":
-            # A previous attempt died during the call: the device may or may not have it.
-            outcome = Outcome(CommandStatus.FAILED, "delivery_unknown", "dispatch stopped during the backend call")
-            await self._finish(order, outcome, None)
-        elif state == "sent":
+            # An attempt died during the backend call: the device may or may not have it,
+            # and at most once forbids asking again.
+            await self._conclude(order, Outcome(CommandStatus.FAILED, "delivery_unknown", "dispatch stopped during the backend call"))
+        elif state == "accepted":
             await self._emit(order, CommandStatus.SENT)
-        elif state.startswith(("result:", "done:")):
-            outcome = Outcome.decode(state.split(":", 1)[1])
-            if outcome.status is CommandStatus.SUCCEEDED:
-                await self._emit(order, CommandStatus.SENT)
-            await self._deliveries.finish(order.entity_id, order.command_id, outcome)
-            await self._emit_outcome(order, outcome)
-        log.info("redelivered order resumed", extra={"command_id": order.command_id, "state": state})
+            after = await self._deliveries.sent(order.entity_id, order.command_id)
+            if after.startswith("result:"):  # the callback came first and was held back
+                await self._conclude(order, Outcome.decode(after.removeprefix("result:")))
+        elif state == "sent":
+            await self._emit(order, CommandStatus.SENT)  # the result comes by callback
+        elif state.startswith("result:"):
+            await self._emit(order, CommandStatus.SENT)
+            await self._conclude(order, Outcome.decode(state.removeprefix("result:")))
+        elif state.startswith("done:"):
+            outcome = Outcome.decode(state.removeprefix("done:"))
+            await self._emit(order, outcome.status, reason=outcome.reason, detail=outcome.detail)
 
     async def on_result(self, entity_id: str, command_id: str, outcome: Outcome) -> str:
         """A backend's asynchronous result for a command this service sent."""
         state = await self._deliveries.result(entity_id, command_id, outcome)
         metrics.CALLBACKS.labels(outcome.status.value).inc()
-        if state == "emit":
+        if state == "emit" or state.startswith("done:"):
+            # "done:" too: a repeated callback after a failed publish must publish again
+            # (the event id makes a second copy harmless); it carries the recorded outcome.
+            recorded = outcome if state == "emit" else Outcome.decode(state.removeprefix("done:"))
             event = StatusEventV1(
-                command_id=command_id, entity_id=entity_id, status=outcome.status, reason=outcome.reason, detail=outcome.detail
+                command_id=command_id, entity_id=entity_id, status=recorded.status, reason=recorded.reason, detail=recorded.detail
             )
             await self._app.publisher.publish(topics.STATUS, event, entity_id)
         log.info("backend result", extra={"command_id": command_id, "entity_id": entity_id, "result": outcome.status.value, "state": state})

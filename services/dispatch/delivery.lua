@@ -1,27 +1,41 @@
--- One command's delivery state, so that a device receives each command at most once and
--- the status topic says Sent before the result, whichever of the backend's answer and its
--- asynchronous callback arrives first.
+-- One command's delivery state, so that a device receives each command at most once, each
+-- command gets exactly one terminal status, and the status topic says Sent before the result,
+-- whichever of the backend's answer and its asynchronous callback arrives first.
 --
--- KEYS[1] the entity's slots hash (for its fence), KEYS[2] the command's delivery key.
+-- KEYS[1] the entity's slots hash, KEYS[2] the command's delivery key.
 -- ARGV[1] the operation:
---   claim   ARGV[2]=order fence, ARGV[3]=ttl s  -> "stale" | "claimed" | the existing state
---   sent    (Sent is on the topic)              -> "sent" | the result that came first
---   result  ARGV[2]=outcome                     -> "emit" (Sent is out: publish the result)
---                                                | "deferred" (the sender will publish it)
---                                                | the existing state
---   finish  ARGV[2]=outcome                     -> "done"
--- States: inflight -> sent -> done:<outcome>, or inflight -> result:<outcome> -> done:<outcome>.
+--   claim    ARGV[2]=order fence, ARGV[3]=ttl s, ARGV[4]=command id
+--            -> the existing state if there is one (a redelivery: never deliver twice),
+--               else "stale" if a newer command was activated since (fence < active_fence),
+--               else "claimed" (and the slot records the command as delivered, so
+--               arbitration will not cancel it: its delivery result is its terminal status)
+--   accepted (the backend took it)             -> "accepted" | the result that came first
+--   sent     (Sent is on the topic)            -> "sent" | the result that came first
+--   result   ARGV[2]=outcome (a callback)      -> "emit" (Sent is out: publish the result)
+--                                               | "deferred" (the sender publishes it after Sent)
+--                                               | the existing state
+--   finish   ARGV[2]=outcome (after it is published) -> "done"
+-- States: inflight -> accepted -> sent -> done:<o>; a result during inflight/accepted is kept
+-- as result:<o> until the sender has published Sent.
 local op = ARGV[1]
-if op == 'claim' then
-  local fence = tonumber(redis.call('HGET', KEYS[1], 'fence')) or 0
-  if tonumber(ARGV[2]) < fence then return 'stale' end
-  if redis.call('SET', KEYS[2], 'inflight', 'NX', 'EX', tonumber(ARGV[3])) then return 'claimed' end
-  return redis.call('GET', KEYS[2])
-end
 local state = redis.call('GET', KEYS[2])
+if op == 'claim' then
+  if state then return state end
+  local active_fence = tonumber(redis.call('HGET', KEYS[1], 'active_fence')) or 0
+  if tonumber(ARGV[2]) < active_fence then return 'stale' end
+  redis.call('SET', KEYS[2], 'inflight', 'EX', tonumber(ARGV[3]))
+  redis.call('HSET', KEYS[1], 'delivered', ARGV[4])
+  return 'claimed'
+end
 if not state then return 'missing' end
-if op == 'sent' then
+if op == 'accepted' then
   if state == 'inflight' then
+    redis.call('SET', KEYS[2], 'accepted', 'KEEPTTL')
+    return 'accepted'
+  end
+  return state
+elseif op == 'sent' then
+  if state == 'accepted' then
     redis.call('SET', KEYS[2], 'sent', 'KEEPTTL')
     return 'sent'
   end
@@ -30,7 +44,7 @@ elseif op == 'result' then
   if state == 'sent' then
     redis.call('SET', KEYS[2], 'done:' .. ARGV[2], 'KEEPTTL')
     return 'emit'
-  elseif state == 'inflight' then
+  elseif state == 'inflight' or state == 'accepted' then
     redis.call('SET', KEYS[2], 'result:' .. ARGV[2], 'KEEPTTL')
     return 'deferred'
   end

@@ -12,8 +12,6 @@ from dercmd.events import CommandStatus
 
 _SCRIPT = resources.files(__package__).joinpath("delivery.lua").read_text()
 
-#: How long a delivery state is kept; a redelivered order older than this could be re-sent.
-DELIVERY_TTL_S = 7 * 24 * 3600
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,9 +40,12 @@ class Deliveries:
         return raw.decode() if isinstance(raw, bytes) else str(raw)
 
     async def claim(self, entity_id: str, command_id: str, fence: int) -> str:
-        """"claimed" (deliver it), "stale" (a newer command owns the entity), or the state
-        a previous attempt left: ``inflight``, ``sent``, ``result:<o>``, ``done:<o>``."""
-        return await self._call(entity_id, command_id, "claim", fence, DELIVERY_TTL_S)
+        """"claimed" (deliver it), "stale" (a newer command owns the entity), or the state a
+        previous attempt left: ``inflight``, ``accepted``, ``sent``, ``result:<o>``, ``done:<o>``."""
+        return await self._call(entity_id, command_id, "claim", fence, redis_keys.STATE_TTL_S, command_id)
+
+    async def accepted(self, entity_id: str, command_id: str) -> str:
+        return await self._call(entity_id, command_id, "accepted")
 
     async def sent(self, entity_id: str, command_id: str) -> str:
         return await self._call(entity_id, command_id, "sent")

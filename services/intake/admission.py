@@ -5,11 +5,13 @@ so that the status topic shows Pending before anything downstream can say more."
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
+from aiokafka.errors import KafkaError
 
 from dercmd import redis_keys, topics
 from dercmd.events import CommandAcceptedV1, CommandFields, CommandStateV1, CommandStatus, StatusEventV1, utcnow
@@ -45,6 +47,25 @@ class Admission:
                 f"{fields.type} is not supported by {entity.id} ({entity.kind}, {entity.vendor}, {entity.backend})",
             )
 
+    async def abort(self, cmd: CommandAcceptedV1, why: str) -> bool:
+        """For a command whose announcement failed: make sure arbitration will never act on
+        it, and record it Failed. False if too late (arbitration already decided: the
+        command is live after all)."""
+        aborted = json.dumps({"outcome": "aborted", "fence": 0, "superseded": [], "cooldownUntil": 0})
+        if not await self.redis.set(redis_keys.decision(cmd.entity_id, cmd.id), aborted, nx=True, ex=redis_keys.STATE_TTL_S):
+            return False
+        failed = StatusEventV1(command_id=cmd.id, entity_id=cmd.entity_id, status=CommandStatus.FAILED,
+                               reason="intake_unavailable", detail=why)
+        await asyncio.to_thread(self.ledger.apply, [failed])
+        try:
+            await self.publisher.publish(topics.STATUS, failed, cmd.entity_id)
+        except KafkaError:
+            pass  # the broker is what failed; the ledger has it
+        return True
+
+    async def known(self, command_id: str) -> bool:
+        return await asyncio.to_thread(self.ledger.get, command_id) is not None
+
     async def check_cooldown(self, entity_id: str) -> None:
         """The cooldown as arbitration last set it. Advisory: arbitration decides atomically,
         so a command that slips past this check in the same instant is failed there."""
@@ -63,9 +84,16 @@ class Admission:
             )
 
     async def admit(self, cmd: CommandAcceptedV1) -> CommandStateV1:
-        """Make the command durable and announce it; returns it as Pending."""
+        """Make the command durable and announce it; returns it as Pending.
+
+        A command id already in the ledger is announced again only if it is the same command
+        (a redelivered request: every step downstream drops what it has seen); an id reused
+        for something else is refused with ``duplicate_id``."""
         started = time.perf_counter()
-        await asyncio.to_thread(self.ledger.record_pending, cmd)
+        if not await asyncio.to_thread(self.ledger.record_pending, cmd):
+            existing = await asyncio.to_thread(self.ledger.get, cmd.id)
+            if existing is None or (existing.entity_id, existing.type, existing.value) != (cmd.entity_id, cmd.type, cmd.value):
+                raise Refusal("duplicate_id", f"command id {cmd.id} is taken by another command", status=409)
         pending = StatusEventV1(
             command_id=cmd.id,
             entity_id=cmd.entity_id,

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import redis.asyncio as aioredis
+import sqlalchemy.exc
 from aiokafka.errors import KafkaError
 from fastapi import Depends, FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -17,7 +18,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
 from dercmd import metrics as metrics_lib
-from dercmd.events import CommandAcceptedV1, CommandFields, CommandStateV1, CommandStatus, StatusEventV1, new_id, utcnow
+from dercmd.events import CommandAcceptedV1, CommandFields, CommandStateV1, new_id, utcnow
 from dercmd.fleet import Entity, Fleet, Role
 from dercmd.kafka import Publisher, ensure_topics
 from dercmd.ledger import Ledger
@@ -101,6 +102,15 @@ def create_app(settings: Settings) -> FastAPI:
         metrics.REFUSED.labels("rest", exc.key).inc()
         return JSONResponse({"key": exc.key, "message": exc.message, **exc.extra}, status_code=exc.status, headers=exc.headers)
 
+    @app.exception_handler(aioredis.ConnectionError)
+    @app.exception_handler(aioredis.TimeoutError)
+    @app.exception_handler(sqlalchemy.exc.OperationalError)
+    async def _dependency(request: Request, exc: Exception) -> JSONResponse:
+        metrics.REFUSED.labels("rest", "dependency_unavailable").inc()
+        log.warning("dependency unavailable", extra={"error": repr(exc), "path": request.url.path})
+        return JSONResponse({"key": "dependency_unavailable", "message": "a backing service is unavailable; retry later"},
+                            status_code=503, headers={"Retry-After": "5"})
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         metrics.REFUSED.labels("rest", "validation_error").inc()
@@ -134,17 +144,17 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             state = await admission.admit(cmd)
         except KafkaError as exc:
-            # The command is in the ledger but could not be announced: say so, truthfully.
-            failed = StatusEventV1(command_id=cmd.id, entity_id=entity_id, status=CommandStatus.FAILED,
-                                   reason="intake_unavailable", detail=repr(exc))
-            await asyncio.to_thread(admission.ledger.apply, [failed])
-            raise Refusal("intake_unavailable", "the command could not be queued; retry later", status=503) from exc
+            # In the ledger, but the broker did not confirm the announcement. Unless
+            # arbitration already has it, make sure it never will, and say so truthfully.
+            if await admission.abort(cmd, repr(exc)):
+                raise Refusal("intake_unavailable", "the command could not be queued; retry later", status=503) from exc
+            state = await asyncio.to_thread(admission.ledger.get, cmd.id)
         log.info("accepted", extra={"command_id": cmd.id, "entity_id": entity_id, "type": cmd.type.value, "source": "rest"})
         return JSONResponse(command_json(state), status_code=201, headers={"Location": f"/v1/commands/{cmd.id}"})
 
     @app.get("/v1/commands/{id}", responses=errors, tags=["commands"])
     async def get_command(
-        id: Annotated[str, Path(max_length=64)],
+        id: str,
         token: str = Depends(token_of),
         admission: Admission = Depends(admission_of),
     ) -> Any:
@@ -166,6 +176,8 @@ def create_app(settings: Settings) -> FastAPI:
             await asyncio.to_thread(admission.ledger.ping)
             if not admission.publisher.started:
                 raise RuntimeError("producer not started")
+            if not request.app.state.consumer.running:
+                raise RuntimeError("requests consumer stopped")
         except Exception as exc:
             return JSONResponse({"status": "unhealthy", "service": "intake", "error": repr(exc)}, status_code=503)
         return JSONResponse({"status": "ok", "service": "intake", "partitions": request.app.state.consumer.partitions})

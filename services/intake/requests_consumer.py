@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import uuid
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 
 from dercmd import topics
-from dercmd.events import CommandAcceptedV1, CommandRequestV1, CommandStatus, StatusEventV1, utcnow
+from dercmd.events import ID_PATTERN, CommandAcceptedV1, CommandRequestV1, CommandStatus, StatusEventV1, utcnow
 from dercmd.kafka import consumer_kwargs, header
 from dercmd.settings import Settings
 from dercmd.streams import guarded_record
@@ -33,12 +34,14 @@ _POSITION_NAMESPACE = uuid.UUID("6f1c7d5e-8f0b-4a35-9a7e-2f9f0e3c1b11")
 
 
 def command_id_of(record: ConsumerRecord, body_id: str | None) -> str:
-    """The request's own id, else its CloudEvents id, else one derived from its position."""
-    return (
-        body_id
-        or header(record.headers, "ce_id")
-        or str(uuid.uuid5(_POSITION_NAMESPACE, f"{record.topic}/{record.partition}/{record.offset}"))
-    )
+    """The request's own id, else its CloudEvents id (a UUID derived from it if it is not a
+    valid command id), else one derived from the record's position."""
+    if body_id:
+        return body_id
+    ce_id = header(record.headers, "ce_id")
+    if ce_id:
+        return ce_id if re.fullmatch(ID_PATTERN, ce_id) else str(uuid.uuid5(_POSITION_NAMESPACE, ce_id))
+    return str(uuid.uuid5(_POSITION_NAMESPACE, f"{record.topic}/{record.partition}/{record.offset}"))
 
 
 class RequestsConsumer:
@@ -65,14 +68,36 @@ class RequestsConsumer:
     def partitions(self) -> int:
         return len(self._consumer.assignment())
 
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
     async def _run(self) -> None:
         while True:
-            batches = await self._consumer.getmany(timeout_ms=1000, max_records=500)
-            for records in batches.values():
-                for record in records:
-                    await self._process(record)
-            if batches:
-                await self._consumer.commit()
+            try:
+                batches = await self._consumer.getmany(timeout_ms=1000, max_records=500)
+                for records in batches.values():
+                    for record in records:
+                        await self._process(record)
+                if batches:
+                    await self._consumer.commit()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Whatever failed (a commit after a rebalance, a dead letter that could not be
+                # written), the uncommitted records come again; the consumer must live on.
+                log.exception("requests consumer error; resuming from the last commit")
+                await asyncio.sleep(1.0)
+                await self._rewind()
+
+    async def _rewind(self) -> None:
+        """Go back to the committed offsets, so records fetched but not handled come again."""
+        for tp in self._consumer.assignment():
+            committed = await self._consumer.committed(tp)
+            if committed is None:
+                await self._consumer.seek_to_beginning(tp)
+            else:
+                self._consumer.seek(tp, committed)
 
     async def _process(self, record: ConsumerRecord) -> None:
         async def on_invalid(value: bytes | None, error: Exception) -> None:
@@ -96,17 +121,6 @@ class RequestsConsumer:
     async def _handle(self, record: ConsumerRecord, request: CommandRequestV1) -> None:
         command_id = command_id_of(record, request.id)
         entity = self._admission.fleet.entity(request.entity_id)
-        try:
-            if entity is None:
-                raise Refusal("unknown_entity", f"no entity {request.entity_id}")
-            self._admission.check(entity, request)
-        except Refusal as refusal:
-            await self._reject(command_id, request.entity_id, refusal.key, refusal.message, request)
-            await self._admission.publisher.dead_letter(
-                topics.REQUESTS, key=record.key, value=record.value, headers=record.headers,
-                error=f"{refusal.key}: {refusal.message}", partition=record.partition, offset=record.offset,
-            )
-            return
         cmd = CommandAcceptedV1(
             id=command_id,
             entity_id=request.entity_id,
@@ -116,7 +130,18 @@ class RequestsConsumer:
             accepted_at=utcnow(),
             source="kafka",
         )
-        await self._admission.admit(cmd)
+        try:
+            if entity is None:
+                raise Refusal("unknown_entity", f"no entity {request.entity_id}")
+            self._admission.check(entity, request)
+            await self._admission.admit(cmd)
+        except Refusal as refusal:
+            await self._reject(command_id, request.entity_id, refusal.key, refusal.message, request)
+            await self._admission.publisher.dead_letter(
+                topics.REQUESTS, key=record.key, value=record.value, headers=record.headers,
+                error=f"{refusal.key}: {refusal.message}", partition=record.partition, offset=record.offset,
+            )
+            return
         log.info("accepted", extra={"command_id": cmd.id, "entity_id": cmd.entity_id, "type": cmd.type.value, "source": "kafka"})
 
     async def _reject_unparsed(self, record: ConsumerRecord, value: bytes | None, error: Exception) -> None:
@@ -130,11 +155,16 @@ class RequestsConsumer:
         if not entity_id:
             metrics.REFUSED.labels("kafka", "unreadable").inc()
             return  # nothing to attach a status to: the dead letter is all there is
-        body_id = body.get("id") if isinstance(body.get("id"), str) else None
+        body_id = body.get("id") if isinstance(body.get("id"), str) and re.fullmatch(ID_PATTERN, body["id"]) else None
         await self._reject(command_id_of(record, body_id), entity_id, "invalid_request", str(error)[:2000], None)
 
     async def _reject(self, command_id: str, entity_id: str, key: str, message: str, request: CommandRequestV1 | None) -> None:
         metrics.REFUSED.labels("kafka", key).inc()
+        if key == "duplicate_id" or await self._admission.known(command_id):
+            # The id belongs to a command already in the ledger (this request's earlier
+            # delivery, or another command): a Rejected would overwrite its status.
+            log.warning("refused, id in use", extra={"command_id": command_id, "key": key, "detail": message[:300]})
+            return
         event = StatusEventV1(
             command_id=command_id,
             entity_id=entity_id,

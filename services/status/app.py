@@ -28,16 +28,18 @@ def build(settings: Settings) -> StreamApp:
     async def handle(event: StatusEventV1) -> None:
         (applied,) = await asyncio.to_thread(ledger.apply, [event])
         extra = {"command_id": event.command_id, "entity_id": event.entity_id, "status": event.status.value}
-        if not applied.changed:
-            metrics.IGNORED.inc()
-            log.debug("status event ignored", extra=extra)
-            return
         state = applied.state
-        metrics.STATUS_EVENTS.labels(event.status.value).inc()
-        if state.status.terminal and state.accepted_at is not None:
-            metrics.COMPLETION_SECONDS.labels(state.status.value).observe((event.at - state.accepted_at).total_seconds())
-        await app.publisher.publish(topics.STATE, state, state.id)
-        log.info("status", extra={**extra, "reason": event.reason})
+        if applied.changed:
+            metrics.STATUS_EVENTS.labels(event.status.value).inc()
+            if state.status.terminal and state.accepted_at is not None:
+                metrics.COMPLETION_SECONDS.labels(state.status.value).observe((event.at - state.accepted_at).total_seconds())
+            log.info("status", extra={**extra, "reason": event.reason})
+        else:
+            metrics.IGNORED.inc()
+        if applied.current:
+            # Also for a repeat: the ledger may have committed while the publish failed, and
+            # on a compacted topic a second copy of the same state costs nothing.
+            await app.publisher.publish(topics.STATE, state, state.id)
 
     @app.agent(app.topic_of(topics.STATUS), name="fold")
     async def fold(stream: Any) -> None:

@@ -83,8 +83,10 @@ def test_cooldown_refuses_a_second_command_unless_told_to_ignore_it(api: Api) ->
 def test_unsupported_commands_are_refused_and_never_sent(api: Api) -> None:
     refused = api.post("pv-1", {"type": "Disconnect"})  # pv-1 is a Huawei inverter
     assert refused.status_code == 400 and refused.json()["key"] == "command_not_supported", refused.text
-    invalid = api.post("pv-1", {"type": "LimitFeedIn"})  # a limit needs a value
-    assert invalid.status_code == 400 and invalid.json()["key"] == "validation_error", invalid.text
+    for body in ({"type": "LimitFeedIn"}, {"type": "LimitFeedIn", "value": -1}, {"type": "LimitFeedIn", "value": 2**63},
+                 {"type": "Reset", "value": 1}, {"type": "Explode"}):
+        invalid = api.post("pv-1", body)
+        assert invalid.status_code == 400 and invalid.json()["key"] == "validation_error", (body, invalid.text)
 
     # What pv-1 does support goes through, with its value; the refused ones never reach it.
     limited = api.post("pv-1", {"type": "LimitFeedIn", "value": 3000}).json()
@@ -122,10 +124,13 @@ def test_malformed_kafka_events_are_dead_lettered_and_the_next_good_one_succeeds
             (key, json.dumps({"id": bad_id, "entityId": "pv-4", "type": "LimitFeedIn"}).encode(), ce(bad_id)),
             (key, json.dumps({"id": unsupported_id, "entityId": "pv-1", "type": "Disconnect"}).encode(), ce(unsupported_id)),
             (key, json.dumps({"id": good_id, "entityId": "pv-4", "type": "LimitFeedIn", "value": 0}).encode(), ce(good_id)),
+            # the same request again (a producer retry): one command, delivered once
+            (key, json.dumps({"id": good_id, "entityId": "pv-4", "type": "LimitFeedIn", "value": 0}).encode(), ce(good_id)),
+            # the same id for something else: refused, and the first command is untouched
+            (key, json.dumps({"id": good_id, "entityId": "pv-1", "type": "StopFeedIn"}).encode(), ce(good_id)),
         ],
     )
     assert api.wait_terminal(good_id)["status"] == "Succeeded"
-    assert [(c["commandId"], c["value"]) for c in api.received("pv-4")] == [(good_id, 0)]
 
     rejected = api.wait_terminal(bad_id)
     assert rejected["status"] == "Rejected" and rejected["reason"] == "invalid_request", rejected
@@ -133,11 +138,15 @@ def test_malformed_kafka_events_are_dead_lettered_and_the_next_good_one_succeeds
     assert unsupported["status"] == "Rejected" and unsupported["reason"] == "command_not_supported"
     assert kafka.statuses(bad_id, until="Rejected") == ["Rejected"]
 
-    dead = kafka.read_until("dercmd.commands.requests.dlq", lambda rs: len(rs) >= 3)
+    dead = kafka.read_until("dercmd.commands.requests.dlq", lambda rs: len(rs) >= 4)
     errors = [header(r.headers, DLQ_ERROR) or "" for r in dead]
     assert dead[0].value == b"\x00 not json at all" and "json" in errors[0].lower(), errors
     assert "LimitFeedIn requires an integer value" in errors[1], errors
     assert errors[2].startswith("command_not_supported"), errors
+    assert errors[3].startswith("duplicate_id"), errors
+    assert api.get(good_id).json()["entityId"] == "pv-4"
+    assert [(c["commandId"], c["value"]) for c in api.received("pv-4")] == [(good_id, 0)]
+    assert good_id not in {c["commandId"] for c in api.received("pv-1")}
 
 
 def test_an_entity_whose_backend_is_not_deployed_fails_truthfully(api: Api) -> None:

@@ -1,41 +1,81 @@
-"""dispatch's at-most-once delivery state on a real Redis."""
+"""dispatch's at-most-once delivery state, and its interplay with arbitration's slots, on a real Redis."""
+
+from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
 
 from dercmd import redis_keys
+from dercmd.arbitration.arbiter import Arbiter
 from dercmd.dispatch.delivery import Deliveries, Outcome
-from dercmd.events import CommandStatus
+from dercmd.events import CommandAcceptedV1, CommandStatus, CommandType
+from dercmd.fleet import Fleet
 
 OK = Outcome(CommandStatus.SUCCEEDED)
+T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+FLEET = Fleet.model_validate({"entities": {"e": {"kind": "EV", "vendor": "t", "backend": "vendor-cloud", "cooldownS": 0}}})
 
 
-async def test_claim_once_and_refuse_stale_fences(redis_url: str) -> None:
+def cmd(id: str, start: datetime | None = None) -> CommandAcceptedV1:
+    return CommandAcceptedV1(id=id, entity_id="e", type=CommandType.START_CHARGING, trigger_time=start, accepted_at=T0, source="t")
+
+
+async def test_claim_once_and_refuse_orders_older_than_the_active_command(redis_url: str) -> None:
     client = aioredis.from_url(redis_url)
     d = Deliveries(client)
-    await client.hset(redis_keys.slots("e"), "fence", 3)
+    await client.hset(redis_keys.slots("e"), "active_fence", 3)
     assert await d.claim("e", "old", 2) == "stale"
     assert await d.claim("e", "c", 3) == "claimed"
     assert await d.claim("e", "c", 3) == "inflight"  # a second claim never says "claimed"
+    await client.hset(redis_keys.slots("e"), "active_fence", 9)
+    assert await d.claim("e", "c", 3) == "inflight"  # what was claimed resumes, whatever the fence
     await client.aclose()
 
 
-async def test_a_result_before_sent_is_deferred_to_the_sender(redis_url: str) -> None:
+async def test_a_result_before_sent_is_held_for_the_sender(redis_url: str) -> None:
     client = aioredis.from_url(redis_url)
     d = Deliveries(client)
     await d.claim("e", "c", 0)
-    assert await d.result("e", "c", OK) == "deferred"
-    assert Outcome.decode((await d.sent("e", "c")).removeprefix("result:")) == OK
+    assert await d.result("e", "c", OK) == "deferred"  # the callback beat the backend's answer
+    assert await d.accepted("e", "c") == f"result:{OK.encode()}"
+    await d.claim("e", "d", 0)
+    assert await d.accepted("e", "d") == "accepted"
+    assert await d.result("e", "d", OK) == "deferred"  # between the answer and Sent
+    assert await d.sent("e", "d") == f"result:{OK.encode()}"
     await client.aclose()
 
 
-async def test_a_result_after_sent_is_emitted_by_the_callback(redis_url: str) -> None:
+async def test_a_result_after_sent_is_emitted_by_the_callback_and_repeats_say_done(redis_url: str) -> None:
     client = aioredis.from_url(redis_url)
     d = Deliveries(client)
     await d.claim("e", "c", 0)
+    await d.accepted("e", "c")
     assert await d.sent("e", "c") == "sent"
     assert await d.result("e", "c", OK) == "emit"
-    assert await d.result("e", "c", OK) == "done:Succeeded||"  # a repeated callback emits nothing
-    assert await d.claim("e", "c", 0) == "done:Succeeded||"
+    assert await d.result("e", "c", OK) == f"done:{OK.encode()}"
+    assert await d.claim("e", "c", 0) == f"done:{OK.encode()}"
+    await client.aclose()
+
+
+async def test_arbitration_cancels_an_active_command_only_if_dispatch_has_not_claimed_it(redis_url: str) -> None:
+    client = aioredis.from_url(redis_url)
+    arbiter, d = Arbiter(client, FLEET, 0, now=lambda: T0), Deliveries(client)
+    first = await arbiter.decide(cmd("a"))
+    assert await d.claim("e", "a", first.fence) == "claimed"
+    second = await arbiter.decide(cmd("b"))
+    assert second.superseded == ()  # "a" is being delivered: its result is its terminal status
+    third = await arbiter.decide(cmd("c"))
+    assert third.superseded == ("b",)  # "b" was never claimed: Canceled, and its order is stale
+    assert await d.claim("e", "b", second.fence) == "stale"
+    await client.aclose()
+
+
+async def test_scheduling_does_not_invalidate_the_active_commands_order(redis_url: str) -> None:
+    client = aioredis.from_url(redis_url)
+    arbiter, d = Arbiter(client, FLEET, 0, now=lambda: T0), Deliveries(client)
+    active = await arbiter.decide(cmd("a"))
+    scheduled = await arbiter.decide(cmd("s", start=datetime(2027, 1, 1, tzinfo=UTC)))
+    assert scheduled.fence > active.fence
+    assert await d.claim("e", "a", active.fence) == "claimed"
     await client.aclose()
 
 

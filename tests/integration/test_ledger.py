@@ -47,6 +47,7 @@ def test_late_and_duplicate_events_never_move_a_command_backwards(ledger: Ledger
     ledger.apply([event(cmd, S.SUCCEEDED, 3)])
     late = ledger.apply([event(cmd, S.SENT, 2), event(cmd, S.TRIGGERED, 1), event(cmd, S.SUCCEEDED, 3)])
     assert [a.changed for a in late] == [False, False, False]
+    assert [a.current for a in late] == [False, False, True]  # the repeat of the winner is current
     assert ledger.get(cmd.id).status is S.SUCCEEDED  # type: ignore[union-attr]
 
 
