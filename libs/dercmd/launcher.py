@@ -95,8 +95,10 @@ class Stack:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{name}.log", "ab")
             self._logs.append(out)
+        # Own session: a Ctrl-C reaches only the launcher, which stops services before the
+        # broker and Redis they need to shut down cleanly.
         proc = subprocess.Popen(argv, env=self.environ, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                start_new_session=self.log_dir is not None)
+                                start_new_session=True)
         self.procs[name] = proc
         return proc
 
@@ -181,17 +183,20 @@ class Stack:
         self.procs[name].wait()
 
     def stop(self, timeout_s: float = 15) -> None:
-        """SIGTERM every process, newest first; SIGKILL what is still running after the timeout."""
-        for proc in reversed(list(self.procs.values())):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        end = time.monotonic() + timeout_s
-        for proc in reversed(list(self.procs.values())):
-            try:
-                proc.wait(timeout=max(0.1, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        """SIGTERM the services, then the broker and Redis; SIGKILL what outlives the timeout."""
+        services = [p for name, p in self.procs.items() if name in SERVICES]
+        infrastructure = [p for name, p in self.procs.items() if name not in SERVICES]
+        for group in (services, infrastructure):
+            for proc in group:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            end = time.monotonic() + timeout_s
+            for proc in group:
+                try:
+                    proc.wait(timeout=max(0.1, end - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         self.procs.clear()
         for log in self._logs:
             log.close()
