@@ -4,7 +4,7 @@ compare dercmd's statuses against."""
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -19,13 +19,12 @@ class Receipt:
     received_at: datetime
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
         return {
-            "entityId": d["entity_id"],
-            "backend": d["backend"],
-            "commandId": d["command_id"],
-            "type": d["type"],
-            "value": d["value"],
+            "entityId": self.entity_id,
+            "backend": self.backend,
+            "commandId": self.command_id,
+            "type": self.type,
+            "value": self.value,
             "receivedAt": self.received_at.isoformat(),
         }
 

@@ -13,6 +13,7 @@ import pytest
 from dercmd.kafka import DLQ_ERROR, header
 from dercmd.launcher import SERVICES, Stack
 
+from ..conftest import wait_for
 from .conftest import Api, Kafka
 
 pytestmark = pytest.mark.e2e
@@ -155,6 +156,35 @@ def test_an_entity_whose_backend_is_not_deployed_fails_truthfully(api: Api) -> N
     final = api.wait_terminal(command["id"])
     assert final["status"] == "Failed" and final["reason"] == "backend_not_available", final
     assert api.received("pv-2") == []
+
+
+def metric(stack: Stack, service: str, sample: str) -> float:
+    for line in httpx.get(f"{stack.url(service)}/metrics", timeout=5).text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_redelivered_events_change_nothing_and_reach_no_device_twice(api: Api, kafka: Kafka, stack: Stack) -> None:
+    command = api.post("ev-5", {"type": "StartCharging"}).json()
+    assert api.wait_terminal(command["id"])["status"] == "Succeeded"
+    redelivered_before = (metric(stack, "arbitration", "dercmd_arbitration_redelivered_total"),
+                          metric(stack, "dispatch", 'dercmd_dispatch_orders_total{result="redelivered"}'))
+
+    # What a crash before the offset commit would cause: the same records once more.
+    def mine(topic: str) -> list:  # type: ignore[type-arg]
+        records = kafka.read_until(topic, lambda rs: any(command["id"].encode() in r.value for r in rs))
+        return [(r.key, r.value, list(r.headers)) for r in records if command["id"].encode() in r.value]
+
+    kafka.produce("dercmd.commands.accepted", mine("dercmd.commands.accepted"))
+    kafka.produce("dercmd.dispatch.orders", mine("dercmd.dispatch.orders"))
+    wait_for(lambda: metric(stack, "arbitration", "dercmd_arbitration_redelivered_total") > redelivered_before[0]
+             and metric(stack, "dispatch", 'dercmd_dispatch_orders_total{result="redelivered"}') >= redelivered_before[1] + 2,
+             what="both redeliveries to be handled")
+
+    assert [c["commandId"] for c in api.received("ev-5")] == [command["id"]]
+    final = api.get(command["id"]).json()
+    assert final["status"] == "Succeeded"
 
 
 def test_every_service_has_health_and_prometheus_metrics(stack: Stack) -> None:
