@@ -38,6 +38,10 @@ class Settings(BaseSettings):
         "",
         description="URL at which vendor backends reach this dispatch replica; empty: http://{bind_host}:{dispatch_port}.",
     )
+    callback_secret: str = Field(
+        "dercmd-dev-callback-secret",
+        description="Key that signs the callback URLs dispatch hands to backends (shared by all dispatch replicas; set your own).",
+    )
     vendor_cloud_url: str = Field(
         "", description="Base URL of the vendor-cloud backend; empty: the local simulator."
     )

@@ -3,6 +3,8 @@ through the entity's backend, and the callback endpoint where backends report re
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import time
 from typing import Any
@@ -33,6 +35,7 @@ class Dispatcher:
         self._deliveries = Deliveries(app.redis)
         self._backends: dict[str, backends.DeviceBackend] = {}
         self._callback_base = app.settings.callback_base_url.rstrip("/")
+        self._secret = app.settings.callback_secret.encode()
 
     def _backend(self, name: str) -> backends.DeviceBackend | None:
         if name not in self._backends:
@@ -45,6 +48,15 @@ class Dispatcher:
     async def aclose(self) -> None:
         for backend in self._backends.values():
             await backend.aclose()
+
+    def signature(self, entity_id: str, command_id: str) -> str:
+        """Proves a callback URL came from dispatch: nobody else can report a result."""
+        message = f"{entity_id}/{command_id}".encode()
+        return hmac.new(self._secret, message, hashlib.sha256).hexdigest()[:32]
+
+    def callback_url(self, backend: str, entity_id: str, command_id: str) -> str:
+        path = "/".join(quote(part, safe="") for part in (backend, entity_id, command_id))
+        return f"{self._callback_base}/callbacks/{path}?sig={self.signature(entity_id, command_id)}"
 
     async def _emit(self, order: DispatchOrderV1, status: CommandStatus, **fields: Any) -> None:
         event = StatusEventV1(command_id=order.command_id, entity_id=order.entity_id, status=status, fence=order.fence, **fields)
@@ -80,10 +92,9 @@ class Dispatcher:
             metrics.ORDERS.labels("failed").inc()
             return
 
-        callback = "/".join(quote(part, safe="") for part in (backend.name, order.entity_id, order.command_id))
         started = time.perf_counter()
         try:
-            accepted = await backend.send(order, entity, f"{self._callback_base}/callbacks/{callback}")
+            accepted = await backend.send(order, entity, self.callback_url(backend.name, order.entity_id, order.command_id))
         except backends.BackendError as exc:
             # Retries with backoff come with the retry policy; today one attempt decides.
             metrics.BACKEND_CALLS.labels(backend.name, "error").inc()
@@ -156,6 +167,8 @@ def build(settings: Settings) -> StreamApp:
     @app.page("/callbacks/vendor-cloud/{entity_id}/{command_id}")
     class VendorCloudCallback(View):
         async def post(self, request: Request, entity_id: str, command_id: str) -> Response:
+            if not hmac.compare_digest(request.query.get("sig", ""), dispatcher.signature(entity_id, command_id)):
+                return self.json({"key": "invalid_signature"}, status=403)
             try:
                 result = VendorResult.model_validate_json(await self.read_request_content(request))
             except ValidationError as exc:

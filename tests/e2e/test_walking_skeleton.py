@@ -182,9 +182,20 @@ def test_redelivered_events_change_nothing_and_reach_no_device_twice(api: Api, k
              and metric(stack, "dispatch", 'dercmd_dispatch_orders_total{result="redelivered"}') >= redelivered_before[1] + 2,
              what="both redeliveries to be handled")
 
-    assert [c["commandId"] for c in api.received("ev-5")] == [command["id"]]
+    assert [c["commandId"] for c in api.received("ev-5")].count(command["id"]) == 1
     final = api.get(command["id"]).json()
     assert final["status"] == "Succeeded"
+
+
+def test_forged_backend_results_are_refused(api: Api, stack: Stack) -> None:
+    command = api.post("ev-5", {"type": "StopCharging"}, ignoreCooldown="true").json()
+    final = api.wait_terminal(command["id"])
+    url = f"{stack.url('dispatch')}/callbacks/vendor-cloud/ev-5/{command['id']}"
+    forged = {"requestId": "x", "commandId": command["id"], "deviceId": "ev-5", "result": "FAILED", "message": "forged"}
+    for params in ({}, {"sig": "0" * 32}):
+        response = httpx.post(url, json=forged, params=params, timeout=5)
+        assert response.status_code == 403 and response.json()["key"] == "invalid_signature"
+    assert api.get(command["id"]).json() == final
 
 
 def test_every_service_has_health_and_prometheus_metrics(stack: Stack) -> None:
