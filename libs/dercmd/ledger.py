@@ -260,6 +260,28 @@ class Ledger:
             row = conn.execute(select(commands).where(commands.c.id == command_id)).first()
         return _state(row) if row else None
 
+    def list(
+        self,
+        entity_id: str,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        status: CommandStatus | None = None,
+        offset: int = 0,
+        limit: int = 50,
+    ) -> list[CommandStateV1]:
+        """An entity's commands, newest first, created in [since, until)."""
+        query = select(commands).where(commands.c.entity_id == entity_id)
+        if since is not None:
+            query = query.where(commands.c.created_at >= since)
+        if until is not None:
+            query = query.where(commands.c.created_at < until)
+        if status is not None:
+            query = query.where(commands.c.status == status.value)
+        query = query.order_by(commands.c.created_at.desc(), commands.c.id).offset(offset).limit(limit)
+        with self.engine.connect() as conn:
+            return [_state(row) for row in conn.execute(query)]
+
     def history(self, command_id: str) -> Sequence[dict[str, Any]]:
         with self.engine.connect() as conn:
             rows = conn.execute(

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Annotated, Any
 
 import redis.asyncio as aioredis
@@ -18,7 +19,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
 from dercmd import metrics as metrics_lib
-from dercmd.events import CommandAcceptedV1, CommandFields, CommandStateV1, new_id, utcnow
+from dercmd.events import CommandAcceptedV1, CommandFields, CommandStateV1, CommandStatus, new_id, utcnow
 from dercmd.fleet import Entity, Fleet, Role
 from dercmd.kafka import Publisher, ensure_topics
 from dercmd.ledger import Ledger
@@ -163,6 +164,33 @@ def create_app(settings: Settings) -> FastAPI:
         if state is None or fleet.role(token, state.entity_id) is None:
             raise Refusal("command_not_found", f"no command {id}", status=404)
         return command_json(state)
+
+    @app.get("/v1/entities/{entityId}/commands", responses=errors, tags=["commands"])
+    async def list_commands(
+        entity_id: Annotated[str, Path(alias="entityId")],
+        since: Annotated[datetime | None, Query(alias="from", description="created at or after (ISO 8601)")] = None,
+        until: Annotated[datetime | None, Query(alias="to", description="created before (ISO 8601)")] = None,
+        status: CommandStatus | None = None,
+        page: Annotated[int, Query(ge=1)] = 1,
+        page_size: Annotated[int, Query(alias="pageSize", ge=1, le=500)] = 50,
+        token: str = Depends(token_of),
+        admission: Admission = Depends(admission_of),
+    ) -> Any:
+        """An entity's commands, newest first, a page at a time."""
+        authorise(token, entity_id, Role.VIEWER)
+        for bound in (since, until):
+            if bound is not None and bound.tzinfo is None:
+                raise Refusal("validation_error", "from and to need a time zone (e.g. Z)")
+        rows = await asyncio.to_thread(
+            admission.ledger.list, entity_id, since=since, until=until, status=status,
+            offset=(page - 1) * page_size, limit=page_size + 1,
+        )
+        return {
+            "items": [command_json(r) for r in rows[:page_size]],
+            "page": page,
+            "pageSize": page_size,
+            "hasMore": len(rows) > page_size,
+        }
 
     @app.get("/metrics", include_in_schema=False)
     async def _metrics() -> Response:

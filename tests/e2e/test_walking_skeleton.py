@@ -187,6 +187,25 @@ def test_redelivered_events_change_nothing_and_reach_no_device_twice(api: Api, k
     assert final["status"] == "Succeeded"
 
 
+def test_an_entitys_commands_are_listed_newest_first_a_page_at_a_time(api: Api) -> None:
+    first = api.post("cp-1", {"type": "StartCharging"}, ignoreCooldown="true").json()  # cp-1: OCPP, not deployed yet
+    second = api.post("cp-1", {"type": "StopCharging"}, ignoreCooldown="true").json()
+    # The first ends Canceled if the second superseded it before dispatch claimed it, else Failed.
+    first_status = api.wait_terminal(first["id"])["status"]
+    assert api.wait_terminal(second["id"])["status"] == "Failed"
+    headers = {"Authorization": "Bearer dev-viewer"}
+    page = api.http.get("/v1/entities/cp-1/commands", params={"pageSize": 1}, headers=headers).json()
+    assert [c["id"] for c in page["items"]] == [second["id"]] and page["hasMore"] is True
+    listed = api.http.get("/v1/entities/cp-1/commands", params={"from": first["createdAt"]}, headers=headers).json()
+    assert [c["id"] for c in listed["items"]] == [second["id"], first["id"]]
+    by_status = api.http.get("/v1/entities/cp-1/commands", params={"status": first_status, "from": first["createdAt"]}, headers=headers).json()
+    assert first["id"] in {c["id"] for c in by_status["items"]}
+    hidden = api.http.get("/v1/entities/cp-1/commands", headers={"Authorization": "Bearer dev-partner"})
+    assert hidden.status_code == 404
+    naive = api.http.get("/v1/entities/cp-1/commands", params={"from": "2026-01-01T00:00:00"}, headers=headers)
+    assert naive.status_code == 400 and naive.json()["key"] == "validation_error"
+
+
 def test_forged_backend_results_are_refused(api: Api, stack: Stack) -> None:
     command = api.post("ev-5", {"type": "StopCharging"}, ignoreCooldown="true").json()
     final = api.wait_terminal(command["id"])

@@ -71,3 +71,18 @@ def test_times_come_back_timezone_aware(ledger: Ledger) -> None:
     ledger.record_pending(cmd)
     state = ledger.get(cmd.id)
     assert state is not None and state.accepted_at == T0 and state.accepted_at.tzinfo is not None
+
+
+def test_list_filters_and_pages_newest_first(ledger: Ledger) -> None:
+    entity = f"ev-{uuid.uuid4().hex[:8]}"
+    ids = []
+    for minute in range(5):
+        cmd = CommandAcceptedV1(id=str(uuid.uuid4()), entity_id=entity, type=CommandType.START_CHARGING,
+                                accepted_at=T0 + timedelta(minutes=minute), source="rest")
+        ledger.record_pending(cmd)
+        ids.append(cmd.id)
+    ledger.apply([StatusEventV1(command_id=ids[1], entity_id=entity, status=S.FAILED, at=T0 + timedelta(hours=1))])
+    assert [c.id for c in ledger.list(entity)] == ids[::-1]
+    assert [c.id for c in ledger.list(entity, offset=1, limit=2)] == [ids[3], ids[2]]
+    assert [c.id for c in ledger.list(entity, since=T0 + timedelta(minutes=1), until=T0 + timedelta(minutes=3))] == [ids[2], ids[1]]
+    assert [c.id for c in ledger.list(entity, status=S.FAILED)] == [ids[1]]
