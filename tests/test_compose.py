@@ -34,3 +34,15 @@ def test_prometheus_scrapes_every_dercmd_service() -> None:
     config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
     jobs = {job["job_name"] for job in config["scrape_configs"]}
     assert set(DERCMD_SERVICES) <= jobs
+
+
+def test_compose_sets_only_settings_that_exist() -> None:
+    from dercmd.settings import Settings
+
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    known = {f"DERCMD_{name.upper()}" for name in Settings.model_fields}
+    for name in DERCMD_SERVICES:
+        env = services[name]["environment"]
+        unknown = {key for key in env if key.startswith("DERCMD_")} - known
+        assert not unknown, (name, unknown)
+        assert services[name]["command"] == ["python", "-m", f"dercmd.{name}"]
