@@ -81,6 +81,11 @@ class Event(Model):
 
     CE_TYPE: ClassVar[str]
 
+    def ce_id(self) -> str:
+        """The CloudEvents id: the same for a re-emitted copy of one event, so consumers may
+        drop duplicates by (``ce_source``, ``ce_id``) as the CloudEvents spec allows."""
+        return new_id()
+
 
 #: Ids a caller may choose: safe in URLs, headers and keys.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
@@ -136,6 +141,9 @@ class CommandAcceptedV1(CommandFields, Event):
     accepted_at: datetime
     source: str
 
+    def ce_id(self) -> str:
+        return self.id
+
 
 class DispatchOrderV1(CommandFields, Event):
     """``dercmd.dispatch.orders`` (internal): arbitration's instruction to deliver now.
@@ -151,6 +159,9 @@ class DispatchOrderV1(CommandFields, Event):
     fence: int
     accepted_at: datetime
     ordered_at: datetime
+
+    def ce_id(self) -> str:
+        return f"{self.command_id}/{self.fence}"
 
 
 class StatusEventV1(Event):
@@ -176,6 +187,9 @@ class StatusEventV1(Event):
     value: int | None = None
     trigger_time: datetime | None = None
     source: str | None = None
+
+    def ce_id(self) -> str:
+        return self.event_id
 
     @model_validator(mode="before")
     @classmethod
@@ -210,6 +224,9 @@ class CommandStateV1(Event):
     triggered_at: datetime | None = None
     sent_at: datetime | None = None
     confirmed_at: datetime | None = None
+
+    def ce_id(self) -> str:
+        return f"{self.id}/{self.status.value}"
 
 
 class DeviceReportV1(Event):

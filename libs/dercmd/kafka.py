@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -84,10 +83,10 @@ async def ensure_topics(settings: Settings) -> None:
         await admin.close()
 
 
-def ce_headers(event: Event, source: str, ce_id: str | None = None) -> Headers:
+def ce_headers(event: Event, source: str) -> Headers:
     return [
         ("ce_specversion", b"1.0"),
-        ("ce_id", (ce_id or str(uuid.uuid4())).encode()),
+        ("ce_id", event.ce_id().encode()),
         ("ce_type", event.CE_TYPE.encode()),
         ("ce_source", source.encode()),
         ("ce_time", datetime.now(UTC).isoformat().encode()),
@@ -136,18 +135,16 @@ class Publisher:
     def started(self) -> bool:
         return self._producer is not None
 
-    async def send(
-        self, topic: topics.Topic, event: Event, key: str, *, ce_id: str | None = None
-    ) -> asyncio.Future[Any]:
+    async def send(self, topic: topics.Topic, event: Event, key: str) -> asyncio.Future[Any]:
         if self._producer is None:
             await self.start()
         assert self._producer is not None
         return await self._producer.send(
-            topic.name, dump(event), key=key.encode(), headers=ce_headers(event, self.source, ce_id)
+            topic.name, dump(event), key=key.encode(), headers=ce_headers(event, self.source)
         )
 
-    async def publish(self, topic: topics.Topic, event: Event, key: str, *, ce_id: str | None = None) -> None:
-        await (await self.send(topic, event, key, ce_id=ce_id))
+    async def publish(self, topic: topics.Topic, event: Event, key: str) -> None:
+        await (await self.send(topic, event, key))
 
     async def publish_all(self, records: Sequence[tuple[topics.Topic, Event, str]]) -> None:
         """Send records in order and wait for every ack."""
