@@ -9,8 +9,9 @@
 --               else "stale" if a newer command was activated since (fence < active_fence),
 --               else "claimed" (and the slot records the command as delivered, so
 --               arbitration will not cancel it: its delivery result is its terminal status)
---   accepted (the backend took it)             -> "accepted" | the result that came first
---   sent     (Sent is on the topic)            -> "sent" | the result that came first
+--   advance  ARGV[2]=from, ARGV[3]=to          -> "to" if the state was "from", else the state
+--            (inflight -> accepted: the backend took it; accepted -> sent: Sent is on the topic;
+--            what comes back otherwise is the result that arrived first)
 --   result   ARGV[2]=outcome (a callback)      -> "emit" (Sent is out: publish the result)
 --                                               | "deferred" (the sender publishes it after Sent)
 --                                               | the existing state
@@ -28,16 +29,10 @@ if op == 'claim' then
   return 'claimed'
 end
 if not state then return 'missing' end
-if op == 'accepted' then
-  if state == 'inflight' then
-    redis.call('SET', KEYS[2], 'accepted', 'KEEPTTL')
-    return 'accepted'
-  end
-  return state
-elseif op == 'sent' then
-  if state == 'accepted' then
-    redis.call('SET', KEYS[2], 'sent', 'KEEPTTL')
-    return 'sent'
+if op == 'advance' then
+  if state == ARGV[2] then
+    redis.call('SET', KEYS[2], ARGV[3], 'KEEPTTL')
+    return ARGV[3]
   end
   return state
 elseif op == 'result' then

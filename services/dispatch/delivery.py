@@ -45,10 +45,12 @@ class Deliveries:
         return await self._call(entity_id, command_id, "claim", fence, redis_keys.STATE_TTL_S, command_id)
 
     async def accepted(self, entity_id: str, command_id: str) -> str:
-        return await self._call(entity_id, command_id, "accepted")
+        """The backend took it: "accepted", or the result that arrived first."""
+        return await self._call(entity_id, command_id, "advance", "inflight", "accepted")
 
     async def sent(self, entity_id: str, command_id: str) -> str:
-        return await self._call(entity_id, command_id, "sent")
+        """Sent is on the topic: "sent", or the result that arrived first."""
+        return await self._call(entity_id, command_id, "advance", "accepted", "sent")
 
     async def result(self, entity_id: str, command_id: str, outcome: Outcome) -> str:
         return await self._call(entity_id, command_id, "result", outcome.encode())
