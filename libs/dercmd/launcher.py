@@ -174,8 +174,13 @@ class Stack:
             time.sleep(0.1)
         raise LaunchError(f"{name} not healthy within {deadline_s:.0f} s: {last}{self._log_hint(name)}")
 
-    def _log_hint(self, name: str) -> str:
-        return f" (see {self.log_dir / f'{name}.log'})" if self.log_dir else ""
+    def _log_hint(self, name: str, lines: int = 15) -> str:
+        """Where the process logged, and its last lines, for an error message."""
+        if self.log_dir is None:
+            return ""
+        path = self.log_dir / f"{name}.log"
+        tail = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
+        return f" (see {path}):\n" + "\n".join(tail)
 
     def kill(self, name: str) -> None:
         """SIGKILL one process (fault tests)."""
