@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import shutil
 import signal
 import socket
@@ -38,10 +39,36 @@ class LaunchError(RuntimeError):
     pass
 
 
+#: Below Linux's default ephemeral range (32768-60999): a port chosen here cannot be taken
+#: by some process's outgoing connection before the service that is to listen on it binds.
+_LISTEN_PORTS = range(20000, 32768)
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports for services to listen on. Each is held bound until all
+    are chosen, so none is handed out twice."""
+    held: list[socket.socket] = []
+    try:
+        for port in random.sample(_LISTEN_PORTS, len(_LISTEN_PORTS)):
+            if len(held) == count:
+                break
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()
+                continue
+            held.append(s)
+        if len(held) < count:
+            raise LaunchError(f"fewer than {count} free ports in {_LISTEN_PORTS}")
+        return [int(s.getsockname()[1]) for s in held]
+    finally:
+        for s in held:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def _wait_tcp(host: str, port: int, deadline_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
