@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import sqlalchemy.exc
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -28,6 +29,7 @@ from sqlalchemy import (
     create_engine,
     event,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Connection, Engine
@@ -54,6 +56,9 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 metadata = MetaData()
+
+#: pg_advisory_xact_lock key held while the schema is created ("dercmd" in ASCII).
+_SCHEMA_LOCK_KEY = 0x646572636D64
 
 commands = Table(
     "commands",
@@ -172,7 +177,19 @@ class Ledger:
         self.engine = create_ledger_engine(url)
 
     def create_schema(self) -> None:
-        metadata.create_all(self.engine)
+        """Create missing tables. Safe when several processes start at once on a new database
+        (intake and status do, and so do replicas): PostgreSQL serialises them with an
+        advisory lock; on SQLite a loser of the race finds the tables on its second look."""
+        for attempt in range(3):
+            try:
+                with self.engine.begin() as conn:
+                    if conn.dialect.name == "postgresql":
+                        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+                    metadata.create_all(conn)
+                return
+            except sqlalchemy.exc.OperationalError as exc:
+                if "already exists" not in str(exc) or attempt == 2:
+                    raise
 
     def close(self) -> None:
         self.engine.dispose()

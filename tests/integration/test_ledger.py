@@ -86,3 +86,28 @@ def test_list_filters_and_pages_newest_first(ledger: Ledger) -> None:
     assert [c.id for c in ledger.list(entity, offset=1, limit=2)] == [ids[3], ids[2]]
     assert [c.id for c in ledger.list(entity, since=T0 + timedelta(minutes=1), until=T0 + timedelta(minutes=3))] == [ids[2], ids[1]]
     assert [c.id for c in ledger.list(entity, status=S.FAILED)] == [ids[1]]
+
+
+def test_schema_creation_is_safe_when_processes_race_on_a_new_database(ledger_url: str, postgres_url: str) -> None:
+    import sqlalchemy
+    from concurrent.futures import ThreadPoolExecutor
+
+    if ledger_url.startswith("postgresql"):
+        # a database of its own, so the tables really are new
+        admin = sqlalchemy.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+        name = f"race_{uuid.uuid4().hex[:8]}"
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+        ledger_url = postgres_url.rsplit("/", 1)[0] + f"/{name}"
+    ledgers = [Ledger(ledger_url) for _ in range(4)]
+    try:
+        with ThreadPoolExecutor(len(ledgers)) as pool:
+            list(pool.map(lambda l: l.create_schema(), ledgers))  # raises if any lost the race
+        assert ledgers[0].get("nothing") is None
+    finally:
+        for ledger in ledgers:
+            ledger.close()
+        if ledger_url.startswith("postgresql"):
+            with admin.connect() as conn:
+                conn.execute(sqlalchemy.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+            admin.dispose()
