@@ -5,7 +5,8 @@ caller; the status service folds status events into rows. Every change goes thro
 :meth:`Ledger.apply`, which records each event once (its id is the primary key of
 ``command_events``) and moves a command only to a higher rank of
 :class:`~dercmd.events.CommandStatus`: a late or duplicate event never moves it backwards,
-and a terminal status is final. Methods are synchronous; async callers use ``asyncio.to_thread``.
+and a terminal status is final. ``Rejected`` means "never accepted": it may create a
+command, never move one that exists. Methods are synchronous; async callers use ``asyncio.to_thread``.
 """
 
 from __future__ import annotations
@@ -231,12 +232,13 @@ class Ledger:
                     {"event_id": ev.event_id, "command_id": ev.command_id, "status": ev.status.value,
                      "at": ev.at, "reason": ev.reason, "detail": ev.detail, "source": ev.source},
                 )
-                row = conn.execute(select(commands).where(commands.c.id == ev.command_id)).first()
+                by_id = commands.c.id == ev.command_id
+                row = conn.execute(select(commands).where(by_id)).first()
                 if row is None:
                     self._insert_from_event(conn, ev)
-                elif fresh and ev.status.rank > CommandStatus(row.status).rank:
-                    conn.execute(update(commands).where(commands.c.id == ev.command_id).values(**self._changes(ev)))
-                row = conn.execute(select(commands).where(commands.c.id == ev.command_id)).one()
+                    row = conn.execute(select(commands).where(by_id)).one()
+                elif fresh and ev.status is not CommandStatus.REJECTED and ev.status.rank > CommandStatus(row.status).rank:
+                    row = conn.execute(update(commands).where(by_id).values(**self._changes(ev)).returning(*commands.c)).one()
                 # "current" includes the Pending that intake wrote before announcing it, and a
                 # redelivered event whose state may not have been published the first time.
                 current = row.status == ev.status.value

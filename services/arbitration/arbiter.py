@@ -18,7 +18,6 @@ from dercmd.fleet import Fleet
 _SCRIPT = resources.files(__package__).joinpath("arbitrate.lua").read_text()
 
 
-
 @dataclass(frozen=True, slots=True)
 class Decision:
     outcome: str  # activated | scheduled | cooldown | expired | aborted (by intake: emits nothing)

@@ -95,18 +95,17 @@ class Dispatcher:
         started = time.perf_counter()
         try:
             accepted = await backend.send(order, entity, self.callback_url(backend.name, order.entity_id, order.command_id))
-        except backends.BackendError as exc:
+        except Exception as exc:
+            if isinstance(exc, backends.BackendError):
+                outcome = Outcome(CommandStatus.FAILED, exc.reason, exc.detail)
+                log.warning("backend refused", extra={**extra, "reason": exc.reason, "detail": exc.detail})
+            else:  # a backend bug: whether the device got the command is unknown
+                outcome = Outcome(CommandStatus.FAILED, "delivery_unknown", repr(exc))
+                log.exception("backend failed unexpectedly", extra=extra)
+            metrics.BACKEND_CALLS.labels(backend.name, "error").inc()
+            metrics.ORDERS.labels("failed").inc()
             # Retries with backoff come with the retry policy; today one attempt decides.
-            metrics.BACKEND_CALLS.labels(backend.name, "error").inc()
-            metrics.ORDERS.labels("failed").inc()
-            log.warning("backend refused", extra={**extra, "reason": exc.reason, "detail": exc.detail})
-            await self._conclude(order, Outcome(CommandStatus.FAILED, exc.reason, exc.detail))
-            return
-        except Exception as exc:  # a backend bug: whether the device got it is unknown
-            metrics.BACKEND_CALLS.labels(backend.name, "error").inc()
-            metrics.ORDERS.labels("failed").inc()
-            log.exception("backend failed unexpectedly", extra=extra)
-            await self._conclude(order, Outcome(CommandStatus.FAILED, "delivery_unknown", repr(exc)))
+            await self._conclude(order, outcome)
             return
         finally:
             metrics.BACKEND_SECONDS.labels(backend.name).observe(time.perf_counter() - started)

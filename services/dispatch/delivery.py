@@ -13,7 +13,6 @@ from dercmd.events import CommandStatus
 _SCRIPT = resources.files(__package__).joinpath("delivery.lua").read_text()
 
 
-
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """A terminal result, encoded into the delivery state as ``Status|reason|detail``."""

@@ -111,3 +111,11 @@ def test_schema_creation_is_safe_when_processes_race_on_a_new_database(ledger_ur
             with admin.connect() as conn:
                 conn.execute(sqlalchemy.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
             admin.dispose()
+
+
+def test_rejected_never_moves_a_command_that_exists(ledger: Ledger) -> None:
+    cmd = accepted()
+    ledger.record_pending(cmd)
+    ledger.apply([event(cmd, S.SENT, 1)])
+    (applied,) = ledger.apply([event(cmd, S.REJECTED, 2, reason="invalid_request")])
+    assert not applied.changed and applied.state.status is S.SENT
