@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx
 from fastapi import FastAPI, Path, Response
 
 from dercmd import metrics as metrics_lib
@@ -17,10 +18,13 @@ from .recorder import Recorder
 from .vendor_cloud import VendorCloudSim
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, *, callback_transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+    """``callback_transport`` replaces the network under the results the simulator POSTs back (tests)."""
     fleet = Fleet.load(settings.fleet_file)
     recorder = Recorder()
-    vendor_cloud = VendorCloudSim(fleet, recorder, settings.vendor_cloud_token, settings.sim_confirm_delay_ms / 1000)
+    vendor_cloud = VendorCloudSim(
+        fleet, recorder, settings.vendor_cloud_token, settings.sim_confirm_delay_ms / 1000, callback_transport=callback_transport
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
