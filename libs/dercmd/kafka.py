@@ -29,6 +29,12 @@ Headers = list[tuple[str, bytes]]
 #: The header names dead letters carry, besides the original record's own headers.
 DLQ_ERROR = "dercmd_error"
 DLQ_SOURCE = "dercmd_source"  # "<topic>/<partition>/<offset>"
+DLQ_TRUNCATED = "dercmd_truncated"  # the original value's length, when the copy is cut short
+
+#: Largest record a producer sends (aiokafka's default max_request_size).
+MAX_RECORD_BYTES = 1_048_576
+#: A dead letter's value is cut to this when the original would not fit in a record.
+DLQ_TRUNCATE_BYTES = 65_536
 
 
 def producer_kwargs(settings: Settings) -> dict[str, Any]:
@@ -38,6 +44,9 @@ def producer_kwargs(settings: Settings) -> dict[str, Any]:
         "acks": "all",
         "enable_idempotence": settings.kafka_idempotence,
         "request_timeout_ms": 15_000,
+        "max_request_size": MAX_RECORD_BYTES,
+        # Batches of a few hundred records per partition: fewer requests for the broker.
+        "max_batch_size": 262_144,
     }
 
 
@@ -170,7 +179,13 @@ class Publisher:
             (DLQ_ERROR, error[:4000].encode()),
             (DLQ_SOURCE, f"{topic.name}/{partition}/{offset}".encode()),
         ]
-        await self._producer.send_and_wait(
-            topic.dlq, value, key=key, headers=[*(headers or []), *extra]
-        )
+        original = [*(headers or [])]
+        size = len(value or b"") + len(key or b"") + sum(len(k) + len(v or b"") for k, v in [*original, *extra])
+        if size > MAX_RECORD_BYTES - 4096:  # room for the record and batch framing
+            # The whole copy would be refused for its size, and retrying it forever would
+            # stall the partition: keep the start of the value and say how long it was.
+            extra.append((DLQ_TRUNCATED, str(len(value or b"")).encode()))
+            value = (value or b"")[:DLQ_TRUNCATE_BYTES]
+            original = [(k, v) for k, v in original if len(v or b"") <= 1024]
+        await self._producer.send_and_wait(topic.dlq, value, key=key[:1024] if key else key, headers=[*original, *extra])
         log.warning("dead-lettered", extra={"topic": topic.name, "partition": partition, "offset": offset, "error": error[:500]})

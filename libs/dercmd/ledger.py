@@ -221,6 +221,12 @@ class Ledger:
                 },
             )
 
+    def record_pending_many(self, cmds: Sequence[CommandAcceptedV1]) -> set[str]:
+        return {c.id for c in cmds if self.record_pending(c)}
+
+    def get_many(self, ids: Sequence[str]) -> dict[str, CommandStateV1]:
+        return {i: s for i in ids if (s := self.get(i)) is not None}
+
     def apply(self, events: Iterable[StatusEventV1]) -> list[Applied]:
         """Fold status events in one transaction (see the module docstring for the rules)."""
         out: list[Applied] = []

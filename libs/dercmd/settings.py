@@ -56,9 +56,21 @@ class Settings(BaseSettings):
     topic_partitions: int = Field(4, description="Partitions of every topic created at start-up.")
     topic_replication: int = Field(1, description="Replication factor of topics created at start-up.")
     kafka_fetch_max_wait_ms: int = Field(
-        20, description="Longest a consumer fetch waits for data (faust hard-codes 1500; this overrides it)."
+        20, description="Longest a consumer fetch waits for data: the most a batch waits to fill."
     )
     kafka_linger_ms: int = Field(2, description="Producer linger, milliseconds.")
+    batch_max_records: int = Field(
+        500, ge=1, description="Most records a consumer takes into one batch (one Redis round trip, one ledger transaction)."
+    )
+    stall_after_s: float = Field(
+        30.0, gt=0, description="A partition with records waiting whose commits have not moved for this long is reported stalled."
+    )
+    dispatch_backend_batch: int = Field(
+        100, ge=1, description="dispatch: most commands one backend call carries (where the backend's protocol takes several)."
+    )
+    dispatch_concurrency: int = Field(
+        16, ge=1, description="dispatch: backend calls in flight at once, per backend (deliveries in flight <= this x the batch)."
+    )
     kafka_idempotence: bool = Field(
         False, description="Idempotent producer (Apache Kafka only; the embedded broker refuses it)."
     )

@@ -1,6 +1,6 @@
+"""arbitration: cooldown and slot rules, atomically in Redis; emits dispatch orders."""
 from dercmd.settings import get_settings
-from dercmd.streams import run_worker
 
 from .app import build
 
-run_worker(build(get_settings()))
+build(get_settings()).run()

@@ -1,46 +1,49 @@
-"""The arbitration service: a faust agent over ``dercmd.commands.accepted``."""
+"""The arbitration service: decides each batch of ``dercmd.commands.accepted`` in one Redis round
+trip and publishes what the decisions say."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from dercmd import topics
+from dercmd.consumer import Item
 from dercmd.events import CommandAcceptedV1, utcnow
 from dercmd.fleet import Fleet
+from dercmd.service import Service
 from dercmd.settings import Settings
-from dercmd.streams import StreamApp
 
 from . import metrics
-from .arbiter import Arbiter, emissions
+from .arbiter import Arbiter, Records, emissions
 
 log = logging.getLogger(__name__)
 
 
-def build(settings: Settings) -> StreamApp:
-    app = StreamApp("arbitration", settings, settings.arbitration_port)
-    arbiter = Arbiter(app.redis, Fleet.load(settings.fleet_file), settings.cooldown_s)
+def build(settings: Settings) -> Service:
+    service = Service("arbitration", settings, settings.arbitration_port)
+    arbiter = Arbiter(service.redis, Fleet.load(settings.fleet_file), settings.cooldown_s)
 
-    async def handle(cmd: CommandAcceptedV1) -> None:
-        decision = await arbiter.decide(cmd)
-        metrics.DECISIONS.labels(decision.outcome).inc()
-        if decision.duplicate:
-            # Decided before (we crashed after deciding, or the event was redelivered):
-            # re-emit the same outcome; consumers drop what they already have.
-            metrics.REDELIVERED.inc()
-        metrics.SUPERSEDED.inc(len(decision.superseded))
-        first, then = emissions(cmd, decision, utcnow())
-        await app.publisher.publish_all(first)
-        await app.publisher.publish_all(then)
-        log.info(
-            "decided",
-            extra={"command_id": cmd.id, "entity_id": cmd.entity_id, "outcome": decision.outcome,
-                   "fence": decision.fence, "duplicate": decision.duplicate},
-        )
+    async def handle(items: list[Item[CommandAcceptedV1]]) -> None:
+        cmds = [item.event for item in items]
+        decisions = await arbiter.decide_many(cmds)
+        now = utcnow()
+        first: Records = []
+        then: Records = []
+        for cmd, decision in zip(cmds, decisions, strict=True):
+            metrics.DECISIONS.labels(decision.outcome).inc()
+            if decision.duplicate:
+                # Decided before (we crashed after deciding, or the event was redelivered):
+                # re-emit the same outcome; consumers drop what they already have.
+                metrics.REDELIVERED.inc()
+            metrics.SUPERSEDED.inc(len(decision.superseded))
+            before, after = emissions(cmd, decision, now)
+            first += before
+            then += after
+            log.debug("decided", extra={"command_id": cmd.id, "entity_id": cmd.entity_id, "outcome": decision.outcome,
+                                        "fence": decision.fence, "duplicate": decision.duplicate})
+        # Every Triggered/Canceled is acknowledged before any dispatch order is sent, so the
+        # status topic shows Triggered before dispatch can say Sent.
+        await service.publisher.publish_all(first)
+        await service.publisher.publish_all(then)
 
-    @app.agent(app.topic_of(topics.ACCEPTED), name="arbitrate")
-    async def arbitrate(stream: Any) -> None:
-        async for event in stream.events():
-            await app.guarded(topics.ACCEPTED, event, handle)
-
-    return app
+    service.consume(topics.ACCEPTED, handle)
+    return service

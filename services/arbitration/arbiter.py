@@ -1,10 +1,10 @@
-"""The slot rules and the cooldown, as one Redis script call per command, and what each
-decision emits. Knows nothing of faust: give it a Redis client, a fleet and a clock."""
+"""The slot rules and the cooldown, as one Redis script call per command (pipelined per batch),
+and what each decision emits. Knows nothing of Kafka: give it a Redis client, a fleet and a clock."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
@@ -57,27 +57,38 @@ class Arbiter:
         default_cooldown_s: float,
         now: Callable[[], datetime] | None = None,
     ) -> None:
+        self._redis = redis
         self._script = redis.register_script(_SCRIPT)
         self._fleet = fleet
         self._default_cooldown_s = default_cooldown_s
         self._now = now
 
     async def decide(self, cmd: CommandAcceptedV1) -> Decision:
-        entity = self._fleet.entity(cmd.entity_id)
-        cooldown_s = self._fleet.cooldown_s(entity, self._default_cooldown_s) if entity else self._default_cooldown_s
-        raw = await self._script(
-            keys=[redis_keys.slots(cmd.entity_id), redis_keys.decision(cmd.entity_id, cmd.id)],
-            args=[
-                cmd.id,
-                _ms(self._now()) if self._now else "",
-                _ms(cmd.trigger_time) if cmd.trigger_time else 0,
-                _ms(cmd.end_time) if cmd.end_time else "",
-                int(cooldown_s * 1000),
-                "1" if cmd.ignore_cooldown else "0",
-                redis_keys.STATE_TTL_S,
-            ],
-        )
-        return Decision.from_json(raw)
+        (decision,) = await self.decide_many([cmd])
+        return decision
+
+    async def decide_many(self, cmds: Sequence[CommandAcceptedV1]) -> list[Decision]:
+        """Decide commands in one Redis round trip: one script call each, pipelined and run
+        in the order given, so one entity's commands are decided in their order."""
+        pipe = self._redis.pipeline(transaction=False)
+        now = _ms(self._now()) if self._now else ""
+        for cmd in cmds:
+            entity = self._fleet.entity(cmd.entity_id)
+            cooldown_s = self._fleet.cooldown_s(entity, self._default_cooldown_s) if entity else self._default_cooldown_s
+            await self._script(  # queued on the pipeline, not sent yet
+                keys=[redis_keys.slots(cmd.entity_id), redis_keys.decision(cmd.entity_id, cmd.id)],
+                args=[
+                    cmd.id,
+                    now,
+                    _ms(cmd.trigger_time) if cmd.trigger_time else 0,
+                    _ms(cmd.end_time) if cmd.end_time else "",
+                    int(cooldown_s * 1000),
+                    "1" if cmd.ignore_cooldown else "0",
+                    redis_keys.STATE_TTL_S,
+                ],
+                client=pipe,
+            )
+        return [Decision.from_json(raw) for raw in await pipe.execute()]
 
 
 def emissions(cmd: CommandAcceptedV1, decision: Decision, now: datetime) -> tuple[Records, Records]:

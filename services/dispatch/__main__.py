@@ -1,6 +1,6 @@
+"""dispatch: delivers dispatch orders through device backends; emits Sent/Succeeded/Failed."""
 from dercmd.settings import get_settings
-from dercmd.streams import run_worker
 
 from .app import build
 
-run_worker(build(get_settings()))
+build(get_settings()).run()

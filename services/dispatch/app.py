@@ -1,188 +1,305 @@
-"""The dispatch service: a faust agent over ``dercmd.dispatch.orders`` that delivers each order
-through the entity's backend, and the callback endpoint where backends report results."""
+"""The dispatch service: delivers ``dercmd.dispatch.orders`` through the entities' backends,
+in parallel across entities and in order within one, and takes the results backends report.
+
+Per batch of orders: one Redis round trip claims them all (at most once, fences checked);
+the claimed ones are grouped by backend and sent in calls of up to the backend's batch size,
+at most ``DERCMD_DISPATCH_CONCURRENCY`` calls in flight per backend, each call waiting for
+whatever an earlier batch still has in flight for the same entities. The consumer fetches on
+meanwhile (the handler returns before the backends answer), so a slow or dead backend holds
+only its own entities; offsets are committed once a batch and every batch before it are done.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
 import time
+from collections import defaultdict
+from collections.abc import Awaitable, Sequence
 from typing import Any
-from urllib.parse import quote
 
-from faust.web import Request, Response, View
+from fastapi import Request
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from dercmd import topics
-from dercmd.events import CommandStatus, DispatchOrderV1, StatusEventV1, utcnow
+from dercmd.consumer import Item, retrying
+from dercmd.events import CommandStatus, DispatchOrderV1, Event, StatusEventV1, utcnow
 from dercmd.fleet import Fleet
-from dercmd.protocols.vendor_cloud import VendorResult
+from dercmd.protocols.vendor_cloud import VendorResults
+from dercmd.service import Service
 from dercmd.settings import Settings
-from dercmd.streams import StreamApp
 
 from . import backends, metrics
-from .delivery import Deliveries, Outcome
+from .delivery import Deliveries, Key, Outcome
 
 log = logging.getLogger(__name__)
 
+Records = list[tuple[topics.Topic, Event, str]]
+
+#: How many batches the consumer may hand out before the oldest has finished.
+MAX_PENDING_BATCHES = 64
+
+
+def _key(order: DispatchOrderV1) -> Key:
+    return (order.entity_id, order.command_id)
+
+
+def _status(order: DispatchOrderV1, outcome: Outcome | CommandStatus) -> tuple[topics.Topic, Event, str]:
+    if isinstance(outcome, CommandStatus):
+        event = StatusEventV1(command_id=order.command_id, entity_id=order.entity_id, status=outcome, fence=order.fence)
+    else:
+        event = StatusEventV1(command_id=order.command_id, entity_id=order.entity_id, status=outcome.status,
+                              fence=order.fence, reason=outcome.reason, detail=outcome.detail)
+    return (topics.STATUS, event, order.entity_id)
+
 
 class Dispatcher:
-    """Turns one order into at most one backend call and the status events it earns."""
+    """Turns orders into at most one backend delivery each and the status events they earn."""
 
-    def __init__(self, app: StreamApp, fleet: Fleet) -> None:
-        self._app = app
+    def __init__(self, service: Service, fleet: Fleet) -> None:
+        self._settings = service.settings
+        self._publisher = service.publisher
         self._fleet = fleet
-        self._deliveries = Deliveries(app.redis)
+        self._deliveries = Deliveries(service.redis)
         self._backends: dict[str, backends.DeviceBackend] = {}
-        self._callback_base = app.settings.callback_base_url.rstrip("/")
-        self._secret = app.settings.callback_secret.encode()
+        self._calls: dict[str, asyncio.Semaphore] = {}
+        self._secret = service.settings.callback_secret.encode()
+        #: Per entity, the delivery work that last took one of its commands: a later command
+        #: of the entity is sent only after it. Entries leave when their work is done.
+        self._tails: dict[str, asyncio.Future[Any]] = {}
+        #: Commands this process is delivering right now (claimed, answer not yet recorded).
+        self._in_flight: set[str] = set()
 
     def _backend(self, name: str) -> backends.DeviceBackend | None:
         if name not in self._backends:
-            backend = backends.create(name, self._app.settings)
+            backend = backends.create(name, self._settings)
             if backend is None:
                 return None
             self._backends[name] = backend
+            self._calls[name] = asyncio.Semaphore(self._settings.dispatch_concurrency)
         return self._backends[name]
 
     async def aclose(self) -> None:
         for backend in self._backends.values():
             await backend.aclose()
 
+    # -- callback tokens -----------------------------------------------------------------
+
     def signature(self, entity_id: str, command_id: str) -> str:
-        """Proves a callback URL came from dispatch: nobody else can report a result."""
         message = f"{entity_id}/{command_id}".encode()
         return hmac.new(self._secret, message, hashlib.sha256).hexdigest()[:32]
 
-    def callback_url(self, backend: str, entity_id: str, command_id: str) -> str:
-        path = "/".join(quote(part, safe="") for part in (backend, entity_id, command_id))
-        return f"{self._callback_base}/callbacks/{path}?sig={self.signature(entity_id, command_id)}"
+    def token(self, entity_id: str, command_id: str) -> str:
+        """``<signature>:<entity id>``: proves a result came from the backend dispatch gave the
+        command to (nobody else can report one), and says which entity it is about."""
+        return f"{self.signature(entity_id, command_id)}:{entity_id}"
 
-    async def _emit(self, order: DispatchOrderV1, status: CommandStatus, **fields: Any) -> None:
-        event = StatusEventV1(command_id=order.command_id, entity_id=order.entity_id, status=status, fence=order.fence, **fields)
-        await self._app.publisher.publish(topics.STATUS, event, order.entity_id)
+    def entity_of(self, token: str, command_id: str) -> str | None:
+        """The entity a result's token names, if the token is genuine for this command."""
+        signature, _, entity_id = token.partition(":")
+        if entity_id and hmac.compare_digest(signature, self.signature(entity_id, command_id)):
+            return entity_id
+        return None
 
-    async def _conclude(self, order: DispatchOrderV1, outcome: Outcome) -> None:
-        """Publish the terminal status, then record it: a crash in between re-publishes it."""
-        await self._emit(order, outcome.status, reason=outcome.reason, detail=outcome.detail)
-        await self._deliveries.finish(order.entity_id, order.command_id, outcome)
+    # -- orders --------------------------------------------------------------------------
 
-    async def handle(self, order: DispatchOrderV1) -> None:
-        extra = {"command_id": order.command_id, "entity_id": order.entity_id, "fence": order.fence}
-        claim = await self._deliveries.claim(order.entity_id, order.command_id, order.fence)
-        if claim == "stale":
-            # A newer command took the slot before this one was claimed; arbitration has
-            # already reported this one Canceled (superseded).
-            metrics.ORDERS.labels("stale").inc()
-            log.info("stale order dropped", extra=extra)
-            return
-        if claim != "claimed":
-            # Seen before (redelivery, or our own retry after a failed publish): never call
-            # the backend again; carry on from what the recorded state proves.
-            metrics.ORDERS.labels("redelivered").inc()
-            log.info("order resumed", extra={**extra, "state": claim})
-            await self._continue(order, claim)
-            return
+    async def handle(self, items: list[Item[DispatchOrderV1]]) -> Awaitable[Any] | None:
+        """Claim a batch, settle what needs no backend, and start the deliveries. Returns what
+        finishes when every delivery of the batch has its outcome recorded."""
+        orders = [item.event for item in items]
+        claims = await self._deliveries.claim_many([(_key(o), o.fence) for o in orders])
+        groups: dict[str, list[backends.Delivery]] = defaultdict(list)
+        resumed: list[tuple[DispatchOrderV1, str]] = []
+        failed: list[tuple[DispatchOrderV1, Outcome]] = []
+        for order, claim in zip(orders, claims, strict=True):
+            if claim == "stale":
+                # A newer command took the slot before this one was claimed; arbitration has
+                # already reported this one Canceled (superseded).
+                metrics.ORDERS.labels("stale").inc()
+                continue
+            if claim != "claimed":
+                # Seen before (redelivery): never call the backend again; carry on from what
+                # the recorded state proves.
+                if claim == "inflight" and order.command_id in self._in_flight:
+                    continue  # a duplicate of an order this process is delivering right now
+                metrics.ORDERS.labels("redelivered").inc()
+                resumed.append((order, claim))
+                continue
+            entity = self._fleet.entity(order.entity_id)
+            backend = self._backend(entity.backend) if entity else None
+            if entity is None or backend is None:
+                detail = f"no backend {entity.backend!r} in this deployment" if entity else "entity not in the fleet"
+                failed.append((order, Outcome(CommandStatus.FAILED, "backend_not_available", detail)))
+                metrics.ORDERS.labels("failed").inc()
+                continue
+            self._in_flight.add(order.command_id)
+            groups[backend.name].append(backends.Delivery(order, entity, self.token(order.entity_id, order.command_id)))
+        await self._resume(resumed)
+        await self._conclude(failed)
+        work = [self._start(self._backends[name], deliveries) for name, deliveries in groups.items()]
+        return asyncio.gather(*work) if work else None
 
-        entity = self._fleet.entity(order.entity_id)
-        backend = self._backend(entity.backend) if entity else None
-        if entity is None or backend is None:
-            detail = f"no backend {entity.backend!r} in this deployment" if entity else "entity not in the fleet"
-            await self._conclude(order, Outcome(CommandStatus.FAILED, "backend_not_available", detail))
-            metrics.ORDERS.labels("failed").inc()
-            return
+    def _start(self, backend: backends.DeviceBackend, deliveries: list[backends.Delivery]) -> asyncio.Future[Any]:
+        entities = [d.order.entity_id for d in deliveries]
+        before = {id(t): t for e in entities if (t := self._tails.get(e)) is not None}
+        task = asyncio.ensure_future(self._deliver(backend, deliveries, list(before.values())))
+        for entity_id in entities:
+            self._tails[entity_id] = task
 
-        started = time.perf_counter()
-        try:
-            accepted = await backend.send(order, entity, self.callback_url(backend.name, order.entity_id, order.command_id))
-        except Exception as exc:
-            if isinstance(exc, backends.BackendError):
-                outcome = Outcome(CommandStatus.FAILED, exc.reason, exc.detail)
-                log.warning("backend refused", extra={**extra, "reason": exc.reason, "detail": exc.detail})
-            else:  # a backend bug: whether the device got the command is unknown
-                outcome = Outcome(CommandStatus.FAILED, "delivery_unknown", repr(exc))
-                log.exception("backend failed unexpectedly", extra=extra)
-            metrics.BACKEND_CALLS.labels(backend.name, "error").inc()
-            metrics.ORDERS.labels("failed").inc()
-            # Retries with backoff come with the retry policy; today one attempt decides.
-            await self._conclude(order, outcome)
-            return
-        finally:
-            metrics.BACKEND_SECONDS.labels(backend.name).observe(time.perf_counter() - started)
-        metrics.BACKEND_CALLS.labels(backend.name, "accepted").inc()
-        metrics.ACCEPT_TO_SENT_SECONDS.observe((utcnow() - order.accepted_at).total_seconds())
-        metrics.ORDERS.labels("sent").inc()
-        log.info("sent", extra={**extra, "backend": backend.name, "backend_ref": accepted.backend_ref})
-        state = await self._deliveries.accepted(order.entity_id, order.command_id)
-        if accepted.confirmation is backends.Confirmation.SYNC and state == "accepted":
-            state = f"result:{Outcome(CommandStatus.SUCCEEDED).encode()}"
-        await self._continue(order, state)
+        def _forget(done: asyncio.Future[Any]) -> None:
+            for entity_id in entities:
+                if self._tails.get(entity_id) is done:
+                    del self._tails[entity_id]
+            for d in deliveries:
+                self._in_flight.discard(d.order.command_id)
 
-    async def _continue(self, order: DispatchOrderV1, state: str) -> None:
-        """Take a command from its recorded delivery state to wherever it can get now."""
-        if state == "inflight":
-            # An attempt died during the backend call: the device may or may not have it,
-            # and at most once forbids asking again.
-            await self._conclude(order, Outcome(CommandStatus.FAILED, "delivery_unknown", "dispatch stopped during the backend call"))
-        elif state == "accepted":
-            await self._emit(order, CommandStatus.SENT)
-            after = await self._deliveries.sent(order.entity_id, order.command_id)
-            if after.startswith("result:"):  # the callback came first and was held back
-                await self._conclude(order, Outcome.decode(after.removeprefix("result:")))
-        elif state == "sent":
-            await self._emit(order, CommandStatus.SENT)  # the result comes by callback
-        elif state.startswith("result:"):
-            await self._emit(order, CommandStatus.SENT)
-            await self._conclude(order, Outcome.decode(state.removeprefix("result:")))
-        elif state.startswith("done:"):
-            outcome = Outcome.decode(state.removeprefix("done:"))
-            await self._emit(order, outcome.status, reason=outcome.reason, detail=outcome.detail)
+        task.add_done_callback(_forget)
+        return task
 
-    async def on_result(self, entity_id: str, command_id: str, outcome: Outcome) -> str:
-        """A backend's asynchronous result for a command this service sent."""
-        state = await self._deliveries.result(entity_id, command_id, outcome)
-        metrics.CALLBACKS.labels(outcome.status.value).inc()
-        if state == "emit" or state.startswith("done:"):
-            # "done:" too: a repeated callback after a failed publish must publish again
-            # (the event id makes a second copy harmless); it carries the recorded outcome.
-            recorded = outcome if state == "emit" else Outcome.decode(state.removeprefix("done:"))
-            event = StatusEventV1(
-                command_id=command_id, entity_id=entity_id, status=recorded.status, reason=recorded.reason, detail=recorded.detail
-            )
-            await self._app.publisher.publish(topics.STATUS, event, entity_id)
-        log.info("backend result", extra={"command_id": command_id, "entity_id": entity_id, "result": outcome.status.value, "state": state})
-        return state
+    async def _deliver(self, backend: backends.DeviceBackend, deliveries: list[backends.Delivery],
+                       before: Sequence[asyncio.Future[Any]]) -> None:
+        if before:
+            await asyncio.wait(before)
+        size = max(1, min(backend.max_batch, self._settings.dispatch_backend_batch))
+        chunks = [deliveries[i : i + size] for i in range(0, len(deliveries), size)]
+        if len({d.order.entity_id for d in deliveries}) < len(deliveries):
+            for chunk in chunks:  # one entity twice: keep its commands in order
+                await self._send(backend, chunk)
+        else:
+            await asyncio.gather(*(self._send(backend, chunk) for chunk in chunks))
 
-
-def build(settings: Settings) -> StreamApp:
-    app = StreamApp("dispatch", settings, settings.dispatch_port)
-    dispatcher = Dispatcher(app, Fleet.load(settings.fleet_file))
-
-    @app.agent(app.topic_of(topics.ORDERS), name="dispatch")
-    async def dispatch(stream: Any) -> None:
-        async for event in stream.events():
-            await app.guarded(topics.ORDERS, event, dispatcher.handle)
-
-    @app.page("/callbacks/vendor-cloud/{entity_id}/{command_id}")
-    class VendorCloudCallback(View):
-        async def post(self, request: Request, entity_id: str, command_id: str) -> Response:
-            if not hmac.compare_digest(request.query.get("sig", ""), dispatcher.signature(entity_id, command_id)):
-                return self.json({"key": "invalid_signature"}, status=403)
+    async def _send(self, backend: backends.DeviceBackend, chunk: list[backends.Delivery]) -> None:
+        answers: list[backends.Accepted | backends.BackendError]
+        async with self._calls[backend.name]:
+            started = time.perf_counter()
             try:
-                result = VendorResult.model_validate_json(await self.read_request_content(request))
-            except ValidationError as exc:
-                return self.json({"key": "invalid_result", "detail": str(exc)}, status=400)
-            if result.command_id != command_id:
-                return self.json({"key": "command_id_mismatch"}, status=400)
+                answers = await backend.send(chunk)
+                if len(answers) != len(chunk):
+                    raise RuntimeError(f"{backend.name} answered {len(answers)} of {len(chunk)} deliveries")
+            except backends.BackendError as exc:
+                answers = [exc] * len(chunk)
+            except Exception as exc:  # a backend bug: whether the devices got them is unknown
+                log.exception("backend failed unexpectedly", extra={"backend": backend.name, "deliveries": len(chunk)})
+                answers = [backends.PermanentBackendError("delivery_unknown", repr(exc))] * len(chunk)
+            finally:
+                metrics.BACKEND_SECONDS.labels(backend.name).observe(time.perf_counter() - started)
+        accepted: list[tuple[DispatchOrderV1, backends.Accepted]] = []
+        failed: list[tuple[DispatchOrderV1, Outcome]] = []
+        now = utcnow()
+        for delivery, answer in zip(chunk, answers, strict=True):
+            order = delivery.order
+            if isinstance(answer, backends.Accepted):
+                accepted.append((order, answer))
+                metrics.BACKEND_CALLS.labels(backend.name, "accepted").inc()
+                metrics.ACCEPT_TO_SENT_SECONDS.observe((now - order.accepted_at).total_seconds())
+                metrics.ORDERS.labels("sent").inc()
+            else:
+                # Retries with backoff come with the retry policy; today one attempt decides.
+                failed.append((order, Outcome(CommandStatus.FAILED, answer.reason, answer.detail)))
+                metrics.BACKEND_CALLS.labels(backend.name, "error").inc()
+                metrics.ORDERS.labels("failed").inc()
+                log.warning("backend refused", extra={"command_id": order.command_id, "entity_id": order.entity_id,
+                                                      "reason": answer.reason, "detail": answer.detail})
+        # From here on every step is idempotent, so a failed dependency is simply retried:
+        # nothing may leave a delivered command without its outcome.
+        await retrying(lambda: self._record(accepted, failed), "dispatch results")
+
+    async def _record(self, accepted: list[tuple[DispatchOrderV1, backends.Accepted]],
+                      failed: list[tuple[DispatchOrderV1, Outcome]]) -> None:
+        states = await self._deliveries.advance_many([_key(o) for o, _ in accepted], "inflight", "accepted")
+        resumed: list[tuple[DispatchOrderV1, str]] = []
+        for (order, answer), state in zip(accepted, states, strict=True):
+            if answer.confirmation is backends.Confirmation.SYNC and state == "accepted":
+                state = f"result:{Outcome(CommandStatus.SUCCEEDED).encode()}"
+            resumed.append((order, state))
+        await self._conclude(failed)
+        await self._resume(resumed)
+
+    async def _resume(self, orders: Sequence[tuple[DispatchOrderV1, str]]) -> None:
+        """Take commands from their recorded delivery state to wherever they can get now."""
+        sent: Records = []
+        advance: list[DispatchOrderV1] = []
+        conclude: list[tuple[DispatchOrderV1, Outcome]] = []
+        repeat: Records = []
+        for order, state in orders:
+            if state == "inflight":
+                # An attempt died during the backend call: the device may or may not have it,
+                # and at most once forbids asking again.
+                conclude.append((order, Outcome(CommandStatus.FAILED, "delivery_unknown", "dispatch stopped during the backend call")))
+            elif state == "accepted":
+                sent.append(_status(order, CommandStatus.SENT))
+                advance.append(order)
+            elif state == "sent":
+                sent.append(_status(order, CommandStatus.SENT))  # the result comes by callback
+            elif state.startswith("result:"):  # the callback came first and was held back
+                sent.append(_status(order, CommandStatus.SENT))
+                conclude.append((order, Outcome.decode(state.removeprefix("result:"))))
+            elif state.startswith("done:"):
+                repeat.append(_status(order, Outcome.decode(state.removeprefix("done:"))))
+        await self._publisher.publish_all(sent + repeat)
+        after = await self._deliveries.advance_many([_key(o) for o in advance], "accepted", "sent")
+        conclude += [(o, Outcome.decode(a.removeprefix("result:"))) for o, a in zip(advance, after, strict=True) if a.startswith("result:")]
+        await self._conclude(conclude)
+
+    async def _conclude(self, outcomes: Sequence[tuple[DispatchOrderV1, Outcome]]) -> None:
+        """Publish terminal statuses, then record them: a crash in between re-publishes them."""
+        if not outcomes:
+            return
+        await self._publisher.publish_all([_status(order, outcome) for order, outcome in outcomes])
+        await self._deliveries.finish_many([(_key(order), outcome) for order, outcome in outcomes])
+
+    # -- results reported by backends ----------------------------------------------------
+
+    async def on_results(self, results: Sequence[tuple[str, str, Outcome]]) -> list[str]:
+        """Backends' asynchronous results ``(entity, command, outcome)``: publishes those whose
+        Sent is out; returns each one's delivery state."""
+        states = await self._deliveries.result_many([((e, c), o) for e, c, o in results])
+        events: Records = []
+        for (entity_id, command_id, outcome), state in zip(results, states, strict=True):
+            metrics.CALLBACKS.labels(outcome.status.value).inc()
+            if state == "emit" or state.startswith("done:"):
+                # "done:" too: a repeated callback after a failed publish must publish again
+                # (the event id makes a second copy harmless); it carries the recorded outcome.
+                recorded = outcome if state == "emit" else Outcome.decode(state.removeprefix("done:"))
+                event = StatusEventV1(command_id=command_id, entity_id=entity_id, status=recorded.status,
+                                      reason=recorded.reason, detail=recorded.detail)
+                events.append((topics.STATUS, event, entity_id))
+        await self._publisher.publish_all(events)
+        return states
+
+
+def build(settings: Settings) -> Service:
+    service = Service("dispatch", settings, settings.dispatch_port)
+    dispatcher = Dispatcher(service, Fleet.load(settings.fleet_file))
+    service.consume(topics.ORDERS, dispatcher.handle, max_pending=MAX_PENDING_BATCHES)
+    service.closers.append(dispatcher.aclose)
+
+    @service.app.post(backends.vendor_cloud.CALLBACK_PATH, include_in_schema=False)
+    async def vendor_cloud_results(request: Request) -> JSONResponse:
+        try:
+            body = VendorResults.model_validate_json(await request.body())
+        except ValidationError as exc:
+            return JSONResponse({"key": "invalid_result", "message": str(exc)[:2000]}, status_code=400)
+        genuine: list[tuple[str, str, Outcome]] = []
+        answers: dict[int, str] = {}
+        for i, result in enumerate(body.results):
+            entity_id = dispatcher.entity_of(result.response_token, result.command_id)
+            if entity_id is None:
+                answers[i] = "invalid_signature"
+                continue
             outcome = (
                 Outcome(CommandStatus.SUCCEEDED)
                 if result.result == "SUCCEEDED"
                 else Outcome(CommandStatus.FAILED, "device_failed", result.message)
             )
-            state = await dispatcher.on_result(entity_id, command_id, outcome)
-            if state == "missing":
-                return self.json({"key": "unknown_command"}, status=404)
-            return self.json({"state": state})
+            genuine.append((entity_id, result.command_id, outcome))
+        if not genuine:
+            return JSONResponse({"key": "invalid_signature", "message": "no result carries a valid token"}, status_code=403)
+        states = iter(await dispatcher.on_results(genuine))
+        out = [{"commandId": r.command_id, "state": answers.get(i) or next(states)} for i, r in enumerate(body.results)]
+        return JSONResponse({"results": out})
 
-    app.closers.append(dispatcher.aclose)
-    return app
+    return service

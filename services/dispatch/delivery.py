@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 
@@ -30,29 +31,57 @@ class Outcome:
         return cls(CommandStatus(status), reason or None, detail or None)
 
 
+Key = tuple[str, str]  # (entity id, command id)
+
+
 class Deliveries:
+    """Each method comes in a batch form (one Redis round trip for many commands, run in the
+    order given) and a one-command form."""
+
     def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
         self._script = redis.register_script(_SCRIPT)
 
-    async def _call(self, entity_id: str, command_id: str, *args: object) -> str:
-        raw = await self._script(keys=[redis_keys.slots(entity_id), redis_keys.delivery(entity_id, command_id)], args=list(args))
-        return raw.decode() if isinstance(raw, bytes) else str(raw)
+    async def _call_many(self, calls: Sequence[tuple[Key, Sequence[object]]]) -> list[str]:
+        if not calls:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for (entity_id, command_id), args in calls:
+            await self._script(keys=[redis_keys.slots(entity_id), redis_keys.delivery(entity_id, command_id)], args=list(args), client=pipe)
+        return [raw.decode() if isinstance(raw, bytes) else str(raw) for raw in await pipe.execute()]
+
+    async def claim_many(self, orders: Sequence[tuple[Key, int]]) -> list[str]:
+        """Per ``((entity, command), fence)``: "claimed" (deliver it), "stale" (a newer command
+        owns the entity), or the state a previous attempt left: ``inflight``, ``accepted``,
+        ``sent``, ``result:<o>``, ``done:<o>``."""
+        return await self._call_many([(key, ("claim", fence, redis_keys.STATE_TTL_S, key[1])) for key, fence in orders])
+
+    async def advance_many(self, keys: Sequence[Key], from_state: str, to_state: str) -> list[str]:
+        """``to_state`` where the state was ``from_state``, else the state found (a result that
+        arrived first, or what another attempt recorded). inflight -> accepted: the backend took
+        it; accepted -> sent: Sent is on the topic."""
+        return await self._call_many([(key, ("advance", from_state, to_state)) for key in keys])
+
+    async def result_many(self, results: Sequence[tuple[Key, Outcome]]) -> list[str]:
+        """A backend's asynchronous results: "emit" (Sent is out: publish it), "deferred" (the
+        sender publishes it after Sent), "missing", or the state found."""
+        return await self._call_many([(key, ("result", outcome.encode())) for key, outcome in results])
+
+    async def finish_many(self, results: Sequence[tuple[Key, Outcome]]) -> None:
+        """Record terminal results after they are published."""
+        await self._call_many([(key, ("finish", outcome.encode())) for key, outcome in results])
 
     async def claim(self, entity_id: str, command_id: str, fence: int) -> str:
-        """"claimed" (deliver it), "stale" (a newer command owns the entity), or the state a
-        previous attempt left: ``inflight``, ``accepted``, ``sent``, ``result:<o>``, ``done:<o>``."""
-        return await self._call(entity_id, command_id, "claim", fence, redis_keys.STATE_TTL_S, command_id)
+        return (await self.claim_many([((entity_id, command_id), fence)]))[0]
 
     async def accepted(self, entity_id: str, command_id: str) -> str:
-        """The backend took it: "accepted", or the result that arrived first."""
-        return await self._call(entity_id, command_id, "advance", "inflight", "accepted")
+        return (await self.advance_many([(entity_id, command_id)], "inflight", "accepted"))[0]
 
     async def sent(self, entity_id: str, command_id: str) -> str:
-        """Sent is on the topic: "sent", or the result that arrived first."""
-        return await self._call(entity_id, command_id, "advance", "accepted", "sent")
+        return (await self.advance_many([(entity_id, command_id)], "accepted", "sent"))[0]
 
     async def result(self, entity_id: str, command_id: str, outcome: Outcome) -> str:
-        return await self._call(entity_id, command_id, "result", outcome.encode())
+        return (await self.result_many([((entity_id, command_id), outcome)]))[0]
 
     async def finish(self, entity_id: str, command_id: str, outcome: Outcome) -> None:
-        await self._call(entity_id, command_id, "finish", outcome.encode())
+        await self.finish_many([((entity_id, command_id), outcome)])

@@ -1,7 +1,6 @@
+"""intake: REST API and requests-topic consumer; validation, auth, compatibility; writes Pending."""
 from dercmd.settings import get_settings
-from dercmd.web import serve
 
-from .api import create_app
+from .api import build
 
-settings = get_settings()
-serve("intake", create_app(settings), settings, settings.api_port)
+build(get_settings()).run()

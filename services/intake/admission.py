@@ -1,20 +1,23 @@
-"""Admitting a command, the same for REST and Kafka: check it against the fleet, write the
-Pending row, then publish Pending and the accepted event, each acknowledged before the next,
-so that the status topic shows Pending before anything downstream can say more."""
+"""Admitting commands, the same for REST and Kafka: check each against the fleet, write the
+Pending rows, then publish the Pending statuses and the accepted events, each acknowledged
+before the next, so that the status topic shows Pending before anything downstream can say
+more. Always in batches: a Kafka batch as it comes, REST requests by group commit."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Generic, TypeVar
 
 import redis.asyncio as aioredis
 from aiokafka.errors import KafkaError
 
 from dercmd import redis_keys, topics
-from dercmd.events import CommandAcceptedV1, CommandFields, CommandStateV1, CommandStatus, StatusEventV1, utcnow
+from dercmd.events import CommandAcceptedV1, CommandFields, CommandStateV1, CommandStatus, Event, StatusEventV1, utcnow
 from dercmd.fleet import Entity, Fleet
 from dercmd.kafka import Publisher
 from dercmd.ledger import Ledger
@@ -34,11 +37,13 @@ class Refusal(Exception):
 
 
 class Admission:
-    def __init__(self, fleet: Fleet, ledger: Ledger, publisher: Publisher, redis: aioredis.Redis) -> None:
+    def __init__(self, fleet: Fleet, ledger: Ledger, publisher: Publisher, redis: aioredis.Redis, max_batch: int = 500) -> None:
         self.fleet = fleet
         self.ledger = ledger
         self.publisher = publisher
         self.redis = redis
+        #: REST's way in: concurrent POSTs share ledger transactions and producer acks.
+        self._group: GroupCommit[CommandAcceptedV1, CommandStateV1 | Refusal] = GroupCommit(self.admit_many, max_batch)
 
     def check(self, entity: Entity, fields: CommandFields) -> None:
         if not self.fleet.supports(entity, fields.type):
@@ -63,8 +68,9 @@ class Admission:
             pass  # the broker is what failed; the ledger has it
         return True
 
-    async def known(self, command_id: str) -> bool:
-        return await asyncio.to_thread(self.ledger.get, command_id) is not None
+    async def known(self, command_ids: Sequence[str]) -> set[str]:
+        """Which of these command ids the ledger holds."""
+        return set(await asyncio.to_thread(self.ledger.get_many, list(command_ids))) if command_ids else set()
 
     async def check_cooldown(self, entity_id: str) -> None:
         """The cooldown as arbitration last set it. Advisory: arbitration decides atomically,
@@ -84,40 +90,112 @@ class Admission:
             )
 
     async def admit(self, cmd: CommandAcceptedV1) -> CommandStateV1:
-        """Make the command durable and announce it; returns it as Pending.
+        """Admit one command (REST): it joins the next group commit. Raises the command's
+        :class:`Refusal`, or the broker's error when the announcement failed."""
+        result = await self._group.submit(cmd)
+        if isinstance(result, Refusal):
+            raise result
+        return result
 
-        A command id already in the ledger is announced again only if it is the same command
-        (a redelivered request: every step downstream drops what it has seen); an id reused
-        for something else is refused with ``duplicate_id``."""
+    async def admit_many(self, cmds: Sequence[CommandAcceptedV1]) -> list[CommandStateV1 | Refusal]:
+        """Make commands durable and announce them: one ledger transaction, then every Pending
+        acknowledged on the status topic, then every accepted event acknowledged. Returns, per
+        command, its state as Pending or why it was refused.
+
+        A command id already in the ledger (or earlier in this batch) is announced again only
+        if it is the same command (a redelivered request: every step downstream drops what it
+        has seen); an id reused for something else is refused with ``duplicate_id``."""
         started = time.perf_counter()
-        if not await asyncio.to_thread(self.ledger.record_pending, cmd):
-            existing = await asyncio.to_thread(self.ledger.get, cmd.id)
-            if existing is None or (existing.entity_id, existing.type, existing.value) != (cmd.entity_id, cmd.type, cmd.value):
-                raise Refusal("duplicate_id", f"command id {cmd.id} is taken by another command", status=409)
-        pending = StatusEventV1(
-            command_id=cmd.id,
-            entity_id=cmd.entity_id,
-            status=CommandStatus.PENDING,
-            at=cmd.accepted_at,
-            type=cmd.type,
-            value=cmd.value,
-            trigger_time=cmd.trigger_time or cmd.accepted_at,
-            source=cmd.source,
-        )
-        await self.publisher.publish(topics.STATUS, pending, cmd.entity_id)
-        await self.publisher.publish(topics.ACCEPTED, cmd, cmd.entity_id)
-        metrics.ACCEPTED.labels(cmd.source).inc()
-        metrics.ADMIT_SECONDS.labels(cmd.source).observe(time.perf_counter() - started)
-        return CommandStateV1(
-            id=cmd.id,
-            entity_id=cmd.entity_id,
-            status=CommandStatus.PENDING,
-            type=cmd.type,
-            value=cmd.value,
-            trigger_time=pending.trigger_time,
-            source=cmd.source,
-            ignore_cooldown=cmd.ignore_cooldown,
-            created_at=cmd.accepted_at,
-            updated_at=cmd.accepted_at,
-            accepted_at=cmd.accepted_at,
-        )
+        inserted = await asyncio.to_thread(self.ledger.record_pending_many, cmds)
+        earlier = [c.id for c in cmds if c.id not in inserted]
+        existing = await asyncio.to_thread(self.ledger.get_many, earlier) if earlier else {}
+        first: dict[str, CommandAcceptedV1] = {}
+        out: list[CommandStateV1 | Refusal] = []
+        statuses: list[tuple[topics.Topic, Event, str]] = []
+        announcements: list[tuple[topics.Topic, Event, str]] = []
+        for cmd in cmds:
+            known = first.get(cmd.id) or existing.get(cmd.id)
+            if known is not None and _what(known) != _what(cmd):
+                out.append(Refusal("duplicate_id", f"command id {cmd.id} is taken by another command", status=409))
+                continue
+            first.setdefault(cmd.id, cmd)
+            pending = StatusEventV1(
+                command_id=cmd.id,
+                entity_id=cmd.entity_id,
+                status=CommandStatus.PENDING,
+                at=cmd.accepted_at,
+                type=cmd.type,
+                value=cmd.value,
+                trigger_time=cmd.trigger_time or cmd.accepted_at,
+                source=cmd.source,
+            )
+            statuses.append((topics.STATUS, pending, cmd.entity_id))
+            announcements.append((topics.ACCEPTED, cmd, cmd.entity_id))
+            out.append(_pending_state(cmd, pending))
+        await self.publisher.publish_all(statuses)
+        await self.publisher.publish_all(announcements)
+        elapsed = time.perf_counter() - started
+        for cmd, result in zip(cmds, out, strict=True):
+            if not isinstance(result, Refusal):
+                metrics.ACCEPTED.labels(cmd.source).inc()
+                metrics.ADMIT_SECONDS.labels(cmd.source).observe(elapsed)
+        return out
+
+
+def _what(cmd: CommandAcceptedV1 | CommandStateV1) -> tuple[object, ...]:
+    """What makes two commands with one id the same command."""
+    return (cmd.entity_id, cmd.type, cmd.value)
+
+
+def _pending_state(cmd: CommandAcceptedV1, pending: StatusEventV1) -> CommandStateV1:
+    return CommandStateV1(
+        id=cmd.id,
+        entity_id=cmd.entity_id,
+        status=CommandStatus.PENDING,
+        type=cmd.type,
+        value=cmd.value,
+        trigger_time=pending.trigger_time,
+        source=cmd.source,
+        ignore_cooldown=cmd.ignore_cooldown,
+        created_at=cmd.accepted_at,
+        updated_at=cmd.accepted_at,
+        accepted_at=cmd.accepted_at,
+    )
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class GroupCommit(Generic[T, R]):
+    """Concurrent callers share one flush: while a flush runs, new items queue, and the next
+    flush takes all of them (up to ``max_items``). No added wait when idle; under load each
+    flush carries what arrived during the previous one. ``flush`` returns one result per item;
+    if it raises, every caller of that flush gets the exception."""
+
+    def __init__(self, flush: Callable[[list[T]], Awaitable[Sequence[R]]], max_items: int) -> None:
+        self._flush = flush
+        self._max_items = max_items
+        self._queue: list[tuple[T, asyncio.Future[R]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, item: T) -> R:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run())
+        return await future
+
+    async def _run(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue[: self._max_items], self._queue[self._max_items :]
+            try:
+                results = await self._flush([item for item, _ in batch])
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)

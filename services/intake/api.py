@@ -4,30 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Annotated, Any
 
 import redis.asyncio as aioredis
 import sqlalchemy.exc
 from aiokafka.errors import KafkaError
-from fastapi import Depends, FastAPI, Path, Query, Request, Response
+from fastapi import Depends, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
-from dercmd import metrics as metrics_lib
+from dercmd import topics
 from dercmd.events import CommandAcceptedV1, CommandFields, CommandStateV1, CommandStatus, new_id, utcnow
 from dercmd.fleet import Entity, Fleet, Role
-from dercmd.kafka import Publisher, ensure_topics
 from dercmd.ledger import Ledger
+from dercmd.service import Service
 from dercmd.settings import Settings
 
 from . import metrics
 from .admission import Admission, Refusal
-from .requests_consumer import RequestsConsumer
+from .requests_consumer import RequestsHandler
 
 log = logging.getLogger(__name__)
 
@@ -48,39 +46,28 @@ def command_json(state: CommandStateV1) -> dict[str, Any]:
 _bearer = HTTPBearer(auto_error=False)
 
 
-def create_app(settings: Settings) -> FastAPI:
+def build(settings: Settings) -> Service:
+    """The intake service: the REST API, and the consumer of the requests topic."""
     fleet = Fleet.load(settings.fleet_file)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        ledger = Ledger(settings.database_url)
-        await asyncio.to_thread(ledger.create_schema)
-        redis = aioredis.from_url(settings.redis_url)
-        await ensure_topics(settings)
-        publisher = Publisher(settings, source="/dercmd/intake")
-        await publisher.start()
-        admission = Admission(fleet, ledger, publisher, redis)
-        consumer = RequestsConsumer(settings, admission)
-        await consumer.start()
-        app.state.admission = admission
-        app.state.consumer = consumer
-        try:
-            yield
-        finally:
-            await consumer.stop()
-            await publisher.stop()
-            await redis.aclose()
-            ledger.close()
-
-    app = FastAPI(
+    service = Service(
+        "intake",
+        settings,
+        settings.api_port,
         title="dercmd",
         version="1",
         description="Commands to fleets of distributed energy resources. Errors are `{key, message}`.",
-        lifespan=lifespan,
     )
+    ledger = Ledger(settings.database_url)
+    admission = Admission(fleet, ledger, service.publisher, service.redis, max_batch=settings.batch_max_records)
+    requests = RequestsHandler(admission)
+    service.starters.append(lambda: asyncio.to_thread(ledger.create_schema))
+    service.closers.append(lambda: asyncio.to_thread(ledger.close))
+    service.health_checks.append(lambda: asyncio.to_thread(ledger.ping))
+    service.consume(topics.REQUESTS, requests, on_invalid=requests.on_invalid)
+    app = service.app
 
-    def admission_of(request: Request) -> Admission:
-        return request.app.state.admission
+    def admission_of() -> Admission:
+        return admission
 
     def token_of(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> str:
         if credentials is None or not fleet.knows_token(credentials.credentials):
@@ -192,22 +179,4 @@ def create_app(settings: Settings) -> FastAPI:
             "hasMore": len(rows) > page_size,
         }
 
-    @app.get("/metrics", include_in_schema=False)
-    async def _metrics() -> Response:
-        body, content_type = metrics_lib.exposition()
-        return Response(body, media_type=content_type)
-
-    @app.get("/health", include_in_schema=False)
-    async def _health(request: Request, admission: Admission = Depends(admission_of)) -> JSONResponse:
-        try:
-            await admission.redis.ping()
-            await asyncio.to_thread(admission.ledger.ping)
-            if not admission.publisher.started:
-                raise RuntimeError("producer not started")
-            if not request.app.state.consumer.running:
-                raise RuntimeError("requests consumer stopped")
-        except Exception as exc:
-            return JSONResponse({"status": "unhealthy", "service": "intake", "error": repr(exc)}, status_code=503)
-        return JSONResponse({"status": "ok", "service": "intake", "partitions": request.app.state.consumer.partitions})
-
-    return app
+    return service

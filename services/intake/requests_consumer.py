@@ -1,35 +1,32 @@
-"""The consumer of ``dercmd.commands.requests``: the Kafka way in, with REST's validation.
+"""The batch handler of ``dercmd.commands.requests``: the Kafka way in, with REST's validation.
 
 A request that cannot be admitted becomes a ``Rejected`` status event (when an id and entity
-can be read from it) and, if it cannot even be parsed, a dead-letter record; the records
-behind it are processed as usual. Offsets are committed after each batch is handled, so a
-crash redelivers, and a redelivered request maps to the same command id (see
+can be read from it) and a dead-letter record; the records beside it are admitted as usual.
+Offsets are committed after each batch is handled (:mod:`dercmd.consumer`), so a crash
+redelivers, and a redelivered request maps to the same command id (see
 :class:`~dercmd.events.CommandRequestV1`), which every step downstream deduplicates.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
 import uuid
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka import ConsumerRecord
 
 from dercmd import topics
-from dercmd.events import ID_PATTERN, CommandAcceptedV1, CommandRequestV1, CommandStatus, StatusEventV1, utcnow
-from dercmd.kafka import consumer_kwargs, header
-from dercmd.settings import Settings
-from dercmd.streams import guarded_record
+from dercmd.consumer import Item
+from dercmd.events import ID_PATTERN, CommandAcceptedV1, CommandRequestV1, CommandStatus, Event, StatusEventV1, utcnow
+from dercmd.kafka import header
 
 from . import metrics
 from .admission import Admission, Refusal
 
 log = logging.getLogger(__name__)
 
-GROUP_ID = "dercmd-intake"
 _POSITION_NAMESPACE = uuid.UUID("6f1c7d5e-8f0b-4a35-9a7e-2f9f0e3c1b11")
 
 
@@ -44,110 +41,60 @@ def command_id_of(record: ConsumerRecord, body_id: str | None) -> str:
     return str(uuid.uuid5(_POSITION_NAMESPACE, f"{record.topic}/{record.partition}/{record.offset}"))
 
 
-class RequestsConsumer:
-    def __init__(self, settings: Settings, admission: Admission) -> None:
-        self._settings = settings
+class RequestsHandler:
+    """Admits each batch of requests; what cannot be admitted is said ``Rejected`` and
+    dead-lettered, and never holds up the good requests beside it."""
+
+    def __init__(self, admission: Admission) -> None:
         self._admission = admission
-        self._consumer = AIOKafkaConsumer(topics.REQUESTS.name, **consumer_kwargs(settings, GROUP_ID))
-        self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        await self._consumer.start()
-        self._task = asyncio.create_task(self._run(), name="requests-consumer")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+    async def __call__(self, items: list[Item[CommandRequestV1]]) -> None:
+        admitted: list[tuple[Item[CommandRequestV1], CommandAcceptedV1]] = []
+        refused: list[tuple[Item[CommandRequestV1], str, Refusal]] = []
+        now = utcnow()
+        for item in items:
+            request = item.event
+            command_id = command_id_of(item.record, request.id)
+            entity = self._admission.fleet.entity(request.entity_id)
             try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        await self._consumer.stop()
-
-    @property
-    def partitions(self) -> int:
-        return len(self._consumer.assignment())
-
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                batches = await self._consumer.getmany(timeout_ms=1000, max_records=500)
-                for records in batches.values():
-                    for record in records:
-                        await self._process(record)
-                if batches:
-                    await self._consumer.commit()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                # Whatever failed (a commit after a rebalance, a dead letter that could not be
-                # written), the uncommitted records come again; the consumer must live on.
-                log.exception("requests consumer error; resuming from the last commit")
-                await asyncio.sleep(1.0)
-                await self._rewind()
-
-    async def _rewind(self) -> None:
-        """Go back to the committed offsets, so records fetched but not handled come again."""
-        for tp in self._consumer.assignment():
-            committed = await self._consumer.committed(tp)
-            if committed is None:
-                await self._consumer.seek_to_beginning(tp)
-            else:
-                self._consumer.seek(tp, committed)
-
-    async def _process(self, record: ConsumerRecord) -> None:
-        async def on_invalid(value: bytes | None, error: Exception) -> None:
-            await self._reject_unparsed(record, value, error)
-
-        async def handle(request: CommandRequestV1) -> None:
-            await self._handle(record, request)
-
-        await guarded_record(
-            self._admission.publisher,
-            topics.REQUESTS,
-            key=record.key,
-            value=record.value,
-            headers=record.headers,
-            partition=record.partition,
-            offset=record.offset,
-            handle=handle,
-            on_invalid=on_invalid,
-        )
-
-    async def _handle(self, record: ConsumerRecord, request: CommandRequestV1) -> None:
-        command_id = command_id_of(record, request.id)
-        entity = self._admission.fleet.entity(request.entity_id)
-        cmd = CommandAcceptedV1(
-            id=command_id,
-            entity_id=request.entity_id,
-            type=request.type,
-            value=request.value,
-            ignore_cooldown=request.ignore_cooldown,
-            accepted_at=utcnow(),
-            source="kafka",
-        )
-        try:
-            if entity is None:
-                raise Refusal("unknown_entity", f"no entity {request.entity_id}")
-            self._admission.check(entity, request)
-            await self._admission.admit(cmd)
-        except Refusal as refusal:
-            await self._reject(command_id, request.entity_id, refusal.key, refusal.message, request)
-            await self._admission.publisher.dead_letter(
-                topics.REQUESTS, key=record.key, value=record.value, headers=record.headers,
-                error=f"{refusal.key}: {refusal.message}", partition=record.partition, offset=record.offset,
+                if entity is None:
+                    raise Refusal("unknown_entity", f"no entity {request.entity_id}")
+                self._admission.check(entity, request)
+            except Refusal as refusal:
+                refused.append((item, command_id, refusal))
+                continue
+            cmd = CommandAcceptedV1(
+                id=command_id,
+                entity_id=request.entity_id,
+                type=request.type,
+                value=request.value,
+                ignore_cooldown=request.ignore_cooldown,
+                accepted_at=now,
+                source="kafka",
             )
-            return
-        log.info("accepted", extra={"command_id": cmd.id, "entity_id": cmd.entity_id, "type": cmd.type.value, "source": "kafka"})
+            admitted.append((item, cmd))
+        results = await self._admission.admit_many([cmd for _, cmd in admitted]) if admitted else []
+        for (item, cmd), result in zip(admitted, results, strict=True):
+            if isinstance(result, Refusal):
+                refused.append((item, cmd.id, result))
+            else:
+                log.debug("accepted", extra={"command_id": cmd.id, "entity_id": cmd.entity_id, "type": cmd.type.value, "source": "kafka"})
+        if refused:
+            await self._reject(
+                [(command_id, item.event.entity_id, refusal.key, refusal.message, item.event) for item, command_id, refusal in refused]
+            )
+            for item, _, refusal in refused:
+                record = item.record
+                await self._admission.publisher.dead_letter(
+                    topics.REQUESTS, key=record.key, value=record.value, headers=record.headers,
+                    error=f"{refusal.key}: {refusal.message}", partition=record.partition, offset=record.offset,
+                )
 
-    async def _reject_unparsed(self, record: ConsumerRecord, value: bytes | None, error: Exception) -> None:
-        """Say ``Rejected`` for a request that did not parse, if it names an entity."""
+    async def on_invalid(self, record: ConsumerRecord, error: Exception) -> None:
+        """Say ``Rejected`` for a request that did not parse (it is dead-lettered already), if
+        it names an entity."""
         try:
-            body: Any = json.loads(value or b"")
+            body: Any = json.loads(record.value or b"")
         except ValueError:
             body = None
         body = body if isinstance(body, dict) else {}
@@ -156,24 +103,28 @@ class RequestsConsumer:
             metrics.REFUSED.labels("kafka", "unreadable").inc()
             return  # nothing to attach a status to: the dead letter is all there is
         body_id = body.get("id") if isinstance(body.get("id"), str) and re.fullmatch(ID_PATTERN, body["id"]) else None
-        await self._reject(command_id_of(record, body_id), entity_id, "invalid_request", str(error)[:2000], None)
+        await self._reject([(command_id_of(record, body_id), entity_id, "invalid_request", str(error)[:2000], None)])
 
-    async def _reject(self, command_id: str, entity_id: str, key: str, message: str, request: CommandRequestV1 | None) -> None:
-        metrics.REFUSED.labels("kafka", key).inc()
-        if key == "duplicate_id" or await self._admission.known(command_id):
-            # The id belongs to a command already in the ledger (this request's earlier
-            # delivery, or another command): a Rejected would overwrite its status.
-            log.warning("refused, id in use", extra={"command_id": command_id, "key": key, "detail": message[:300]})
-            return
-        event = StatusEventV1(
-            command_id=command_id,
-            entity_id=entity_id,
-            status=CommandStatus.REJECTED,
-            reason=key,
-            detail=message,
-            type=request.type if request else None,
-            value=request.value if request else None,
-            source="kafka",
-        )
-        await self._admission.publisher.publish(topics.STATUS, event, entity_id)
-        log.warning("rejected", extra={"command_id": command_id, "entity_id": entity_id, "key": key, "detail": message[:300]})
+    async def _reject(self, rejections: list[tuple[str, str, str, str, CommandRequestV1 | None]]) -> None:
+        known = await self._admission.known([command_id for command_id, *_ in rejections])
+        events: list[tuple[topics.Topic, Event, str]] = []
+        for command_id, entity_id, key, message, request in rejections:
+            metrics.REFUSED.labels("kafka", key).inc()
+            if key == "duplicate_id" or command_id in known:
+                # The id belongs to a command already in the ledger (this request's earlier
+                # delivery, or another command): a Rejected would overwrite its status.
+                log.warning("refused, id in use", extra={"command_id": command_id, "key": key, "detail": message[:300]})
+                continue
+            event = StatusEventV1(
+                command_id=command_id,
+                entity_id=entity_id,
+                status=CommandStatus.REJECTED,
+                reason=key,
+                detail=message,
+                type=request.type if request else None,
+                value=request.value if request else None,
+                source="kafka",
+            )
+            events.append((topics.STATUS, event, entity_id))
+            log.warning("rejected", extra={"command_id": command_id, "entity_id": entity_id, "key": key, "detail": message[:300]})
+        await self._admission.publisher.publish_all(events)

@@ -1,6 +1,6 @@
+"""status: folds status events into the ledger, publishes the latest state per command."""
 from dercmd.settings import get_settings
-from dercmd.streams import run_worker
 
 from .app import build
 
-run_worker(build(get_settings()))
+build(get_settings()).run()

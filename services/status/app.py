@@ -1,50 +1,53 @@
-"""The status service: a faust agent over ``dercmd.commands.status`` that folds events into the
-ledger (monotonic, see :mod:`dercmd.ledger`) and publishes each command's new state, keyed by
-command id, on the compacted ``dercmd.commands.state``."""
+"""The status service: folds each batch of ``dercmd.commands.status`` into the ledger in one
+transaction (monotonic, see :mod:`dercmd.ledger`) and publishes each command's new state,
+keyed by command id, on the compacted ``dercmd.commands.state``."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 from dercmd import topics
-from dercmd.events import StatusEventV1
+from dercmd.consumer import Item
+from dercmd.events import CommandStateV1, StatusEventV1
 from dercmd.ledger import Ledger
+from dercmd.service import Service
 from dercmd.settings import Settings
-from dercmd.streams import StreamApp
 
 from . import metrics
 
 log = logging.getLogger(__name__)
 
 
-def build(settings: Settings) -> StreamApp:
-    app = StreamApp("status", settings, settings.status_port)
+def build(settings: Settings) -> Service:
+    service = Service("status", settings, settings.status_port)
     ledger = Ledger(settings.database_url)
-    ledger.create_schema()
-    app.closers.append(lambda: asyncio.to_thread(ledger.close))
+    service.starters.append(lambda: asyncio.to_thread(ledger.create_schema))
+    service.closers.append(lambda: asyncio.to_thread(ledger.close))
+    service.health_checks.append(lambda: asyncio.to_thread(ledger.ping))
 
-    async def handle(event: StatusEventV1) -> None:
-        (applied,) = await asyncio.to_thread(ledger.apply, [event])
-        extra = {"command_id": event.command_id, "entity_id": event.entity_id, "status": event.status.value}
-        state = applied.state
-        if applied.changed:
-            metrics.STATUS_EVENTS.labels(event.status.value).inc()
-            if state.status.terminal and state.accepted_at is not None:
-                metrics.COMPLETION_SECONDS.labels(state.status.value).observe((event.at - state.accepted_at).total_seconds())
-            log.info("status", extra={**extra, "reason": event.reason})
-        else:
-            metrics.IGNORED.inc()
-        if applied.current:
-            # Also for a repeat: the ledger may have committed while the publish failed, and
-            # on a compacted topic a second copy of the same state costs nothing.
-            await app.publisher.publish(topics.STATE, state, state.id)
+    async def handle(items: list[Item[StatusEventV1]]) -> None:
+        events = [item.event for item in items]
+        applied = await asyncio.to_thread(ledger.apply, events)
+        # The latest state of each command in this batch: on a compacted topic only the last
+        # one counts, so the states a batch passed through are not published one by one.
+        latest: dict[str, CommandStateV1] = {}
+        for event, result in zip(events, applied, strict=True):
+            state = result.state
+            if result.changed:
+                metrics.STATUS_EVENTS.labels(event.status.value).inc()
+                if state.status.terminal and state.accepted_at is not None:
+                    metrics.COMPLETION_SECONDS.labels(state.status.value).observe((event.at - state.accepted_at).total_seconds())
+                log.debug("status", extra={"command_id": event.command_id, "entity_id": event.entity_id,
+                                           "status": event.status.value, "reason": event.reason})
+            else:
+                metrics.IGNORED.inc()
+            if result.current:
+                # Also for a repeat: the ledger may have committed while the publish failed, and
+                # on a compacted topic a second copy of the same state costs nothing.
+                latest.pop(state.id, None)  # keep the topic in the order the states were reached
+                latest[state.id] = state
+        await service.publisher.publish_all([(topics.STATE, state, state.id) for state in latest.values()])
 
-    @app.agent(app.topic_of(topics.STATUS), name="fold")
-    async def fold(stream: Any) -> None:
-        async for event in stream.events():
-            await app.guarded(topics.STATUS, event, handle)
-
-    app.health_checks.append(lambda: asyncio.to_thread(ledger.ping))
-    return app
+    service.consume(topics.STATUS, handle)
+    return service

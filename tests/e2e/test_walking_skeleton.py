@@ -209,11 +209,11 @@ def test_an_entitys_commands_are_listed_newest_first_a_page_at_a_time(api: Api) 
 def test_forged_backend_results_are_refused(api: Api, stack: Stack) -> None:
     command = api.post("ev-5", {"type": "StopCharging"}, ignoreCooldown="true").json()
     final = api.wait_terminal(command["id"])
-    url = f"{stack.url('dispatch')}/callbacks/vendor-cloud/ev-5/{command['id']}"
+    url = f"{stack.url('dispatch')}/callbacks/vendor-cloud"
     forged = {"requestId": "x", "commandId": command["id"], "deviceId": "ev-5", "result": "FAILED", "message": "forged"}
-    for params in ({}, {"sig": "0" * 32}):
-        response = httpx.post(url, json=forged, params=params, timeout=5)
-        assert response.status_code == 403 and response.json()["key"] == "invalid_signature"
+    for token in ("", "ev-5", f"{'0' * 32}:ev-5", f"{'0' * 32}:"):
+        response = httpx.post(url, json={"results": [{**forged, "responseToken": token}]}, timeout=5)
+        assert response.status_code == 403 and response.json()["key"] == "invalid_signature", (token, response.text)
     assert api.get(command["id"]).json() == final
 
 

@@ -1,5 +1,4 @@
-"""Kafka plumbing on the embedded broker: topic creation, CloudEvents headers, dead letters,
-and faust's consumer using the configured fetch wait."""
+"""Kafka plumbing on the embedded broker: topic creation, CloudEvents headers, dead letters."""
 
 from __future__ import annotations
 
@@ -8,9 +7,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from dercmd import topics
 from dercmd.events import CommandStatus, StatusEventV1
-from dercmd.kafka import DLQ_ERROR, DLQ_SOURCE, Publisher, decode, ensure_topics, header
+from dercmd.kafka import DLQ_ERROR, DLQ_SOURCE, DLQ_TRUNCATED, Publisher, decode, ensure_topics, header
 from dercmd.settings import Settings
-from dercmd.streams import StreamApp
 
 
 async def read_all(bootstrap: str, topic: str, count: int) -> list:  # type: ignore[type-arg]
@@ -59,7 +57,13 @@ async def test_published_events_carry_key_and_cloudevents_headers(kafka_bootstra
     assert header(dead.headers, DLQ_SOURCE) == f"{topics.REPORTS.name}/2/7"
 
 
-async def test_faust_consumers_use_the_configured_fetch_wait(kafka_bootstrap: str) -> None:
-    app = StreamApp("fetch-wait-check", Settings(kafka_bootstrap=kafka_bootstrap, kafka_fetch_max_wait_ms=17), port=1)
-    consumer = app.consumer._thread._create_worker_consumer(app.transport)
-    assert consumer._fetch_max_wait_ms == 17
+async def test_a_dead_letter_too_large_for_a_record_is_kept_truncated(kafka_bootstrap: str) -> None:
+    publisher = Publisher(Settings(kafka_bootstrap=kafka_bootstrap), source="/dercmd/test")
+    huge = b'{"entityId": "' + b"x" * 1_048_400 + b'"}'
+    await publisher.dead_letter(topics.STATE, key=b"big", value=huge, headers=[("ce_id", b"1")],
+                                error="too big to parse", partition=0, offset=1)
+    await publisher.stop()
+    (dead,) = await read_all(kafka_bootstrap, topics.STATE.dlq, 1)
+    assert header(dead.headers, DLQ_TRUNCATED) == str(len(huge))
+    assert header(dead.headers, DLQ_ERROR) == "too big to parse"
+    assert dead.value == huge[: len(dead.value)] and 0 < len(dead.value) < 100_000

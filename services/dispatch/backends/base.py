@@ -11,7 +11,7 @@ each backend translates its protocol client's errors at its edge.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
@@ -51,14 +51,29 @@ class Accepted:
     backend_ref: str | None = None  # the backend's own id of the request
 
 
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One command for one device. ``token`` is what an ASYNC backend hands back with the
+    result, so that dispatch knows the result is genuine and which command it is about."""
+
+    order: DispatchOrderV1
+    entity: Entity
+    token: str
+
+
 class DeviceBackend(Protocol):
-    """Delivers one command to one device. ``send`` returns once the backend accepted it, or
-    raises a :class:`BackendError`; ``callback_url`` is where an ASYNC backend reports back."""
+    """Delivers commands to devices, up to ``max_batch`` in one call (1 for a protocol that
+    takes one command at a time).
+
+    ``send`` returns one answer per delivery, in order: :class:`Accepted`, or the
+    :class:`BackendError` that refused it. It raises a :class:`BackendError` when the call as
+    a whole failed (every delivery in it shares that fate)."""
 
     name: str
     supported_types: frozenset[CommandType]
+    max_batch: int
 
-    async def send(self, order: DispatchOrderV1, entity: Entity, callback_url: str) -> Accepted: ...
+    async def send(self, deliveries: Sequence[Delivery]) -> list[Accepted | BackendError]: ...
 
     async def aclose(self) -> None: ...
 

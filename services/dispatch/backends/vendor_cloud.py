@@ -1,39 +1,64 @@
 """Backend ``vendor-cloud``: a device maker's cloud REST API (see
-:mod:`dercmd.protocols.vendor_cloud`); the result arrives asynchronously at the callback URL."""
+:mod:`dercmd.protocols.vendor_cloud`). Commands go in bulk, up to the protocol's batch size per
+call; each device's result arrives later, in batches, at ``/callbacks/vendor-cloud``."""
 
 from __future__ import annotations
 
-from dercmd.events import CommandType, DispatchOrderV1
-from dercmd.fleet import Entity
+from collections.abc import Sequence
+
+from dercmd.events import CommandType
 from dercmd.protocols.vendor_cloud import VendorCloudClient, VendorCloudError, VendorCommand
 from dercmd.settings import Settings
 
-from .base import Accepted, Confirmation, PermanentBackendError, TransientBackendError, register
+from .base import Accepted, BackendError, Confirmation, Delivery, PermanentBackendError, TransientBackendError, register
+
+#: Path (under dispatch's callback base URL) where the vendor cloud posts results.
+CALLBACK_PATH = "/callbacks/vendor-cloud"
 
 
 class VendorCloudBackend:
     name = "vendor-cloud"
     supported_types = frozenset(CommandType)
+    max_batch = 1000
 
-    def __init__(self, client: VendorCloudClient) -> None:
+    def __init__(self, client: VendorCloudClient, response_url: str) -> None:
         self._client = client
+        self._response_url = response_url
 
-    async def send(self, order: DispatchOrderV1, entity: Entity, callback_url: str) -> Accepted:
-        command = VendorCommand(command_id=order.command_id, type=order.type.value, value=order.value, response_url=callback_url)
+    async def send(self, deliveries: Sequence[Delivery]) -> list[Accepted | BackendError]:
+        commands = [
+            VendorCommand(
+                device_id=d.entity.device_id,
+                command_id=d.order.command_id,
+                type=d.order.type.value,
+                value=d.order.value,
+                response_token=d.token,
+            )
+            for d in deliveries
+        ]
         try:
-            accepted = await self._client.send_command(entity.device_id, command)
+            results = await self._client.send_commands(self._response_url, commands)
         except VendorCloudError as exc:
-            error = TransientBackendError if exc.retriable else PermanentBackendError
-            reason = "backend_unavailable" if exc.retriable else "backend_refused"
-            raise error(reason, str(exc)) from exc
-        return Accepted(Confirmation.ASYNC, accepted.request_id)
+            raise _translate(exc.retriable, str(exc)) from exc
+        out: list[Accepted | BackendError] = []
+        for result in results:
+            if result.accepted:
+                out.append(Accepted(Confirmation.ASYNC, result.request_id))
+            else:
+                out.append(_translate(result.retriable, f"HTTP {result.status}: {result.message or ''}"))
+        return out
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
 
+def _translate(retriable: bool, detail: str) -> BackendError:
+    if retriable:
+        return TransientBackendError("backend_unavailable", detail)
+    return PermanentBackendError("backend_refused", detail)
+
+
 @register("vendor-cloud")
 def _create(settings: Settings) -> VendorCloudBackend:
-    return VendorCloudBackend(
-        VendorCloudClient(settings.vendor_cloud_base_url, settings.vendor_cloud_token, timeout_s=settings.vendor_cloud_timeout_s)
-    )
+    client = VendorCloudClient(settings.vendor_cloud_base_url, settings.vendor_cloud_token, timeout_s=settings.vendor_cloud_timeout_s)
+    return VendorCloudBackend(client, settings.callback_base_url.rstrip("/") + CALLBACK_PATH)

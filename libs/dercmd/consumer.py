@@ -1,0 +1,363 @@
+"""The one way every service consumes Kafka: micro-batches, with a record guard, dead letters,
+ordered commits, stall detection and a graceful stop.
+
+A service gives a topic and a batch handler; :class:`BatchConsumer` does the rest:
+
+1. ``getmany``: what the assigned partitions have, up to ``DERCMD_BATCH_MAX_RECORDS`` records,
+   waiting at most ``DERCMD_KAFKA_FETCH_MAX_WAIT_MS`` for the first.
+2. Each record is decoded into its topic's model; one that does not parse is dead-lettered
+   (``<topic>.dlq``, the error in headers) and never reaches the handler.
+3. The handler gets the decoded records of the batch, in partition order (every topic is
+   keyed by entity, so one entity's records arrive in their order). It does one Redis round
+   trip, one ledger transaction and one produce-and-acknowledge for the whole batch.
+4. Offsets are committed after the handler is done, so a crash redelivers the batch; every
+   handler is idempotent (it dedupes by command id, event id or fence).
+
+Failures: a dependency that fails (broker, Redis, database) retries the whole batch with
+backoff and the partitions wait, because skipping would lose an accepted command. Any other
+error is a bug for some record: the batch is replayed one record at a time, the record that
+fails again is dead-lettered, and the rest go on.
+
+Pipelining: a handler may return an awaitable instead of finishing the work itself (dispatch
+does, so a slow backend does not hold the next batch). The consumer then fetches on, up to
+``max_pending`` batches, and commits a batch's offsets only once it and every batch before it
+have finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import redis.asyncio as aioredis
+import redis.exceptions
+import sqlalchemy.exc
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from prometheus_client import Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import REGISTRY, Collector
+from pydantic import ValidationError
+
+from .events import Event
+from .kafka import Publisher, consumer_kwargs, decode
+from .metrics import LATENCY_BUCKETS
+from .settings import Settings
+from .topics import Topic
+
+log = logging.getLogger(__name__)
+
+E = TypeVar("E", bound=Event)
+
+#: Failures of a dependency (broker, Redis, database): the batch is retried, never dropped.
+INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
+    KafkaError,
+    aioredis.ConnectionError,
+    aioredis.TimeoutError,
+    redis.exceptions.ReadOnlyError,  # a replica during failover
+    redis.exceptions.BusyLoadingError,  # a restarted Redis loading its data
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    sqlalchemy.exc.TimeoutError,  # connection pool exhausted
+    OSError,
+    asyncio.TimeoutError,
+)
+
+DEAD_LETTERS = Counter("dercmd_dead_letters_total", "Records copied to a dead-letter topic.", ["topic"])
+BATCHES = Counter("dercmd_consumer_batches_total", "Batches handled, by topic.", ["topic"])
+RECORDS = Counter("dercmd_consumer_records_total", "Records consumed, by topic.", ["topic"])
+RETRIES = Counter("dercmd_retries_total", "Work retried because a dependency failed, by what (a topic, or a stage).", ["what"])
+BATCH_SECONDS = Histogram(
+    "dercmd_consumer_batch_seconds", "Time to handle one batch (to its commit), by topic.", ["topic"], buckets=LATENCY_BUCKETS
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Item(Generic[E]):
+    """A decoded record and where it came from."""
+
+    event: E
+    record: ConsumerRecord
+
+
+#: Handles a batch. Returns None when done, or an awaitable that is done when the work is.
+BatchHandler = Callable[[list[Item[Any]]], Awaitable[Awaitable[None] | None]]
+#: Told about a record that did not parse (after it is dead-lettered), e.g. to say Rejected.
+InvalidHandler = Callable[[ConsumerRecord, Exception], Awaitable[None]]
+
+
+async def retrying(call: Callable[[], Awaitable[Any]], what: str) -> Any:
+    """Await ``call()`` until no dependency fails (backoff from 50 ms to 5 s); other errors
+    propagate. Only for idempotent work."""
+    delay = 0.05
+    while True:
+        try:
+            return await call()
+        except INFRASTRUCTURE_ERRORS as exc:
+            RETRIES.labels(what).inc()
+            log.warning("dependency failed, retrying", extra={"what": what, "error": repr(exc), "retry_in_s": delay})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+class _Progress:
+    """Where a partition's commits stand, for stall detection. ``since`` is when the
+    committed offset last moved (or when the partition was assigned)."""
+
+    __slots__ = ("committed", "since")
+
+    def __init__(self, committed: int) -> None:
+        self.committed = committed
+        self.since = time.monotonic()
+
+
+class BatchConsumer(ConsumerRebalanceListener):
+    def __init__(
+        self,
+        settings: Settings,
+        topic: Topic,
+        group_id: str,
+        handler: BatchHandler,
+        publisher: Publisher,
+        *,
+        on_invalid: InvalidHandler | None = None,
+        max_pending: int = 1,
+    ) -> None:
+        self.topic = topic
+        self._handler = handler
+        self._publisher = publisher
+        self._on_invalid = on_invalid
+        self._max_records = settings.batch_max_records
+        self._wait_ms = settings.kafka_fetch_max_wait_ms
+        self._stall_after_s = settings.stall_after_s
+        self._max_pending = max_pending
+        self._kwargs = consumer_kwargs(settings, group_id)
+        self._consumer: AIOKafkaConsumer = None  # type: ignore[assignment]  # made in start(): it needs the loop
+        self._task: asyncio.Task[None] | None = None
+        # Batches handed to the handler and not yet committed, oldest first.
+        # Guarded by being touched only from the event loop (no awaits between read and pop).
+        self._pending: deque[tuple[dict[TopicPartition, int], asyncio.Future[Any]]] = deque()
+        self._progress: dict[TopicPartition, _Progress] = {}
+        _LIVE.add(self)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._consumer = AIOKafkaConsumer(**self._kwargs)
+        self._consumer.subscribe([self.topic.name], listener=self)
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._run(), name=f"consume {self.topic.name}")
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop fetching, let handed-out batches finish (up to ``timeout_s``), commit, leave."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await self._drain(timeout_s)
+        await self._consumer.stop()
+        _LIVE.discard(self)
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    @property
+    def partitions(self) -> int:
+        return len(self._consumer.assignment()) if self._consumer is not None else 0
+
+    # -- rebalance listener (awaited by aiokafka before partitions change hands) ------------
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        # Finish and commit what we handed out, so the next owner starts after it.
+        await self._drain(timeout_s=5.0)
+        for tp in revoked:
+            self._progress.pop(tp, None)
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        for tp in assigned:
+            try:
+                committed = await self._consumer.committed(tp)
+            except KafkaError:
+                committed = None
+            self._progress[tp] = _Progress(committed or 0)
+
+    # -- health ------------------------------------------------------------------------
+
+    def lag(self) -> dict[TopicPartition, int]:
+        """Records after the committed offset, per assigned partition (as far as known)."""
+        out: dict[TopicPartition, int] = {}
+        for tp, progress in list(self._progress.items()):
+            high = self._consumer.highwater(tp)
+            if high is not None:
+                out[tp] = max(0, high - progress.committed)
+        return out
+
+    def stalled(self) -> list[str]:
+        """Partitions that have records waiting and whose commits have not moved for
+        ``DERCMD_STALL_AFTER_S``: a dependency down, or a record nothing gets past."""
+        self._observe()
+        now = time.monotonic()
+        lag = self.lag()
+        return [
+            f"{tp.topic}/{tp.partition}"
+            for tp, progress in list(self._progress.items())
+            if lag.get(tp, 0) > 0 and now - progress.since > self._stall_after_s
+        ]
+
+    def _observe(self) -> None:
+        """A partition with nothing after its commit is not stalled: restart its clock."""
+        now = time.monotonic()
+        lag = self.lag()
+        for tp, progress in list(self._progress.items()):
+            if lag.get(tp, 0) == 0:
+                progress.since = now
+
+    # -- the loop ----------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                batches = await self._consumer.getmany(timeout_ms=max(self._wait_ms, 100), max_records=self._max_records)
+            except KafkaError as exc:
+                log.warning("fetch failed, retrying", extra={"topic": self.topic.name, "error": repr(exc)})
+                await asyncio.sleep(0.5)
+                continue
+            self._observe()
+            if not batches:
+                await self._commit_finished()
+                continue
+            started = time.perf_counter()
+            offsets = {tp: records[-1].offset + 1 for tp, records in batches.items() if records}
+            records = [r for rs in batches.values() for r in rs]
+            RECORDS.labels(self.topic.name).inc(len(records))
+            items = await self._decode(records)
+            done = await self._guarded(items)
+            self._pending.append((offsets, done))
+            done.add_done_callback(lambda _f, t=started: BATCH_SECONDS.labels(self.topic.name).observe(time.perf_counter() - t))
+            BATCHES.labels(self.topic.name).inc()
+            while len(self._pending) >= self._max_pending:
+                await asyncio.wait([self._pending[0][1]])
+                await self._commit_finished()
+            await self._commit_finished()
+
+    async def _decode(self, records: Sequence[ConsumerRecord]) -> list[Item[Any]]:
+        items: list[Item[Any]] = []
+        for record in records:
+            try:
+                items.append(Item(decode(self.topic, record.value), record))
+            except (ValidationError, ValueError) as exc:
+                await self._dead_letter(record, str(exc))
+                if self._on_invalid is not None:
+                    await self._retrying(lambda r=record, e=exc: self._on_invalid(r, e))  # type: ignore[misc]
+        return items
+
+    async def _guarded(self, items: list[Item[Any]]) -> asyncio.Future[Any]:
+        """Run the handler on the batch: retry it while a dependency fails; on any other error
+        replay the batch record by record and dead-letter the record that fails."""
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if not items:
+            done.set_result(None)
+            return done
+        try:
+            result = await self._retrying(lambda: self._handler(items))
+        except Exception:
+            log.exception("batch failed; replaying it record by record", extra={"topic": self.topic.name, "records": len(items)})
+            for item in items:
+                try:
+                    result = await self._retrying(lambda i=item: self._handler([i]))  # type: ignore[misc]
+                    if result is not None:
+                        await result
+                except Exception as exc:
+                    log.exception("record failed", extra={"topic": self.topic.name, "partition": item.record.partition,
+                                                          "offset": item.record.offset})
+                    await self._dead_letter(item.record, repr(exc))
+            done.set_result(None)
+            return done
+        if result is None:
+            done.set_result(None)
+            return done
+        return asyncio.ensure_future(result)
+
+    async def _retrying(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        return await retrying(call, self.topic.name)
+
+    async def _dead_letter(self, record: ConsumerRecord, error: str) -> None:
+        DEAD_LETTERS.labels(self.topic.name).inc()
+        await self._retrying(
+            lambda: self._publisher.dead_letter(
+                self.topic, key=record.key, value=record.value, headers=record.headers, error=error,
+                partition=record.partition, offset=record.offset,
+            )
+        )
+
+    # -- commits -----------------------------------------------------------------------
+
+    async def _commit_finished(self) -> None:
+        """Commit the offsets of the finished batches at the head of the queue."""
+        offsets: dict[TopicPartition, int] = {}
+        while self._pending and self._pending[0][1].done():
+            batch_offsets, done = self._pending.popleft()
+            if not done.cancelled() and done.exception() is not None:
+                # A pipelined handler that raised: its records are handled again after a
+                # restart (handlers are idempotent); log it loudly.
+                log.error("pipelined batch failed", exc_info=done.exception(), extra={"topic": self.topic.name})
+            offsets.update(batch_offsets)
+        if not offsets:
+            return
+        assigned = self._consumer.assignment()
+        offsets = {tp: o for tp, o in offsets.items() if tp in assigned}
+        if not offsets:
+            return
+        try:
+            await self._consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError) as exc:
+            # The partitions moved to another consumer: it starts from the last commit and
+            # redelivers these records, which every handler tolerates.
+            log.warning("commit refused after a rebalance", extra={"topic": self.topic.name, "error": repr(exc)})
+            return
+        except KafkaError as exc:
+            log.warning("commit failed; the next one covers it", extra={"topic": self.topic.name, "error": repr(exc)})
+            return
+        now = time.monotonic()
+        for tp, offset in offsets.items():
+            progress = self._progress.get(tp)
+            if progress is not None and offset != progress.committed:
+                progress.committed = offset
+                progress.since = now
+
+    async def _drain(self, timeout_s: float) -> None:
+        if self._pending:
+            await asyncio.wait([f for _, f in self._pending], timeout=timeout_s)
+        await self._commit_finished()
+
+
+# -- the lag and stall gauges, read at scrape time -----------------------------------------
+
+_LIVE: set[BatchConsumer] = set()
+
+
+class _ConsumerCollector(Collector):
+    def collect(self) -> Any:
+        lag = GaugeMetricFamily("dercmd_consumer_lag_records", "Records after the committed offset, by topic.", labels=["topic"])
+        stalled = GaugeMetricFamily(
+            "dercmd_consumer_stalled_partitions",
+            "Partitions with records waiting whose commits have not moved for DERCMD_STALL_AFTER_S, by topic.",
+            labels=["topic"],
+        )
+        for consumer in list(_LIVE):
+            lag.add_metric([consumer.topic.name], sum(consumer.lag().values()))
+            stalled.add_metric([consumer.topic.name], len(consumer.stalled()))
+        yield lag
+        yield stalled
+
+
+REGISTRY.register(_ConsumerCollector())

@@ -1,0 +1,120 @@
+"""What every service process is: a FastAPI app that serves ``/metrics`` and ``/health``, owns
+the process's publisher and Redis client, and runs its Kafka consumers
+(:class:`~dercmd.consumer.BatchConsumer`) for as long as it serves.
+
+A service is its batch handler plus its wiring::
+
+    service = Service("status", settings, settings.status_port)
+    service.consume(topics.STATUS, handle)
+    service.run()
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse
+
+from . import metrics, web
+from .consumer import BatchConsumer, BatchHandler, InvalidHandler
+from .kafka import Publisher, ensure_topics
+from .settings import Settings
+from .topics import Topic
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    def __init__(self, name: str, settings: Settings, port: int, **fastapi: Any) -> None:
+        if not settings.kafka_bootstrap.strip():
+            raise SystemExit("DERCMD_KAFKA_BOOTSTRAP is not set (make run sets it for the embedded broker)")
+        self.name = name
+        self.settings = settings
+        self.port = port
+        self.publisher = Publisher(settings, source=f"/dercmd/{name}")
+        self.redis: aioredis.Redis = aioredis.from_url(settings.redis_url)
+        self.consumers: list[BatchConsumer] = []
+        #: Awaited at start, before the consumers start (in order).
+        self.starters: list[Callable[[], Awaitable[Any]]] = []
+        #: Awaited at stop, after the consumers stopped (in order).
+        self.closers: list[Callable[[], Awaitable[Any]]] = []
+        #: Awaited by /health besides the Redis ping; one that raises makes the service unhealthy.
+        self.health_checks: list[Callable[[], Awaitable[Any]]] = []
+        self.app = FastAPI(lifespan=self._lifespan, **fastapi)
+        self._add_routes()
+
+    def consume(
+        self,
+        topic: Topic,
+        handler: BatchHandler,
+        *,
+        on_invalid: InvalidHandler | None = None,
+        max_pending: int = 1,
+    ) -> BatchConsumer:
+        """Consume ``topic`` in the service's consumer group, batch by batch, while it runs."""
+        consumer = BatchConsumer(
+            self.settings, topic, f"dercmd-{self.name}", handler, self.publisher, on_invalid=on_invalid, max_pending=max_pending
+        )
+        self.consumers.append(consumer)
+        return consumer
+
+    def run(self) -> None:
+        """Serve until SIGINT/SIGTERM, then stop consumers, closers, publisher and Redis."""
+        web.serve(self.name, self.app, self.settings, self.port)
+
+    @asynccontextmanager
+    async def _lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        await ensure_topics(self.settings)
+        await self.publisher.start()
+        for start in self.starters:
+            await start()
+        for consumer in self.consumers:
+            await consumer.start()
+        try:
+            yield
+        finally:
+            for consumer in self.consumers:
+                await consumer.stop()
+            for close in self.closers:
+                await close()
+            await self.publisher.stop()
+            await self.redis.aclose()
+
+    async def health(self) -> dict[str, Any]:
+        """Liveness plus what the service depends on. Unhealthy when a dependency fails, a
+        consumer stopped, or a partition has records waiting that nothing gets past."""
+        await self.redis.ping()
+        for check in self.health_checks:
+            await check()
+        if not self.publisher.started:
+            raise RuntimeError("producer not started")
+        stalled: list[str] = []
+        for consumer in self.consumers:
+            if not consumer.running:
+                raise RuntimeError(f"consumer of {consumer.topic.name} stopped")
+            stalled += consumer.stalled()
+        body: dict[str, Any] = {"status": "ok", "service": self.name}
+        if self.consumers:
+            body["partitions"] = sum(c.partitions for c in self.consumers)
+        if stalled:
+            body.update(status="stalled", stalled=stalled)
+        return body
+
+    def _add_routes(self) -> None:
+        @self.app.get("/metrics", include_in_schema=False)
+        async def _metrics() -> Response:
+            body, content_type = metrics.exposition()
+            return Response(body, media_type=content_type)
+
+        @self.app.get("/health", include_in_schema=False)
+        async def _health() -> JSONResponse:
+            try:
+                body = await self.health()
+            except Exception as exc:  # any failed dependency makes the service unhealthy
+                return JSONResponse({"status": "unhealthy", "service": self.name, "error": repr(exc)}, status_code=503)
+            return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
