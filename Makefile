@@ -6,8 +6,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: install run test unit lint clean
+.PHONY: install run test unit bench lint clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "dercmd needs Python 3.11 or newer: make PYTHON=python3.11 ...")'
@@ -20,6 +21,10 @@ install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/dercmd run
+
+# The benchmark (libs/dercmd/bench): make bench BENCH_ARGS="--burst 3000 --rate 100"
+bench: $(STAMP)
+	$(BIN)/python -m dercmd.bench $(BENCH_ARGS)
 
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
-from fastapi import FastAPI, Path, Response
+from fastapi import FastAPI, Path, Query, Response
 
 from dercmd import metrics as metrics_lib
 from dercmd.fleet import Fleet
@@ -32,6 +32,7 @@ def create_app(settings: Settings, *, callback_transport: httpx.AsyncBaseTranspo
         await vendor_cloud.aclose()
 
     app = FastAPI(title="dercmd simulator", lifespan=lifespan)
+    app.state.recorder = recorder
     app.include_router(vendor_cloud.router)
 
     @app.get("/sim/devices/{entityId}/received", tags=["sim"])
@@ -42,6 +43,13 @@ def create_app(settings: Settings, *, callback_transport: httpx.AsyncBaseTranspo
     @app.get("/sim/received", tags=["sim"])
     async def totals() -> Any:
         return {"total": recorder.total}
+
+    @app.get("/sim/receipts", tags=["sim"])
+    async def receipts(after: int = Query(0, ge=0), limit: int = Query(1000, ge=1, le=10_000)) -> Any:
+        """What every device received, in receive order, ``limit`` at a time: pass ``next``
+        back as ``after`` to read on (``next == after`` when there is nothing new yet)."""
+        page = recorder.since(after, limit)
+        return {"receipts": [r.to_json() for r in page], "next": page[-1].seq if page else after}
 
     @app.get("/metrics", include_in_schema=False)
     async def _metrics() -> Response:

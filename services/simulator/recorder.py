@@ -1,5 +1,9 @@
 """What each simulated device received, in order: the ground truth tests and benchmarks
-compare dercmd's statuses against."""
+compare dercmd's statuses against.
+
+Every receipt is stored once, in one list in receive order; its ``seq`` is its position
+in that list plus one. Per entity only the positions are kept, for ``received(entity)``.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class Receipt:
+    seq: int  # global receive order, from 1
     entity_id: str
     backend: str
     command_id: str
@@ -20,6 +25,7 @@ class Receipt:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "seq": self.seq,
             "entityId": self.entity_id,
             "backend": self.backend,
             "commandId": self.command_id,
@@ -31,12 +37,23 @@ class Receipt:
 
 class Recorder:
     def __init__(self) -> None:
-        self._by_entity: dict[str, list[Receipt]] = defaultdict(list)
-        self.total = 0
+        self._all: list[Receipt] = []
+        self._by_entity: dict[str, list[int]] = defaultdict(list)  # positions in _all
+
+    @property
+    def total(self) -> int:
+        return len(self._all)
 
     def record(self, entity_id: str, backend: str, command_id: str, type: str, value: int | None, at: datetime) -> None:
-        self._by_entity[entity_id].append(Receipt(entity_id, backend, command_id, type, value, at))
-        self.total += 1
+        position = len(self._all)
+        self._all.append(Receipt(position + 1, entity_id, backend, command_id, type, value, at))
+        self._by_entity[entity_id].append(position)
 
     def received(self, entity_id: str) -> list[Receipt]:
-        return list(self._by_entity.get(entity_id, ()))
+        """What one device received, in order."""
+        return [self._all[i] for i in self._by_entity.get(entity_id, ())]
+
+    def since(self, after: int, limit: int) -> list[Receipt]:
+        """Up to ``limit`` receipts with ``seq > after``, in receive order."""
+        start = max(after, 0)
+        return self._all[start : start + max(limit, 0)]

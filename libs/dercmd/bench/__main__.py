@@ -1,0 +1,276 @@
+"""``python -m dercmd.bench`` / ``make bench BENCH_ARGS="..."``: start the whole stack on free
+ports, offer it a burst and a paced load, run a bare relay on the same broker, and print
+every figure as a markdown table (``--json FILE`` writes them too).
+
+Phases, in order:
+
+1. Redis bytes per entity (:mod:`.redismem`), while the stack is idle, in its own database.
+2. Burst: one command per entity, produced as fast as the client goes; until every command
+   is terminal or ``--timeout``.
+3. Latency: ``--rate`` commands/s for ``--latency-seconds`` to the same entities (the stack
+   runs with ``DERCMD_COOLDOWN_S=0``), then device receipts are read from the simulator.
+4. The bare relay (:mod:`.relay`), ``--relay aiokafka`` (default) or ``faust``.
+
+Every figure depends on this machine and whatever else runs on it: indicative only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse, urlunparse
+
+import redis
+
+from dercmd.fleet import Fleet
+from dercmd.launcher import LaunchError, Stack, free_ports
+
+from . import fleetgen, procstat, redismem, relay
+from .load import KafkaLoad, Offered, RestLoad, StatusWatcher, new_command_id, receipts
+from .report import machine, ms, per_s, percentile, table
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dercmd.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--entities", type=int, default=20_000, help="fleet size (default 20,000)")
+    p.add_argument("--burst", type=int, default=None, help="burst commands, one per entity (default: --entities)")
+    p.add_argument("--rate", type=float, default=1000, help="latency phase: commands/s offered (default 1,000)")
+    p.add_argument("--latency-seconds", type=float, default=10, help="latency phase: how long (default 10)")
+    p.add_argument("--step-ms", type=float, default=10, help="latency phase: send rate*step every step (default 10 ms)")
+    p.add_argument("--mode", choices=("kafka", "rest"), default="kafka", help="offer commands as Kafka requests or REST calls")
+    p.add_argument("--concurrency", type=int, default=64, help="REST mode: requests in flight at most (default 64)")
+    p.add_argument("--relay", choices=relay.KINDS, default="aiokafka", help="bare relay hops: aiokafka getmany or faust take()")
+    p.add_argument("--relay-records", type=int, default=None, help="records through the relay (default: the burst size)")
+    p.add_argument("--skip-relay", action="store_true")
+    p.add_argument("--redis-entities", type=int, default=10_000, help="entities for the Redis memory figure (0 skips it)")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/12",
+                   help="the stack's Redis database, flushed first (default redis://127.0.0.1:6379/12)")
+    p.add_argument("--redis-mem-db", type=int, default=11, help="database on that server for the memory figure, flushed")
+    p.add_argument("--timeout", type=float, default=300, help="seconds to wait for a phase's commands to end (default 300)")
+    p.add_argument("--work-dir", type=Path, default=None, help="fleet, ledger and logs (default: a new temp dir)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
+    args = p.parse_args(argv)
+    if args.burst is None:
+        args.burst = args.entities
+    if args.relay_records is None:
+        args.relay_records = args.burst
+    return args
+
+
+def _db_url(url: str, db: int) -> str:
+    return urlunparse(urlparse(url)._replace(path=f"/{db}"))
+
+
+def _stack(args: argparse.Namespace, work: Path) -> Stack:
+    kafka, api, arbitration, dispatch, status, simulator = (str(p) for p in free_ports(6))
+    env = {
+        "DERCMD_KAFKA_BOOTSTRAP": "",  # the embedded broker
+        "DERCMD_EMBEDDED_KAFKA_PORT": kafka,
+        "DERCMD_REDIS_URL": args.redis_url,
+        "DERCMD_DATABASE_URL": f"sqlite:///{work}/ledger.sqlite3",
+        "DERCMD_FLEET_FILE": str(work / "fleet.yaml"),
+        "DERCMD_COOLDOWN_S": "0",  # so the latency phase can command the burst's entities again
+        "DERCMD_API_PORT": api,
+        "DERCMD_ARBITRATION_PORT": arbitration,
+        "DERCMD_DISPATCH_PORT": dispatch,
+        "DERCMD_STATUS_PORT": status,
+        "DERCMD_SIMULATOR_PORT": simulator,
+        "DERCMD_DISPATCH_CALLBACK_URL": "",
+        "DERCMD_VENDOR_CLOUD_URL": "",
+    }
+    return Stack(env=env, log_dir=work / "logs")
+
+
+def _latencies(offered: Offered, at: dict[str, float]) -> list[float]:
+    return [at[c] - t for c, t in offered.produced_at.items() if c in at]
+
+
+def _summarise_commands(offered: Offered, watcher: StatusWatcher) -> dict[str, Any]:
+    statuses = Counter(watcher.terminal[c][0] for c in offered.produced_at if c in watcher.terminal)
+    ends = [watcher.terminal[c][1] for c in offered.produced_at if c in watcher.terminal]
+    succeeded_at = {c: at for c, (s, at) in watcher.terminal.items() if s == "Succeeded"}
+    to_succeeded = _latencies(offered, succeeded_at)
+    out: dict[str, Any] = {
+        "commands": len(offered.produced_at),
+        "offer_seconds": offered.last_at - offered.first_at,
+        "succeeded": statuses.pop("Succeeded", 0),
+        "other_terminal": dict(statuses),
+        "not_terminal": len(offered.produced_at) - len(ends),
+        "last_terminal_s": (max(ends) - offered.first_at) if ends else None,
+        "to_succeeded_s": {p: percentile(to_succeeded, p) for p in (50, 95, 99)},
+    }
+    if offered.post_latency_s or offered.post_errors:
+        posts = len(offered.post_latency_s)
+        out["post"] = {
+            "requests": posts + sum(offered.post_errors.values()),
+            "errors": dict(offered.post_errors),
+            "per_s": posts / (offered.last_at - offered.first_at) if offered.last_at > offered.first_at else None,
+            "latency_s": {p: percentile(offered.post_latency_s, p) for p in (50, 99)},
+        }
+    return out
+
+
+async def _phases(stack: Stack, args: argparse.Namespace, ids: list[str], results: dict[str, Any]) -> None:
+    bootstrap = stack.settings.kafka_bootstrap
+    if args.redis_entities > 0:
+        fleet = Fleet.model_validate(fleetgen.fleet(args.redis_entities))
+        print(f"bench: Redis memory with {args.redis_entities:,} entities, both slots filled ...", flush=True)
+        mem = await redismem.measure(_db_url(args.redis_url, args.redis_mem_db), fleet, list(fleet.entities))
+        results["redis"] = vars(mem)
+
+    watcher = StatusWatcher(bootstrap)
+    await watcher.start()
+    load: KafkaLoad | RestLoad = KafkaLoad(bootstrap) if args.mode == "kafka" else RestLoad(stack.url("intake"), args.concurrency)
+    try:
+        async with load:
+            # -- burst
+            commands = [(new_command_id("burst", i), ids[i % len(ids)]) for i in range(args.burst)]
+            pids = {name: proc.pid for name, proc in stack.procs.items()} | {"bench (this process)": os.getpid()}
+            print(f"bench: burst of {len(commands):,} commands ({args.mode}) ...", flush=True)
+            cpu_before = procstat.snapshot(pids)
+            if isinstance(load, KafkaLoad):
+                offered = await load.burst(commands)
+            else:
+                offered = await load.burst([e for _, e in commands])
+            not_terminal = await watcher.wait_terminal(list(offered.produced_at), args.timeout)
+            cpu_after = procstat.snapshot(pids)
+            burst = _summarise_commands(offered, watcher)
+            burst["commands_per_s"] = burst["commands"] / burst["last_terminal_s"] if burst["last_terminal_s"] else None
+            if not_terminal:
+                print(f"bench: {not_terminal:,} burst commands not terminal after {args.timeout:.0f} s", flush=True)
+            per_k = max(len(offered.produced_at), 1) / 1000
+            results["burst"] = burst
+            results["cpu_s_per_1000"] = {
+                name: (cpu_after[name] - cpu_before[name]) / per_k for name in cpu_before if name in cpu_after
+            }
+
+            # -- latency
+            n = int(args.rate * args.latency_seconds)
+            commands = [(new_command_id("lat", i), ids[i % len(ids)]) for i in range(n)]
+            print(f"bench: latency, {args.rate:,.0f} commands/s for {args.latency_seconds:.0f} s ...", flush=True)
+            if isinstance(load, KafkaLoad):
+                offered_l = await load.paced(commands, args.rate, args.step_ms / 1000)
+            else:
+                offered_l = await load.paced([e for _, e in commands], args.rate, args.step_ms / 1000)
+            await watcher.wait_terminal(list(offered_l.produced_at), args.timeout)
+            latency = _summarise_commands(offered_l, watcher)
+            latency["rate_offered"] = args.rate
+            spread = max(offered_l.produced_at.values(), default=0) - min(offered_l.produced_at.values(), default=0)
+            latency["rate_achieved"] = (len(offered_l.produced_at) - 1) / spread if spread > 0 else None
+
+            got = await receipts(stack.url("simulator"))
+            first_receipt = {c: min(times) for c, times in got.items()}
+            to_device = _latencies(offered_l, first_receipt)
+            latency["to_device_s"] = {p: percentile(to_device, p) for p in (50, 95, 99)}
+            latency["device_receipts"] = len(to_device)
+            results["latency"] = latency
+            results["device_duplicates"] = sum(len(t) - 1 for t in got.values())
+    finally:
+        await watcher.stop()
+
+
+def _outcomes(phase: dict[str, Any]) -> str:
+    other = phase["other_terminal"]
+    detail = f" {other}" if other else ""
+    return f"{phase['succeeded']:,} / {sum(other.values()):,}{detail} / {phase['not_terminal']:,}"
+
+
+def _rows(results: dict[str, Any], args: argparse.Namespace) -> list[tuple[str, str]]:
+    m = results["machine"]
+    rows = [
+        ("machine", f"{m['nproc']} CPUs ({m['cpu']}), {m['ram_gb']} GB RAM, Python {m['python']}"),
+        ("commit", m["commit"]),
+        ("mode / fleet", f"{args.mode}, {args.entities:,} entities on vendor-cloud"),
+    ]
+    if b := results.get("burst"):
+        rows += [
+            ("burst: commands", f"{b['commands']:,} (offered in {b['offer_seconds']:.2f} s)"),
+            ("burst: commands/s end to end", per_s(b.get("commands_per_s"))),
+            ("burst: Succeeded / other terminal / not terminal", _outcomes(b)),
+            ("burst: produce -> Succeeded p50 / p99", f"{ms(b['to_succeeded_s'][50])} / {ms(b['to_succeeded_s'][99])}"),
+        ]
+        if post := b.get("post"):
+            rows.append(("burst: POST/s, POST p50 / p99",
+                         f"{per_s(post['per_s'])}, {ms(post['latency_s'][50])} / {ms(post['latency_s'][99])}"
+                         + (f", errors {post['errors']}" if post["errors"] else "")))
+    if lat := results.get("latency"):
+        d, s = lat["to_device_s"], lat["to_succeeded_s"]
+        rows += [
+            ("latency: offered / achieved rate", f"{per_s(lat['rate_offered'])} / {per_s(lat['rate_achieved'])}, {lat['commands']:,} commands"),
+            ("latency: produce -> device received p50 / p95 / p99", f"{ms(d[50])} / {ms(d[95])} / {ms(d[99])}"),
+            ("latency: produce -> Succeeded p50 / p95 / p99", f"{ms(s[50])} / {ms(s[95])} / {ms(s[99])}"),
+            ("latency: Succeeded / other terminal / not terminal", _outcomes(lat)),
+        ]
+        if post := lat.get("post"):
+            rows.append(("latency: POST/s, POST p50 / p99",
+                         f"{per_s(post['per_s'])}, {ms(post['latency_s'][50])} / {ms(post['latency_s'][99])}"
+                         + (f", errors {post['errors']}" if post["errors"] else "")))
+    if "device_duplicates" in results:
+        rows.append(("devices that got a command twice", f"{results['device_duplicates']:,}"))
+    if r := results.get("relay"):
+        rows.append((f"bare relay ({r['kind']}, {r['hops']} hops): records/s",
+                     f"{per_s(r['records_per_s'])} ({r['arrived']:,}/{r['records']:,} arrived, {r['duplicates']:,} duplicates)"))
+        if (b := results.get("burst")) and b.get("commands_per_s") and r["records_per_s"]:
+            rows.append(("dercmd / relay", f"{b['commands_per_s'] / r['records_per_s']:.3f}"))
+    for name, cpu in results.get("cpu_s_per_1000", {}).items():
+        rows.append((f"CPU s per 1,000 commands (burst): {name}", f"{cpu:.2f}"))
+    if mem := results.get("redis"):
+        rows.append(("Redis bytes per entity, both slots filled",
+                     f"{mem['bytes_per_entity']:,.0f} ({mem['entities']:,} entities, {mem['keys_per_entity']:.1f} keys each, {mem['outcomes']})"))
+    return rows
+
+
+def _terminate(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="dercmd-bench-"))
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, _terminate)
+    results: dict[str, Any] = {"machine": machine(), "options": {k: str(v) for k, v in vars(args).items()}}
+    print(f"bench: work dir {work} (fleet, ledger, logs)", flush=True)
+    ids = fleetgen.write(work / "fleet.yaml", args.entities)
+    try:
+        redis.Redis.from_url(args.redis_url).flushdb()
+    except redis.ConnectionError:
+        pass  # the launcher starts a local redis-server, empty
+    started = time.monotonic()
+    stack = _stack(args, work)
+    try:
+        print("bench: starting the stack ...", flush=True)
+        with stack:
+            asyncio.run(_phases(stack, args, ids, results))
+            if not args.skip_relay:
+                print(f"bench: bare relay ({args.relay}), {args.relay_records:,} records ...", flush=True)
+                r = relay.run(stack.settings.kafka_bootstrap, stack.settings.topic_partitions, args.relay_records,
+                              args.relay, work, deadline_s=args.timeout)
+                results["relay"] = vars(r) | {"records_per_s": r.records_per_s}
+    except KeyboardInterrupt:
+        print("\nbench: interrupted; everything it started is stopped", file=sys.stderr)
+        return 130
+    except LaunchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    results["wall_seconds"] = time.monotonic() - started
+    print("\n" + table(_rows(results, args)))
+    print("\nIndicative figures: they depend on this machine and on what else ran on it.")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+        print(f"bench: results written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
