@@ -11,7 +11,7 @@ command, never move one that exists. Methods are synchronous; async callers use 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -27,6 +27,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     create_engine,
     event,
     select,
@@ -108,6 +109,14 @@ _STAGE_COLUMN = {
     CommandStatus.REJECTED: "confirmed_at",
 }
 
+#: What folding an event may change in a command's row (``Ledger._changes``).
+_MOVABLE = ("status", "updated_at", "reason", "detail", "cooldown_until", "superseded_by", *dict.fromkeys(_STAGE_COLUMN.values()))
+_UPDATE_MOVED = update(commands).where(commands.c.id == bindparam("_id")).values({c: bindparam(c) for c in _MOVABLE})
+_STATE_FIELDS = tuple(CommandStateV1.model_fields)
+#: Events folded, or ids read, per statement: an ``IN (...)`` of this many ids stays within
+#: SQLite's bound-parameter limit (999 before 3.32); inserts are paged by SQLAlchemy.
+_CHUNK = 900
+
 
 @dataclass(frozen=True, slots=True)
 class Applied:
@@ -137,40 +146,29 @@ def create_ledger_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
 
 
-def _insert_ignoring_conflicts(conn: Connection, table: Table, values: dict[str, Any]) -> bool:
-    """INSERT that does nothing when the primary key exists; True if a row was inserted."""
+def _insert(conn: Connection, table: Table) -> Any:
+    """The dialect's INSERT, which knows ON CONFLICT DO NOTHING."""
     if conn.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
-    key = next(iter(table.primary_key.columns))
-    result = conn.execute(insert(table).values(**values).on_conflict_do_nothing().returning(key))
-    return result.first() is not None
+    return insert(table)
 
 
-def _state(row: Any) -> CommandStateV1:
-    return CommandStateV1.model_validate(
-        {
-            "id": row.id,
-            "entity_id": row.entity_id,
-            "status": row.status,
-            "type": row.type,
-            "value": row.value,
-            "trigger_time": row.trigger_time,
-            "reason": row.reason,
-            "detail": row.detail,
-            "cooldown_until": row.cooldown_until,
-            "superseded_by": row.superseded_by,
-            "source": row.source,
-            "ignore_cooldown": row.ignore_cooldown,
-            "created_at": row.created_at,
-            "updated_at": row.updated_at,
-            "accepted_at": row.accepted_at,
-            "triggered_at": row.triggered_at,
-            "sent_at": row.sent_at,
-            "confirmed_at": row.confirmed_at,
-        }
-    )
+def _utc(value: datetime | None) -> datetime | None:
+    """A time as the database gives it back: aware UTC (a naive time is taken as UTC)."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+def _state(row: Mapping[str, Any]) -> CommandStateV1:
+    return CommandStateV1.model_validate({name: row[name] for name in _STATE_FIELDS})
 
 
 class Ledger:
@@ -200,26 +198,33 @@ class Ledger:
             conn.execute(select(1))
 
     def record_pending(self, cmd: CommandAcceptedV1) -> bool:
-        """Insert the command as Pending; False (and no change) if it already exists. Its
-        history starts when the status service folds the matching Pending event."""
+        """Insert the command as Pending; False (and no change) if it already exists."""
+        return cmd.id in self.record_pending_many([cmd])
+
+    def record_pending_many(self, cmds: Sequence[CommandAcceptedV1]) -> set[str]:
+        """Insert commands as Pending in one transaction; the ids that were new. A command that
+        exists is left as it is. Its history starts when the status service folds the
+        matching Pending event."""
+        if not cmds:
+            return set()
+        rows = [
+            {
+                "id": cmd.id,
+                "entity_id": cmd.entity_id,
+                "type": cmd.type.value,
+                "value": cmd.value,
+                "status": CommandStatus.PENDING.value,
+                "trigger_time": cmd.trigger_time or cmd.accepted_at,
+                "ignore_cooldown": cmd.ignore_cooldown,
+                "source": cmd.source,
+                "created_at": cmd.accepted_at,
+                "updated_at": cmd.accepted_at,
+                "accepted_at": cmd.accepted_at,
+            }
+            for cmd in cmds
+        ]
         with self.engine.begin() as conn:
-            return _insert_ignoring_conflicts(
-                conn,
-                commands,
-                {
-                    "id": cmd.id,
-                    "entity_id": cmd.entity_id,
-                    "type": cmd.type.value,
-                    "value": cmd.value,
-                    "status": CommandStatus.PENDING.value,
-                    "trigger_time": cmd.trigger_time or cmd.accepted_at,
-                    "ignore_cooldown": cmd.ignore_cooldown,
-                    "source": cmd.source,
-                    "created_at": cmd.accepted_at,
-                    "updated_at": cmd.accepted_at,
-                    "accepted_at": cmd.accepted_at,
-                },
-            )
+            return self._insert_new(conn, commands, rows)
 
     def record_pending_many(self, cmds: Sequence[CommandAcceptedV1]) -> set[str]:
         return {c.id for c in cmds if self.record_pending(c)}
@@ -228,62 +233,125 @@ class Ledger:
         return {i: s for i in ids if (s := self.get(i)) is not None}
 
     def apply(self, events: Iterable[StatusEventV1]) -> list[Applied]:
-        """Fold status events in one transaction (see the module docstring for the rules)."""
-        out: list[Applied] = []
+        """Fold status events, in the order given, in one transaction (see the module docstring
+        for the rules); one :class:`Applied` per event, in that order.
+
+        An event sees what the events before it did, in this batch too. Each chunk of
+        ``_CHUNK`` events costs a fixed number of statements: insert the events, read their
+        commands, insert the commands the ledger lacks, update the commands that moved.
+        """
+        events = list(events)
+        folded: list[tuple[dict[str, Any], bool, bool]] = []
         with self.engine.begin() as conn:
-            for ev in events:
-                fresh = _insert_ignoring_conflicts(
-                    conn,
-                    command_events,
-                    {"event_id": ev.event_id, "command_id": ev.command_id, "status": ev.status.value,
-                     "at": ev.at, "reason": ev.reason, "detail": ev.detail, "source": ev.source},
-                )
-                by_id = commands.c.id == ev.command_id
-                row = conn.execute(select(commands).where(by_id)).first()
-                if row is None:
-                    self._insert_from_event(conn, ev)
-                    row = conn.execute(select(commands).where(by_id)).one()
-                elif fresh and ev.status is not CommandStatus.REJECTED and ev.status.rank > CommandStatus(row.status).rank:
-                    row = conn.execute(update(commands).where(by_id).values(**self._changes(ev)).returning(*commands.c)).one()
-                # "current" includes the Pending that intake wrote before announcing it, and a
-                # redelivered event whose state may not have been published the first time.
-                current = row.status == ev.status.value
-                out.append(Applied(_state(row), current=current, changed=fresh and current))
+            for chunk in _chunks(events):
+                folded += self._fold(conn, chunk)
+        # One state per row version: the events that left a row as it was share its state.
+        states: dict[int, CommandStateV1] = {}
+        out = []
+        for row, current, changed in folded:
+            if id(row) not in states:
+                states[id(row)] = _state(row)
+            out.append(Applied(states[id(row)], current=current, changed=changed))
+        return out
+
+    def _fold(self, conn: Connection, events: Sequence[StatusEventV1]) -> list[tuple[dict[str, Any], bool, bool]]:
+        # Each event is recorded once: only the first copy of a newly inserted id is fresh.
+        unseen = self._insert_new(conn, command_events, [self._event_row(ev) for ev in events])
+        rows = self._rows(conn, list(dict.fromkeys(ev.command_id for ev in events)))
+        # A command the ledger has not seen (a Rejected request, or a row lost with a database)
+        # is created from its first event.
+        missing = {ev.command_id: self._row_from_event(ev) for ev in reversed(events) if ev.command_id not in rows}
+        if missing:
+            created = self._insert_new(conn, commands, list(missing.values()))
+            rows.update({cid: missing[cid] for cid in created})
+            # Not created: another writer (intake) inserted it since we looked; fold onto that.
+            rows.update(self._rows(conn, [cid for cid in missing if cid not in created]))
+        moved: set[str] = set()
+        out = []
+        for ev in events:
+            row = rows[ev.command_id]
+            fresh = ev.event_id in unseen
+            unseen.discard(ev.event_id)
+            if fresh and ev.status is not CommandStatus.REJECTED and ev.status.rank > CommandStatus(row["status"]).rank:
+                # A new dict, so the states returned for earlier events stay as they were.
+                row = rows[ev.command_id] = {**row, **self._changes(ev)}
+                moved.add(ev.command_id)
+            # "current" includes the Pending that intake wrote before announcing it, and a
+            # redelivered event whose state may not have been published the first time.
+            current = row["status"] == ev.status.value
+            out.append((row, current, fresh and current))
+        if moved:
+            conn.execute(_UPDATE_MOVED, [{"_id": cid, **{c: rows[cid][c] for c in _MOVABLE}} for cid in moved])
         return out
 
     @staticmethod
+    def _insert_new(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> set[str]:
+        """INSERT rows, skipping those whose primary key exists; the keys inserted. One
+        executemany (SQLAlchemy packs it into multi-row INSERTs within the parameter limit)."""
+        if not rows:
+            return set()
+        key = next(iter(table.primary_key.columns))
+        return set(conn.execute(_insert(conn, table).on_conflict_do_nothing().returning(key), rows).scalars())
+
+    @staticmethod
+    def _rows(conn: Connection, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Command rows by id, locked until the transaction ends on PostgreSQL (SQLite already
+        holds the database's write lock once the events were inserted), so no other writer
+        moves them between this read and the update."""
+        rows: dict[str, dict[str, Any]] = {}
+        for chunk in _chunks(ids):
+            query = select(commands).where(commands.c.id.in_(chunk)).order_by(commands.c.id).with_for_update()
+            rows.update((row.id, dict(row._mapping)) for row in conn.execute(query))
+        return rows
+
+    @staticmethod
+    def _event_row(ev: StatusEventV1) -> dict[str, Any]:
+        return {"event_id": ev.event_id, "command_id": ev.command_id, "status": ev.status.value,
+                "at": ev.at, "reason": ev.reason, "detail": ev.detail, "source": ev.source}
+
+    @staticmethod
     def _changes(ev: StatusEventV1) -> dict[str, Any]:
-        changes: dict[str, Any] = {"status": ev.status.value, "updated_at": ev.at}
-        for field in ("reason", "detail", "cooldown_until", "superseded_by"):
+        # Times as the database returns them, since folded rows are returned without a re-read.
+        at = _utc(ev.at)
+        changes: dict[str, Any] = {"status": ev.status.value, "updated_at": at}
+        for field in ("reason", "detail", "superseded_by"):
             if getattr(ev, field) is not None:
                 changes[field] = getattr(ev, field)
+        if ev.cooldown_until is not None:
+            changes["cooldown_until"] = _utc(ev.cooldown_until)
         if ev.status in _STAGE_COLUMN:
-            changes[_STAGE_COLUMN[ev.status]] = ev.at
+            changes[_STAGE_COLUMN[ev.status]] = at
         return changes
 
-    def _insert_from_event(self, conn: Connection, ev: StatusEventV1) -> None:
-        # A command the ledger has not seen: a Rejected request, or a row lost with a database.
-        _insert_ignoring_conflicts(
-            conn,
-            commands,
-            {
-                "id": ev.command_id,
-                "entity_id": ev.entity_id,
-                "type": ev.type.value if ev.type else None,
-                "value": ev.value,
-                "trigger_time": ev.trigger_time,
-                "source": ev.source,
-                "ignore_cooldown": False,
-                "created_at": ev.at,
-                "accepted_at": ev.at if ev.status is CommandStatus.PENDING else None,
-                **self._changes(ev),
-            },
-        )
+    def _row_from_event(self, ev: StatusEventV1) -> dict[str, Any]:
+        at = _utc(ev.at)
+        return {
+            **dict.fromkeys(commands.c.keys()),
+            "id": ev.command_id,
+            "entity_id": ev.entity_id,
+            "type": ev.type.value if ev.type else None,
+            "value": ev.value,
+            "trigger_time": _utc(ev.trigger_time),
+            "source": ev.source,
+            "ignore_cooldown": False,
+            "created_at": at,
+            "accepted_at": at if ev.status is CommandStatus.PENDING else None,
+            **self._changes(ev),
+        }
+
+    def get_many(self, command_ids: Iterable[str]) -> dict[str, CommandStateV1]:
+        """The states of those commands that exist, by id."""
+        ids = list(dict.fromkeys(command_ids))
+        with self.engine.connect() as conn:
+            rows = {}
+            for chunk in _chunks(ids):
+                rows.update((row.id, row) for row in conn.execute(select(commands).where(commands.c.id.in_(chunk))))
+        return {cid: _state(row._mapping) for cid, row in rows.items()}
 
     def get(self, command_id: str) -> CommandStateV1 | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(commands).where(commands.c.id == command_id)).first()
-        return _state(row) if row else None
+        return _state(row._mapping) if row else None
 
     def list(
         self,
@@ -305,7 +373,7 @@ class Ledger:
             query = query.where(commands.c.status == status.value)
         query = query.order_by(commands.c.created_at.desc(), commands.c.id).offset(offset).limit(limit)
         with self.engine.connect() as conn:
-            return [_state(row) for row in conn.execute(query)]
+            return [_state(row._mapping) for row in conn.execute(query)]
 
     def history(self, command_id: str) -> Sequence[dict[str, Any]]:
         with self.engine.connect() as conn:

@@ -119,3 +119,98 @@ def test_rejected_never_moves_a_command_that_exists(ledger: Ledger) -> None:
     ledger.apply([event(cmd, S.SENT, 1)])
     (applied,) = ledger.apply([event(cmd, S.REJECTED, 2, reason="invalid_request")])
     assert not applied.changed and applied.state.status is S.SENT
+
+
+# Batches: one apply() holds what a consumer sees at once. Within a batch an event sees
+# what the events before it did, exactly as if each had been applied alone.
+
+
+def test_a_batch_of_several_commands_folds_each_in_order(ledger: Ledger) -> None:
+    a, b = accepted(), accepted()
+    ledger.record_pending(a)
+    stages = [S.PENDING, S.TRIGGERED, S.SENT, S.SUCCEEDED]
+    # b's events interleaved with a's, as different stages of different commands arrive together
+    batch = [event(a, stages[0], 0), event(a, stages[1], 1), event(b, stages[0], 1), event(a, stages[2], 2),
+             event(b, stages[1], 2), event(a, stages[3], 3)]
+    applied = ledger.apply(batch)
+    assert [(x.state.id, x.state.status, x.current, x.changed) for x in applied] == [
+        (a.id, S.PENDING, True, True),
+        (a.id, S.TRIGGERED, True, True),
+        (b.id, S.PENDING, True, True),  # b had no row: its first event creates it
+        (a.id, S.SENT, True, True),
+        (b.id, S.TRIGGERED, True, True),
+        (a.id, S.SUCCEEDED, True, True),
+    ]
+    # each event's state is the command as that event left it, not as the batch did
+    assert applied[1].state.sent_at is None and applied[3].state.sent_at == T0 + timedelta(seconds=2)
+    assert ledger.get_many([a.id, b.id, "nothing"]) == {a.id: applied[5].state, b.id: applied[4].state}
+    assert [h["status"] for h in ledger.history(a.id)] == ["Pending", "Triggered", "Sent", "Succeeded"]
+
+
+def test_a_duplicate_inside_a_batch_is_recorded_once(ledger: Ledger) -> None:
+    cmd = accepted()
+    ledger.record_pending(cmd)
+    applied = ledger.apply([event(cmd, S.TRIGGERED, 1), event(cmd, S.TRIGGERED, 1), event(cmd, S.SENT, 2), event(cmd, S.TRIGGERED, 1)])
+    assert [(x.current, x.changed) for x in applied] == [(True, True), (True, False), (True, True), (False, False)]
+    assert [h["status"] for h in ledger.history(cmd.id)] == ["Triggered", "Sent"]
+
+
+def test_out_of_order_events_inside_a_batch_never_move_a_command_backwards(ledger: Ledger) -> None:
+    cmd = accepted()
+    ledger.record_pending(cmd)
+    applied = ledger.apply([event(cmd, S.SENT, 2), event(cmd, S.PENDING, 0), event(cmd, S.TRIGGERED, 1), event(cmd, S.SUCCEEDED, 3)])
+    assert [(x.state.status, x.current, x.changed) for x in applied] == [
+        (S.SENT, True, True), (S.SENT, False, False), (S.SENT, False, False), (S.SUCCEEDED, True, True)]
+    state = ledger.get(cmd.id)
+    assert state is not None and state.triggered_at is None and state.sent_at == T0 + timedelta(seconds=2)
+    # the late events are still in the audit trail, once each
+    assert sorted(h["status"] for h in ledger.history(cmd.id)) == ["Pending", "Sent", "Succeeded", "Triggered"]
+
+
+def test_rejected_inside_a_batch_never_moves_a_command_that_exists(ledger: Ledger) -> None:
+    cmd, unknown = accepted(), accepted()
+    ledger.record_pending(cmd)
+    applied = ledger.apply([event(cmd, S.TRIGGERED, 1), event(cmd, S.REJECTED, 2, reason="invalid_request"),
+                            event(unknown, S.REJECTED, 2, reason="invalid_request"), event(cmd, S.SENT, 3)])
+    assert [(x.state.status, x.current, x.changed) for x in applied] == [
+        (S.TRIGGERED, True, True), (S.TRIGGERED, False, False), (S.REJECTED, True, True), (S.SENT, True, True)]
+    assert applied[3].state.reason is None
+
+
+def test_an_event_for_an_unknown_command_inside_a_batch_creates_it_once(ledger: Ledger) -> None:
+    lost = accepted()  # its Pending row never reached this ledger
+    applied = ledger.apply([event(lost, S.SENT, 2, type=CommandType.START_CHARGING, source="kafka"),
+                            event(lost, S.TRIGGERED, 1), event(lost, S.SUCCEEDED, 3)])
+    assert [(x.state.status, x.current, x.changed) for x in applied] == [
+        (S.SENT, True, True), (S.SENT, False, False), (S.SUCCEEDED, True, True)]
+    state = ledger.get(lost.id)
+    assert state is not None and state.status is S.SUCCEEDED and state.type is CommandType.START_CHARGING
+    assert (state.created_at, state.sent_at, state.confirmed_at, state.accepted_at) == (
+        T0 + timedelta(seconds=2), T0 + timedelta(seconds=2), T0 + timedelta(seconds=3), None)
+
+
+def test_record_pending_many_inserts_only_the_new_commands(ledger: Ledger) -> None:
+    old, new = accepted(), [accepted() for _ in range(3)]
+    ledger.record_pending(old)
+    ledger.apply([event(old, S.TRIGGERED, 1)])
+    assert ledger.record_pending_many([old, *new, new[0]]) == {c.id for c in new}
+    states = ledger.get_many([old.id, *(c.id for c in new)])
+    assert states[old.id].status is S.TRIGGERED  # left as it was
+    assert all(states[c.id].status is S.PENDING and states[c.id].accepted_at == T0 for c in new)
+    assert ledger.record_pending_many([]) == set()
+
+
+def test_a_batch_larger_than_sqlites_parameter_limit(ledger: Ledger) -> None:
+    # 32,766 is SQLite's default limit of bound parameters per statement (since 3.32).
+    cmds = [accepted() for _ in range(32_766 // 4 + 10)]
+    assert len(ledger.record_pending_many(cmds)) == len(cmds)
+    stages = [S.PENDING, S.TRIGGERED, S.SENT, S.SUCCEEDED]
+    # stage by stage, so each command's events lie far apart in the batch
+    batch = [event(c, s, i) for i, s in enumerate(stages) for c in cmds]
+    assert len(batch) > 32_766
+    applied = ledger.apply(batch)
+    assert all(x.changed for x in applied)
+    assert [x.state.status for x in applied[:: len(cmds)]] == stages
+    states = ledger.get_many(c.id for c in cmds)
+    assert len(states) == len(cmds) and {s.status for s in states.values()} == {S.SUCCEEDED}
+    assert all(s.sent_at == T0 + timedelta(seconds=2) for s in states.values())
