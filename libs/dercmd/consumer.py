@@ -155,14 +155,21 @@ class BatchConsumer(ConsumerRebalanceListener):
         self._task = asyncio.create_task(self._run(), name=f"consume {self.topic.name}")
 
     async def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop fetching, let handed-out batches finish (up to ``timeout_s``), commit, leave."""
+        """Stop fetching, let handed-out batches finish (up to ``timeout_s``), commit, leave.
+        Work still unfinished then is cancelled uncommitted, as a crash would leave it: the
+        next owner of the partition gets those records again."""
         if self._task is not None:
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        if self._consumer is None:
+            return
         await self._drain(timeout_s)
+        for _, unfinished in self._pending:
+            unfinished.cancel()
+        self._pending.clear()
         await self._consumer.stop()
         _LIVE.discard(self)
 

@@ -226,12 +226,6 @@ class Ledger:
         with self.engine.begin() as conn:
             return self._insert_new(conn, commands, rows)
 
-    def record_pending_many(self, cmds: Sequence[CommandAcceptedV1]) -> set[str]:
-        return {c.id for c in cmds if self.record_pending(c)}
-
-    def get_many(self, ids: Sequence[str]) -> dict[str, CommandStateV1]:
-        return {i: s for i in ids if (s := self.get(i)) is not None}
-
     def apply(self, events: Iterable[StatusEventV1]) -> list[Applied]:
         """Fold status events, in the order given, in one transaction (see the module docstring
         for the rules); one :class:`Applied` per event, in that order.
