@@ -1,0 +1,189 @@
+"""The consumer scaffold every service uses, on the embedded broker, at batch boundaries: a batch
+mixing entities, duplicates, poison records, a bug in one record, a failed dependency, a crash
+mid-batch, and a partition that makes no progress."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from dercmd.consumer import BatchConsumer, Item
+from dercmd.events import CommandStatus, StatusEventV1
+from dercmd.kafka import DLQ_ERROR, DLQ_TRUNCATED, Publisher, header
+from dercmd.settings import Settings
+from dercmd.topics import Topic
+
+
+async def until(probe: Callable[[], Any], deadline_s: float = 30.0, what: str = "condition") -> Any:
+    end = asyncio.get_running_loop().time() + deadline_s
+    while not (result := probe()):
+        if asyncio.get_running_loop().time() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+    return result
+
+
+def status(command_id: str, entity_id: str, n: int = 0) -> bytes:
+    event = StatusEventV1(command_id=command_id, entity_id=entity_id, status=CommandStatus.SENT, detail=str(n))
+    return event.model_dump_json(by_alias=True, exclude_none=True).encode()
+
+
+class Harness:
+    """A fresh topic (two partitions) and what it takes to consume it with the scaffold."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.topic = Topic(f"test.consumer.{uuid.uuid4().hex[:8]}", StatusEventV1, "entity id", public=False)
+        self.settings = Settings(kafka_bootstrap=bootstrap, stall_after_s=0.5, batch_max_records=500,
+                                 kafka_session_timeout_ms=6000, kafka_heartbeat_ms=1000)
+        self.publisher = Publisher(self.settings, source="/test")
+        self.group = f"test-{uuid.uuid4().hex[:8]}"
+        self.consumers: list[BatchConsumer] = []
+
+    async def __aenter__(self) -> Harness:
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(self.topic.name, 2, 1), NewTopic(self.topic.dlq, 2, 1)])
+        finally:
+            await admin.close()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for consumer in self.consumers:
+            await consumer.stop(timeout_s=1)
+        await self.publisher.stop()
+
+    async def produce(self, records: list[tuple[bytes, bytes]]) -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=self.settings.kafka_bootstrap, max_request_size=2_000_000)
+        await producer.start()
+        try:
+            for key, value in records:
+                await producer.send(self.topic.name, value, key=key)
+            await producer.flush()
+        finally:
+            await producer.stop()
+
+    async def consume(self, handler: Callable[[list[Item[Any]]], Awaitable[Any]], **kw: Any) -> BatchConsumer:
+        consumer = BatchConsumer(self.settings, self.topic, self.group, handler, self.publisher, **kw)
+        await consumer.start()
+        self.consumers.append(consumer)
+        return consumer
+
+    async def dead_letters(self, count: int) -> list[Any]:
+        consumer = AIOKafkaConsumer(self.topic.dlq, bootstrap_servers=self.settings.kafka_bootstrap,
+                                    auto_offset_reset="earliest", enable_auto_commit=False)
+        await consumer.start()
+        records: list[Any] = []
+        try:
+            end = asyncio.get_running_loop().time() + 20
+            while len(records) < count and asyncio.get_running_loop().time() < end:
+                for batch in (await consumer.getmany(timeout_ms=500)).values():
+                    records.extend(batch)
+        finally:
+            await consumer.stop()
+        return records
+
+
+async def test_a_batch_mixes_entities_and_keeps_each_entitys_order(kafka_bootstrap: str) -> None:
+    async with Harness(kafka_bootstrap) as h:
+        await h.produce([(f"e{i % 7}".encode(), status(f"c{i}", f"e{i % 7}", i)) for i in range(700)])
+        batches: list[list[StatusEventV1]] = []
+
+        async def handle(items: list[Item[StatusEventV1]]) -> None:
+            batches.append([item.event for item in items])
+
+        await h.consume(handle)
+        await until(lambda: sum(map(len, batches)) >= 700, what="700 records")
+        seen = [e for batch in batches for e in batch]
+        assert sorted(e.command_id for e in seen) == sorted(f"c{i}" for i in range(700))
+        assert max(len(b) for b in batches) > 1  # batches, not records one by one
+        assert any(len({e.entity_id for e in b}) > 1 for b in batches)  # a batch mixes entities
+        for entity in (f"e{k}" for k in range(7)):
+            numbers = [int(e.detail or 0) for e in seen if e.entity_id == entity]
+            assert numbers == sorted(numbers), entity  # one entity's records in their order
+
+
+async def test_poison_records_are_dead_lettered_and_the_good_ones_beside_them_go_on(kafka_bootstrap: str) -> None:
+    async with Harness(kafka_bootstrap) as h:
+        huge = json.dumps({"commandId": "x", "entityId": "e", "status": "Sent", "junk": "y" * 1_048_400}).encode()
+        key = b"one-partition"
+        await h.produce([(key, status("good-1", "e")), (key, b"\x00 not json"), (key, huge), (key, status("bug", "e")),
+                         (key, status("good-1", "e")), (key, status("good-2", "e"))])
+        handled: list[str] = []
+        invalid: list[int] = []
+
+        async def handle(items: list[Item[StatusEventV1]]) -> None:
+            if any(item.event.command_id == "bug" for item in items):
+                raise ValueError("a bug that only this record triggers")
+            handled.extend(item.event.command_id for item in items)
+
+        async def on_invalid(record: Any, error: Exception) -> None:
+            invalid.append(record.offset)
+
+        await h.consume(handle, on_invalid=on_invalid)
+        await until(lambda: "good-2" in handled, what="the last good record")
+        assert handled == ["good-1", "good-1", "good-2"]  # the duplicate is the handler's to drop
+        assert invalid == [1, 2]
+        dead = await h.dead_letters(3)
+        assert [d.value[:8] for d in dead][:1] == [b"\x00 not json"[:8]]
+        assert header(dead[1].headers, DLQ_TRUNCATED) == str(len(huge)) and len(dead[1].value) < 100_000
+        assert "a bug that only this record triggers" in (header(dead[2].headers, DLQ_ERROR) or "")
+
+
+async def test_a_failed_dependency_retries_the_batch_and_a_stalled_partition_shows(kafka_bootstrap: str) -> None:
+    async with Harness(kafka_bootstrap) as h:
+        await h.produce([(b"k", status("c1", "e")), (b"k", status("c2", "e"))])
+        redis_up = False
+        handled: list[str] = []
+
+        async def handle(items: list[Item[StatusEventV1]]) -> None:
+            if not redis_up:
+                raise aioredis.ConnectionError("Redis is down")
+            handled.extend(item.event.command_id for item in items)
+
+        consumer = await h.consume(handle)
+        stalled = await until(consumer.stalled, what="the partition to show as stalled")
+        assert stalled and all(p.startswith(h.topic.name) for p in stalled) and handled == []
+        redis_up = True
+        await until(lambda: handled == ["c1", "c2"], what="the retried batch")
+        await until(lambda: not consumer.stalled(), what="the stall to clear")
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+async def test_a_crash_mid_batch_redelivers_it_and_finished_batches_stay_committed(kafka_bootstrap: str, pipelined: bool) -> None:
+    async with Harness(kafka_bootstrap) as h:
+        key = b"k"
+        await h.produce([(key, status("first", "e"))])
+        handled: list[tuple[int, str]] = []
+        generation = 1
+        never = asyncio.Event()
+
+        async def handle(items: list[Item[StatusEventV1]]) -> Any:
+            mine = generation
+
+            async def work() -> None:
+                if mine == 1 and any(i.event.command_id == "second" for i in items):
+                    await never.wait()  # the first process dies before this batch is done
+                handled.extend((mine, i.event.command_id) for i in items)
+
+            return work() if pipelined else await work()
+
+        first = await h.consume(handle, max_pending=4 if pipelined else 1)
+        await until(lambda: handled == [(1, "first")], what="the first batch")
+        await h.produce([(key, status("second", "e"))])
+        await until(lambda: first.lag(), what="the second record to be fetched")
+        await first.stop(timeout_s=0.2)  # "crash": the unfinished batch is not committed
+        h.consumers.remove(first)
+
+        generation = 2
+        await h.consume(handle)
+        await until(lambda: (2, "second") in handled, what="the redelivered batch")
+        assert handled == [(1, "first"), (2, "second")]  # finished work is not redelivered
