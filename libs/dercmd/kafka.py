@@ -11,9 +11,11 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import murmur2
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
@@ -92,13 +94,13 @@ async def ensure_topics(settings: Settings) -> None:
         await admin.close()
 
 
-def ce_headers(event: Event, source: str) -> Headers:
+def ce_headers(event: Event, source: str, time: bytes | None = None) -> Headers:
     return [
         ("ce_specversion", b"1.0"),
         ("ce_id", event.ce_id().encode()),
         ("ce_type", event.CE_TYPE.encode()),
         ("ce_source", source.encode()),
-        ("ce_time", datetime.now(UTC).isoformat().encode()),
+        ("ce_time", time or datetime.now(UTC).isoformat().encode()),
         ("content-type", b"application/json"),
     ]
 
@@ -117,16 +119,24 @@ def decode(topic: topics.Topic, value: bytes | None, model: type[E] | None = Non
     return (model or topic.model).model_validate_json(value)  # type: ignore[return-value]
 
 
+@lru_cache(maxsize=65_536)
+def partition_of(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner (murmur2 of the key) picks, as every Kafka
+    client does; cached, because one entity's key comes back again and again."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
 class Publisher:
-    """One producer per process. ``send`` queues a record and returns its ack future; records
-    for one partition are delivered in the order sent. ``publish`` waits for the ack: use it
-    where another service's event must not overtake this one."""
+    """One producer per process. Records for one partition are delivered in the order given.
+    ``publish_all`` waits for every ack: use it where another service's event must not
+    overtake these."""
 
     def __init__(self, settings: Settings, source: str) -> None:
         self._settings = settings
         self.source = source
         self._producer: AIOKafkaProducer | None = None
         self._lock = asyncio.Lock()
+        self._partitions: dict[str, int] = {}  # topic -> partition count (fixed at creation)
 
     async def start(self) -> None:
         async with self._lock:
@@ -144,21 +154,46 @@ class Publisher:
     def started(self) -> bool:
         return self._producer is not None
 
-    async def send(self, topic: topics.Topic, event: Event, key: str) -> asyncio.Future[Any]:
-        if self._producer is None:
-            await self.start()
-        assert self._producer is not None
-        return await self._producer.send(
-            topic.name, dump(event), key=key.encode(), headers=ce_headers(event, self.source)
-        )
-
     async def publish(self, topic: topics.Topic, event: Event, key: str) -> None:
-        await (await self.send(topic, event, key))
+        await self.publish_all([(topic, event, key)])
 
     async def publish_all(self, records: Sequence[tuple[topics.Topic, Event, str]]) -> None:
-        """Send records in order and wait for every ack."""
-        futures = [await self.send(topic, event, key) for topic, event, key in records]
+        """Send records and wait for every ack. Records are packed into one batch per
+        partition (aiokafka's batch API: no per-record future or metadata look-up)."""
+        if not records:
+            return
+        if self._producer is None:
+            await self.start()
+        producer = self._producer
+        assert producer is not None
+        now = datetime.now(UTC).isoformat().encode()
+        batches: dict[tuple[str, int], Any] = {}
+        futures: list[asyncio.Future[Any]] = []
+        for topic, event, key in records:
+            name = topic.name
+            count = self._partitions.get(name) or await self._partition_count(name)
+            raw_key = key.encode()
+            partition = partition_of(raw_key, count)
+            value = dump(event)
+            headers = ce_headers(event, self.source, now)
+            batch = batches.get((name, partition))
+            if batch is None:
+                batch = batches[(name, partition)] = producer.create_batch()
+            if batch.append(key=raw_key, value=value, timestamp=None, headers=headers) is None:
+                # Full: send it, and start the partition's next batch with this record.
+                futures.append(await producer.send_batch(batch, name, partition=partition))
+                batch = batches[(name, partition)] = producer.create_batch()
+                if batch.append(key=raw_key, value=value, timestamp=None, headers=headers) is None:
+                    raise ValueError(f"a record of {len(value)} bytes does not fit in a batch")
+        for (name, partition), batch in batches.items():
+            futures.append(await producer.send_batch(batch, name, partition=partition))
         await asyncio.gather(*futures)
+
+    async def _partition_count(self, topic: str) -> int:
+        assert self._producer is not None
+        partitions = await self._producer.partitions_for(topic)
+        self._partitions[topic] = len(partitions)
+        return len(partitions)
 
     async def dead_letter(
         self,

@@ -4,6 +4,7 @@ trip and publishes what the decisions say."""
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 from dercmd import topics
 from dercmd.consumer import Item
@@ -28,18 +29,22 @@ def build(settings: Settings) -> Service:
         now = utcnow()
         first: Records = []
         then: Records = []
+        outcomes: Counter[str] = Counter()
         for cmd, decision in zip(cmds, decisions, strict=True):
-            metrics.DECISIONS.labels(decision.outcome).inc()
+            outcomes[decision.outcome] += 1
             if decision.duplicate:
                 # Decided before (we crashed after deciding, or the event was redelivered):
                 # re-emit the same outcome; consumers drop what they already have.
                 metrics.REDELIVERED.inc()
-            metrics.SUPERSEDED.inc(len(decision.superseded))
+            if decision.superseded:
+                metrics.SUPERSEDED.inc(len(decision.superseded))
             before, after = emissions(cmd, decision, now)
             first += before
             then += after
             log.debug("decided", extra={"command_id": cmd.id, "entity_id": cmd.entity_id, "outcome": decision.outcome,
                                         "fence": decision.fence, "duplicate": decision.duplicate})
+        for outcome, count in outcomes.items():
+            metrics.DECISIONS.labels(outcome).inc(count)
         # Every Triggered/Canceled is acknowledged before any dispatch order is sent, so the
         # status topic shows Triggered before dispatch can say Sent.
         await service.publisher.publish_all(first)

@@ -16,7 +16,7 @@ import hashlib
 import hmac
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
@@ -193,16 +193,17 @@ class Dispatcher:
             order = delivery.order
             if isinstance(answer, backends.Accepted):
                 accepted.append((order, answer))
-                metrics.BACKEND_CALLS.labels(backend.name, "accepted").inc()
                 metrics.ACCEPT_TO_SENT_SECONDS.observe((now - order.accepted_at).total_seconds())
-                metrics.ORDERS.labels("sent").inc()
             else:
                 # Retries with backoff come with the retry policy; today one attempt decides.
                 failed.append((order, Outcome(CommandStatus.FAILED, answer.reason, answer.detail)))
-                metrics.BACKEND_CALLS.labels(backend.name, "error").inc()
-                metrics.ORDERS.labels("failed").inc()
                 log.warning("backend refused", extra={"command_id": order.command_id, "entity_id": order.entity_id,
                                                       "reason": answer.reason, "detail": answer.detail})
+        metrics.BACKEND_CALLS.labels(backend.name, "accepted").inc(len(accepted))
+        metrics.ORDERS.labels("sent").inc(len(accepted))
+        if failed:
+            metrics.BACKEND_CALLS.labels(backend.name, "error").inc(len(failed))
+            metrics.ORDERS.labels("failed").inc(len(failed))
         # From here on every step is idempotent, so a failed dependency is simply retried:
         # nothing may leave a delivered command without its outcome.
         await retrying(lambda: self._record(accepted, failed), "dispatch results")
@@ -258,8 +259,9 @@ class Dispatcher:
         Sent is out; returns each one's delivery state."""
         states = await self._deliveries.result_many([((e, c), o) for e, c, o in results])
         events: Records = []
+        callbacks: Counter[str] = Counter()
         for (entity_id, command_id, outcome), state in zip(results, states, strict=True):
-            metrics.CALLBACKS.labels(outcome.status.value).inc()
+            callbacks[outcome.status.value] += 1
             if state == "emit" or state.startswith("done:"):
                 # "done:" too: a repeated callback after a failed publish must publish again
                 # (the event id makes a second copy harmless); it carries the recorded outcome.
@@ -267,6 +269,8 @@ class Dispatcher:
                 event = StatusEventV1(command_id=command_id, entity_id=entity_id, status=recorded.status,
                                       reason=recorded.reason, detail=recorded.detail)
                 events.append((topics.STATUS, event, entity_id))
+        for status, count in callbacks.items():
+            metrics.CALLBACKS.labels(status).inc(count)
         await self._publisher.publish_all(events)
         return states
 

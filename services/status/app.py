@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 
 from dercmd import topics
 from dercmd.consumer import Item
-from dercmd.events import CommandStateV1, StatusEventV1
+from dercmd.events import CommandStateV1, CommandStatus, StatusEventV1
 from dercmd.ledger import Ledger
 from dercmd.service import Service
 from dercmd.settings import Settings
@@ -26,27 +27,35 @@ def build(settings: Settings) -> Service:
     service.closers.append(lambda: asyncio.to_thread(ledger.close))
     service.health_checks.append(lambda: asyncio.to_thread(ledger.ping))
 
+    completion = {status: metrics.COMPLETION_SECONDS.labels(status.value) for status in CommandStatus if status.terminal}
+
     async def handle(items: list[Item[StatusEventV1]]) -> None:
         events = [item.event for item in items]
         applied = await asyncio.to_thread(ledger.apply, events)
         # The latest state of each command in this batch: on a compacted topic only the last
         # one counts, so the states a batch passed through are not published one by one.
         latest: dict[str, CommandStateV1] = {}
+        folded: Counter[str] = Counter()
+        ignored = 0
         for event, result in zip(events, applied, strict=True):
             state = result.state
             if result.changed:
-                metrics.STATUS_EVENTS.labels(event.status.value).inc()
+                folded[event.status.value] += 1
                 if state.status.terminal and state.accepted_at is not None:
-                    metrics.COMPLETION_SECONDS.labels(state.status.value).observe((event.at - state.accepted_at).total_seconds())
+                    completion[state.status].observe((event.at - state.accepted_at).total_seconds())
                 log.debug("status", extra={"command_id": event.command_id, "entity_id": event.entity_id,
                                            "status": event.status.value, "reason": event.reason})
             else:
-                metrics.IGNORED.inc()
+                ignored += 1
             if result.current:
                 # Also for a repeat: the ledger may have committed while the publish failed, and
                 # on a compacted topic a second copy of the same state costs nothing.
                 latest.pop(state.id, None)  # keep the topic in the order the states were reached
                 latest[state.id] = state
+        for status, count in folded.items():
+            metrics.STATUS_EVENTS.labels(status).inc(count)
+        if ignored:
+            metrics.IGNORED.inc(ignored)
         await service.publisher.publish_all([(topics.STATE, state, state.id) for state in latest.values()])
 
     service.consume(topics.STATUS, handle)
