@@ -18,6 +18,7 @@ import uvicorn
 from prometheus_client import REGISTRY
 
 from dercmd.launcher import free_port
+from dercmd.protocols.vendor_cloud import VendorBatchAnswer, VendorResults
 from dercmd.settings import Settings
 from dercmd.simulator.app import create_app
 
@@ -41,6 +42,7 @@ class Receiver:
     posts: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     def handle(self, request: httpx.Request) -> httpx.Response:
+        VendorResults.model_validate_json(request.content)  # the protocol's shape, or the POST fails
         self.posts.append((str(request.url), json.loads(request.content)))
         return httpx.Response(self.status, json={})
 
@@ -99,6 +101,7 @@ def test_a_batch_is_answered_per_item_recorded_once_and_reported_with_its_tokens
     ])
 
     assert answer.status_code == 200, answer.text
+    VendorBatchAnswer.model_validate_json(answer.content)
     results = answer.json()["results"]
     assert [(r["commandId"], r["status"]) for r in results] == [("c1", 202), ("c2", 404), ("c3", 404), ("c4", 202)]
     request_ids = {r["commandId"]: r["requestId"] for r in results if r["status"] == 202}
