@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nbench: interrupted; everything it started is stopped", file=sys.stderr)
         return 130
-    except LaunchError as exc:
+    except (LaunchError, RuntimeError) as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
     results["wall_seconds"] = time.monotonic() - started

@@ -52,7 +52,7 @@ def paced(total: int, rate: float, step_s: float) -> Iterator[tuple[float, int]]
     sent = 0
     k = 0
     while sent < total:
-        due = min(total, int(rate * (k + 1) * step_s))
+        due = min(total, int(rate * (k + 1) * step_s + 1e-9))  # 1e-9: 0.07 * 100 is 7, not 6.99..
         if due > sent:
             yield k * step_s, due - sent
             sent = due

@@ -91,12 +91,12 @@ def _faust_hop(args: argparse.Namespace) -> None:
             consumer._fetch_max_wait_ms = args.fetch_max_wait_ms
             return consumer
 
-    class Consumer(faust_aiokafka.Consumer):
+    class LowWaitConsumer(faust_aiokafka.Consumer):
         def _new_consumer_thread(self) -> ConsumerThread:
             return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     class Transport(faust_aiokafka.Transport):
-        Consumer = Consumer
+        Consumer = LowWaitConsumer
 
     class App(faust.App):
         def _new_transport(self) -> Any:

@@ -11,7 +11,9 @@ Definitions (all times wall clock on this one machine):
   first produced). Every command counts, whatever its terminal status; a command without
   one by the deadline makes the figure meaningless (the count is printed).
 - **CPU s per 1,000 commands**: utime+stime a process used from just before the burst was
-  produced until its last command was terminal, divided by burst size / 1,000.
+  produced until its last command was terminal, divided by burst size / 1,000. It includes
+  what the process spends idle (consumers polling with a short fetch wait), which weighs
+  more the slower or smaller the burst.
 """
 
 from __future__ import annotations
