@@ -96,3 +96,49 @@ def test_cooldown_overrides_most_specific_first() -> None:
         }
     )
     assert [f.cooldown_s(f.entity(e), 600) for e in "abcd"] == [60, 300, 0, 600]  # type: ignore[arg-type]
+
+
+def write_large_fleet(path: Path, n: int) -> None:
+    """A fleet file of ``n`` entities in the example's format: kinds in turn, several vendors,
+    mostly vendor-cloud, every tenth charge point on OCPP with what it declared, some BMWs
+    through an aggregator, some inverters with assets and some with a vendor device id."""
+    vendors = {"EV": ["tesla", "volkswagen", "bmw", "renault"], "CP": ["alfen", "wallbox", "abb"],
+               "PV": ["huawei", "sma", "enphase", "fronius"]}
+    lines = ["entities:"]
+    for i in range(n):
+        kind = ("EV", "CP", "PV")[i % 3]
+        vendor = vendors[kind][(i // 3) % len(vendors[kind])]
+        backend, extra = "vendor-cloud", ""
+        if kind == "CP" and i % 10 == 1:
+            backend = "ocpp"
+            extra = ", declaredTypes: [StartCharging, StopCharging]" if i % 20 == 1 else ", declaredTypes: [StartCharging, Reset]"
+        elif kind == "EV" and vendor == "bmw" and (i // 12) % 2:
+            backend = "ev-aggregator"
+        if kind == "PV" and i % 50 == 2:
+            extra += ", assets: [inverter-a, inverter-b]"
+        if i % 7 == 0:
+            extra += f", vendorDeviceId: vd-{i}"
+        lines.append(f"  {kind.lower()}-{i}: {{kind: {kind}, vendor: {vendor}, backend: {backend}{extra}}}")
+    lines += ["cooldowns: {PV: 60, PV/huawei: 300}", "tokens:", "  t:", "    - {entities: 'ev-*', role: Contributor}"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_a_fleet_of_100_000_entities_loads(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.yaml"
+    write_large_fleet(path, 100_000)
+    f = Fleet.load(path)
+    assert len(f.entities) == 100_000
+    # (i // 3) % 4 picks the vendor: ev-6 is a bmw on vendor-cloud, ev-18 one through the aggregator
+    assert (f.entity("ev-6").vendor, f.entity("ev-6").backend) == ("bmw", "vendor-cloud")  # type: ignore[union-attr]
+    assert (f.entity("ev-18").vendor, f.entity("ev-18").backend) == ("bmw", "ev-aggregator")  # type: ignore[union-attr]
+    assert supported(f, "ev-6") == set() and supported(f, "ev-18") == CHARGING and supported(f, "ev-0") == CHARGING
+    assert supported(f, "ev-99999") == CHARGING  # i=99999: (33333 % 4) -> volkswagen
+    assert supported(f, "cp-1") == CHARGING  # ocpp, declared both
+    assert supported(f, "cp-31") == {T.START_CHARGING}  # ocpp, declared Reset too: not a CP type
+    assert supported(f, "cp-4") == CHARGING  # vendor-cloud
+    assert supported(f, "pv-2") == PV_ALL - {T.DISCONNECT}  # huawei
+    assert supported(f, "pv-5") == PV_ALL  # sma
+    assert f.entity("pv-2").assets == ("inverter-a", "inverter-b")  # type: ignore[union-attr]
+    assert f.entity("ev-0").device_id == "vd-0" and f.entity("ev-3").device_id == "ev-3"  # type: ignore[union-attr]
+    assert f.cooldown_s(f.entity("pv-2"), 600) == 300 and f.cooldown_s(f.entity("pv-5"), 600) == 60  # type: ignore[arg-type]
+    assert f.role("t", "ev-42") is Role.CONTRIBUTOR and f.role("t", "pv-2") is None
