@@ -4,6 +4,11 @@
 from __future__ import annotations
 
 
+#: Longest one Redis call (a whole pipeline counts as one) may take before it counts as a
+#: failed dependency. Clients are made without a per-reply socket timeout, which would cost
+#: an asyncio timeout per pipelined reply; callers bound each call with this instead.
+CALL_TIMEOUT_S = 5.0
+
 #: How long a command's decision and delivery state are kept: a redelivery older than this
 #: would be treated as new.
 STATE_TTL_S = 7 * 24 * 3600

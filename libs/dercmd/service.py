@@ -11,6 +11,7 @@ A service is its batch handler plus its wiring::
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -20,7 +21,7 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 
-from . import metrics, web
+from . import metrics, redis_keys, web
 from .consumer import BatchConsumer, BatchHandler, InvalidHandler
 from .kafka import Publisher, ensure_topics
 from .settings import Settings
@@ -37,7 +38,8 @@ class Service:
         self.settings = settings
         self.port = port
         self.publisher = Publisher(settings, source=f"/dercmd/{name}")
-        self.redis: aioredis.Redis = aioredis.from_url(settings.redis_url)
+        # No per-reply timeout: every call is bounded by redis_keys.CALL_TIMEOUT_S as a whole.
+        self.redis: aioredis.Redis = aioredis.from_url(settings.redis_url, socket_timeout=None, socket_connect_timeout=5)
         self.consumers: list[BatchConsumer] = []
         #: Awaited at start, before the consumers start (in order).
         self.starters: list[Callable[[], Awaitable[Any]]] = []
@@ -88,7 +90,8 @@ class Service:
     async def health(self) -> dict[str, Any]:
         """Liveness plus what the service depends on. Unhealthy when a dependency fails, a
         consumer stopped, or a partition has records waiting that nothing gets past."""
-        await self.redis.ping()
+        async with asyncio.timeout(redis_keys.CALL_TIMEOUT_S):
+            await self.redis.ping()
         for check in self.health_checks:
             await check()
         if not self.publisher.started:

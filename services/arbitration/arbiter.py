@@ -3,6 +3,7 @@ and what each decision emits. Knows nothing of Kafka: give it a Redis client, a 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -88,7 +89,9 @@ class Arbiter:
                 ],
                 client=pipe,
             )
-        return [Decision.from_json(raw) for raw in await pipe.execute()]
+        async with asyncio.timeout(redis_keys.CALL_TIMEOUT_S):
+            replies = await pipe.execute()
+        return [Decision.from_json(raw) for raw in replies]
 
 
 def emissions(cmd: CommandAcceptedV1, decision: Decision, now: datetime) -> tuple[Records, Records]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -48,7 +49,9 @@ class Deliveries:
         pipe = self._redis.pipeline(transaction=False)
         for (entity_id, command_id), args in calls:
             await self._script(keys=[redis_keys.slots(entity_id), redis_keys.delivery(entity_id, command_id)], args=list(args), client=pipe)
-        return [raw.decode() if isinstance(raw, bytes) else str(raw) for raw in await pipe.execute()]
+        async with asyncio.timeout(redis_keys.CALL_TIMEOUT_S):
+            replies = await pipe.execute()
+        return [raw.decode() if isinstance(raw, bytes) else str(raw) for raw in replies]
 
     async def claim_many(self, orders: Sequence[tuple[Key, int]]) -> list[str]:
         """Per ``((entity, command), fence)``: "claimed" (deliver it), "stale" (a newer command

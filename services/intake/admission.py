@@ -57,7 +57,9 @@ class Admission:
         it, and record it Failed. False if too late (arbitration already decided: the
         command is live after all)."""
         aborted = json.dumps({"outcome": "aborted", "fence": 0, "superseded": [], "cooldownUntil": 0})
-        if not await self.redis.set(redis_keys.decision(cmd.entity_id, cmd.id), aborted, nx=True, ex=redis_keys.STATE_TTL_S):
+        async with asyncio.timeout(redis_keys.CALL_TIMEOUT_S):
+            won = await self.redis.set(redis_keys.decision(cmd.entity_id, cmd.id), aborted, nx=True, ex=redis_keys.STATE_TTL_S)
+        if not won:
             return False
         failed = StatusEventV1(command_id=cmd.id, entity_id=cmd.entity_id, status=CommandStatus.FAILED,
                                reason="intake_unavailable", detail=why)
@@ -75,7 +77,8 @@ class Admission:
     async def check_cooldown(self, entity_id: str) -> None:
         """The cooldown as arbitration last set it. Advisory: arbitration decides atomically,
         so a command that slips past this check in the same instant is failed there."""
-        raw = await self.redis.hget(redis_keys.slots(entity_id), "cooldown_until")
+        async with asyncio.timeout(redis_keys.CALL_TIMEOUT_S):
+            raw = await self.redis.hget(redis_keys.slots(entity_id), "cooldown_until")
         until_ms = int(raw or 0)
         now = utcnow()
         if until_ms > now.timestamp() * 1000:

@@ -92,6 +92,7 @@ def build(settings: Settings) -> Service:
 
     @app.exception_handler(aioredis.ConnectionError)
     @app.exception_handler(aioredis.TimeoutError)
+    @app.exception_handler(TimeoutError)
     @app.exception_handler(sqlalchemy.exc.OperationalError)
     async def _dependency(request: Request, exc: Exception) -> JSONResponse:
         metrics.REFUSED.labels("rest", "dependency_unavailable").inc()
