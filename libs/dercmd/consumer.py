@@ -142,8 +142,9 @@ class BatchConsumer(ConsumerRebalanceListener):
         self._task: asyncio.Task[None] | None = None
         # Batches handed to the handler and not yet committed, oldest first.
         # Guarded by being touched only from the event loop (no awaits between read and pop).
-        self._pending: deque[tuple[dict[TopicPartition, int], asyncio.Future[Any]]] = deque()
+        self._pending: deque[tuple[dict[TopicPartition, int], asyncio.Future[Any], list[Item[Any]]]] = deque()
         self._progress: dict[TopicPartition, _Progress] = {}
+        self._committer: asyncio.Future[None] | None = None
         _LIVE.add(self)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -167,7 +168,7 @@ class BatchConsumer(ConsumerRebalanceListener):
         if self._consumer is None:
             return
         await self._drain(timeout_s)
-        for _, unfinished in self._pending:
+        for _, unfinished, _ in self._pending:
             unfinished.cancel()
         self._pending.clear()
         await self._consumer.stop()
@@ -240,7 +241,6 @@ class BatchConsumer(ConsumerRebalanceListener):
                 continue
             self._observe()
             if not batches:
-                await self._commit_finished()
                 continue
             started = time.perf_counter()
             offsets = {tp: records[-1].offset + 1 for tp, records in batches.items() if records}
@@ -248,13 +248,11 @@ class BatchConsumer(ConsumerRebalanceListener):
             RECORDS.labels(self.topic.name).inc(len(records))
             items = await self._decode(records)
             done = await self._guarded(items)
-            self._pending.append((offsets, done))
-            done.add_done_callback(lambda _f, t=started: BATCH_SECONDS.labels(self.topic.name).observe(time.perf_counter() - t))
+            self._pending.append((offsets, done, items))
+            done.add_done_callback(lambda _f, t=started: self._finished(t))
             BATCHES.labels(self.topic.name).inc()
             while len(self._pending) >= self._max_pending:
                 await asyncio.wait([self._pending[0][1]])
-                await self._commit_finished()
-            await self._commit_finished()
 
     async def _decode(self, records: Sequence[ConsumerRecord]) -> list[Item[Any]]:
         items: list[Item[Any]] = []
@@ -278,21 +276,25 @@ class BatchConsumer(ConsumerRebalanceListener):
             result = await self._retrying(lambda: self._handler(items))
         except Exception:
             log.exception("batch failed; replaying it record by record", extra={"topic": self.topic.name, "records": len(items)})
-            for item in items:
-                try:
-                    result = await self._retrying(lambda i=item: self._handler([i]))  # type: ignore[misc]
-                    if result is not None:
-                        await result
-                except Exception as exc:
-                    log.exception("record failed", extra={"topic": self.topic.name, "partition": item.record.partition,
-                                                          "offset": item.record.offset})
-                    await self._dead_letter(item.record, repr(exc))
+            await self._replay(items)
             done.set_result(None)
             return done
         if result is None:
             done.set_result(None)
             return done
         return asyncio.ensure_future(result)
+
+    async def _replay(self, items: list[Item[Any]]) -> None:
+        """Handle records one at a time (handlers are idempotent); dead-letter any that fails."""
+        for item in items:
+            try:
+                result = await self._retrying(lambda i=item: self._handler([i]))  # type: ignore[misc]
+                if result is not None:
+                    await result
+            except Exception as exc:
+                log.exception("record failed", extra={"topic": self.topic.name, "partition": item.record.partition,
+                                                      "offset": item.record.offset})
+                await self._dead_letter(item.record, repr(exc))
 
     async def _retrying(self, call: Callable[[], Awaitable[Any]]) -> Any:
         return await retrying(call, self.topic.name)
@@ -308,22 +310,40 @@ class BatchConsumer(ConsumerRebalanceListener):
 
     # -- commits -----------------------------------------------------------------------
 
+    def _finished(self, started: float | None = None) -> None:
+        """A batch is done: commit in the background, so the next batch does not wait for it."""
+        if started is not None:
+            BATCH_SECONDS.labels(self.topic.name).observe(time.perf_counter() - started)
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.ensure_future(self._commit_finished())
+
     async def _commit_finished(self) -> None:
-        """Commit the offsets of the finished batches at the head of the queue."""
+        """Commit the offsets of the finished batches at the head of the queue. One commit at
+        a time (the ``_committer`` task, or a drain after it), so offsets only move forward."""
+        while True:
+            offsets = self._finished_offsets()
+            if not offsets:
+                return
+            await self._commit(offsets)
+
+    def _finished_offsets(self) -> dict[TopicPartition, int]:
         offsets: dict[TopicPartition, int] = {}
         while self._pending and self._pending[0][1].done():
-            batch_offsets, done = self._pending.popleft()
+            batch_offsets, done, items = self._pending[0]
             if not done.cancelled() and done.exception() is not None:
-                # A pipelined handler that raised: its records are handled again after a
-                # restart (handlers are idempotent); log it loudly.
-                log.error("pipelined batch failed", exc_info=done.exception(), extra={"topic": self.topic.name})
+                # Pipelined work that raised: replay its records one by one before its offsets
+                # may be committed (nothing accepted may be skipped).
+                log.error("pipelined batch failed; replaying it", exc_info=done.exception(), extra={"topic": self.topic.name})
+                replay = asyncio.ensure_future(self._replay(items))
+                replay.add_done_callback(lambda _f: self._finished())
+                self._pending[0] = (batch_offsets, replay, items)
+                break
+            self._pending.popleft()
             offsets.update(batch_offsets)
-        if not offsets:
-            return
         assigned = self._consumer.assignment()
-        offsets = {tp: o for tp, o in offsets.items() if tp in assigned}
-        if not offsets:
-            return
+        return {tp: o for tp, o in offsets.items() if tp in assigned}
+
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         try:
             await self._consumer.commit(offsets)
         except (CommitFailedError, IllegalStateError) as exc:
@@ -343,7 +363,9 @@ class BatchConsumer(ConsumerRebalanceListener):
 
     async def _drain(self, timeout_s: float) -> None:
         if self._pending:
-            await asyncio.wait([f for _, f in self._pending], timeout=timeout_s)
+            await asyncio.wait([f for _, f, _ in self._pending], timeout=timeout_s)
+        if self._committer is not None:
+            await asyncio.wait([self._committer])
         await self._commit_finished()
 
 

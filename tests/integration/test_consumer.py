@@ -179,7 +179,7 @@ async def test_a_crash_mid_batch_redelivers_it_and_finished_batches_stay_committ
         first = await h.consume(handle, max_pending=4 if pipelined else 1)
         await until(lambda: handled == [(1, "first")], what="the first batch")
         await h.produce([(key, status("second", "e"))])
-        await until(lambda: first.lag(), what="the second record to be fetched")
+        await until(lambda: any(first.lag().values()), what="the second record to be fetched")
         await first.stop(timeout_s=0.2)  # "crash": the unfinished batch is not committed
         h.consumers.remove(first)
 
@@ -187,3 +187,27 @@ async def test_a_crash_mid_batch_redelivers_it_and_finished_batches_stay_committ
         await h.consume(handle)
         await until(lambda: (2, "second") in handled, what="the redelivered batch")
         assert handled == [(1, "first"), (2, "second")]  # finished work is not redelivered
+
+
+async def test_pipelined_work_that_fails_is_replayed_record_by_record_before_its_commit(kafka_bootstrap: str) -> None:
+    async with Harness(kafka_bootstrap) as h:
+        await h.produce([(b"k", status("ok-1", "e")), (b"k", status("bug", "e")), (b"k", status("ok-2", "e"))])
+        handled: list[str] = []
+        calls: list[int] = []
+
+        async def handle(items: list[Item[StatusEventV1]]) -> Any:
+            calls.append(len(items))
+
+            async def work() -> None:
+                if any(i.event.command_id == "bug" for i in items):
+                    raise ValueError("bug in pipelined work")
+                handled.extend(i.event.command_id for i in items)
+
+            return work()
+
+        consumer = await h.consume(handle, max_pending=4)
+        await until(lambda: "ok-2" in handled, what="the replayed records")
+        assert handled == ["ok-1", "ok-2"] and calls[0] == 3 and calls[1:] == [1, 1, 1]
+        (dead,) = await h.dead_letters(1)
+        assert "bug in pipelined work" in (header(dead.headers, DLQ_ERROR) or "")
+        await until(lambda: not any(consumer.lag().values()), what="the commit past the replayed batch")

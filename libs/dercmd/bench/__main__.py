@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/12",
                    help="the stack's Redis database, flushed first (default redis://127.0.0.1:6379/12)")
     p.add_argument("--redis-mem-db", type=int, default=11, help="database on that server for the memory figure, flushed")
+    p.add_argument("--database-url", default=None,
+                   help="the ledger (default: a new SQLite file in the work dir; a PostgreSQL URL to measure that)")
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for a phase's commands to end (default 300)")
     p.add_argument("--work-dir", type=Path, default=None, help="fleet, ledger and logs (default: a new temp dir)")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON to this file")
@@ -77,7 +79,7 @@ def _stack(args: argparse.Namespace, work: Path) -> Stack:
         "DERCMD_KAFKA_BOOTSTRAP": "",  # the embedded broker
         "DERCMD_EMBEDDED_KAFKA_PORT": kafka,
         "DERCMD_REDIS_URL": args.redis_url,
-        "DERCMD_DATABASE_URL": f"sqlite:///{work}/ledger.sqlite3",
+        "DERCMD_DATABASE_URL": args.database_url or f"sqlite:///{work}/ledger.sqlite3",
         "DERCMD_FLEET_FILE": str(work / "fleet.yaml"),
         "DERCMD_COOLDOWN_S": "0",  # so the latency phase can command the burst's entities again
         "DERCMD_API_PORT": api,
@@ -190,7 +192,7 @@ def _rows(results: dict[str, Any], args: argparse.Namespace) -> list[tuple[str, 
     rows = [
         ("machine", f"{m['nproc']} CPUs ({m['cpu']}), {m['ram_gb']} GB RAM, Python {m['python']}"),
         ("commit", m["commit"]),
-        ("mode / fleet", f"{args.mode}, {args.entities:,} entities on vendor-cloud"),
+        ("mode / fleet / ledger", f"{args.mode}, {args.entities:,} entities on vendor-cloud, {(args.database_url or 'sqlite').split(':')[0]}"),
     ]
     if b := results.get("burst"):
         rows += [
