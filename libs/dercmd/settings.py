@@ -58,7 +58,9 @@ class Settings(BaseSettings):
     kafka_fetch_max_wait_ms: int = Field(
         20, description="Longest a consumer fetch waits for data: the most a batch waits to fill."
     )
-    kafka_linger_ms: int = Field(2, description="Producer linger, milliseconds.")
+    kafka_linger_ms: int = Field(
+        0, description="Producer linger, milliseconds (services pack each batch themselves, so waiting adds only latency)."
+    )
     batch_max_records: int = Field(
         500, ge=1, description="Most records a consumer takes into one batch (one Redis round trip, one ledger transaction)."
     )
