@@ -66,10 +66,10 @@ def build(settings: Settings) -> Service:
     service.consume(topics.REQUESTS, requests, on_invalid=requests.on_invalid)
     app = service.app
 
-    def admission_of() -> Admission:
+    async def admission_of() -> Admission:
         return admission
 
-    def token_of(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> str:
+    async def token_of(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> str:
         if credentials is None or not fleet.knows_token(credentials.credentials):
             raise Refusal("unauthorized", "a valid bearer token is required", status=401,
                           headers={"WWW-Authenticate": "Bearer"})
