@@ -12,7 +12,6 @@ command, never move one that exists. Methods are synchronous; async callers use 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -118,15 +117,31 @@ _STATE_FIELDS = tuple(CommandStateV1.model_fields)
 _CHUNK = 900
 
 
-@dataclass(frozen=True, slots=True)
 class Applied:
     """The outcome of folding one event: the command's state after it; ``current`` when the
     command is in the event's status (the event won or repeats the winner); ``changed`` when
-    it is also the first time this event was seen."""
+    it is also the first time this event was seen.
 
-    state: CommandStateV1
-    current: bool
-    changed: bool
+    ``state`` is built when first asked for: a consumer of a batch usually needs it only for
+    the last event of each command, and building a model per event was most of a fold."""
+
+    __slots__ = ("_row", "_state", "current", "changed")
+
+    def __init__(self, row: Mapping[str, Any], current: bool, changed: bool, state: CommandStateV1 | None = None) -> None:
+        self._row = row
+        self._state = state
+        self.current = current
+        self.changed = changed
+
+    @property
+    def state(self) -> CommandStateV1:
+        if self._state is None:
+            self._state = _state(self._row)
+        return self._state
+
+    @property
+    def accepted_at(self) -> datetime | None:
+        return _utc(self._row["accepted_at"])
 
 
 def create_ledger_engine(url: str) -> Engine:
@@ -239,14 +254,7 @@ class Ledger:
         with self.engine.begin() as conn:
             for chunk in _chunks(events):
                 folded += self._fold(conn, chunk)
-        # One state per row version: the events that left a row as it was share its state.
-        states: dict[int, CommandStateV1] = {}
-        out = []
-        for row, current, changed in folded:
-            if id(row) not in states:
-                states[id(row)] = _state(row)
-            out.append(Applied(states[id(row)], current=current, changed=changed))
-        return out
+        return [Applied(row, current=current, changed=changed) for row, current, changed in folded]
 
     def _fold(self, conn: Connection, events: Sequence[StatusEventV1]) -> list[tuple[dict[str, Any], bool, bool]]:
         # Each event is recorded once: only the first copy of a newly inserted id is fresh.

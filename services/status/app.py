@@ -10,8 +10,8 @@ from collections import Counter
 
 from dercmd import topics
 from dercmd.consumer import Item
-from dercmd.events import CommandStateV1, CommandStatus, StatusEventV1
-from dercmd.ledger import Ledger
+from dercmd.events import CommandStatus, StatusEventV1
+from dercmd.ledger import Applied, Ledger
 from dercmd.service import Service
 from dercmd.settings import Settings
 
@@ -34,15 +34,15 @@ def build(settings: Settings) -> Service:
         applied = await asyncio.to_thread(ledger.apply, events)
         # The latest state of each command in this batch: on a compacted topic only the last
         # one counts, so the states a batch passed through are not published one by one.
-        latest: dict[str, CommandStateV1] = {}
+        latest: dict[str, Applied] = {}
         folded: Counter[str] = Counter()
         ignored = 0
         for event, result in zip(events, applied, strict=True):
-            state = result.state
             if result.changed:
                 folded[event.status.value] += 1
-                if state.status.terminal and state.accepted_at is not None:
-                    completion[state.status].observe((event.at - state.accepted_at).total_seconds())
+                accepted_at = result.accepted_at
+                if event.status.terminal and accepted_at is not None:
+                    completion[event.status].observe((event.at - accepted_at).total_seconds())
                 log.debug("status", extra={"command_id": event.command_id, "entity_id": event.entity_id,
                                            "status": event.status.value, "reason": event.reason})
             else:
@@ -50,13 +50,13 @@ def build(settings: Settings) -> Service:
             if result.current:
                 # Also for a repeat: the ledger may have committed while the publish failed, and
                 # on a compacted topic a second copy of the same state costs nothing.
-                latest.pop(state.id, None)  # keep the topic in the order the states were reached
-                latest[state.id] = state
+                latest.pop(event.command_id, None)  # keep the topic in the order the states were reached
+                latest[event.command_id] = result
         for status, count in folded.items():
             metrics.STATUS_EVENTS.labels(status).inc(count)
         if ignored:
             metrics.IGNORED.inc(ignored)
-        await service.publisher.publish_all([(topics.STATE, state, state.id) for state in latest.values()])
+        await service.publisher.publish_all([(topics.STATE, r.state, command_id) for command_id, r in latest.items()])
 
     service.consume(topics.STATUS, handle)
     return service
