@@ -3,6 +3,7 @@ devices received."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -28,6 +29,7 @@ def create_app(settings: Settings, *, callback_transport: httpx.AsyncBaseTranspo
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        gc.freeze()  # the fleet lives as long as the process: no full GC passes over it
         yield
         await vendor_cloud.aclose()
 
