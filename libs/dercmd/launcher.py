@@ -71,6 +71,28 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+def isolated_env(*, redis_url: str, database_url: str, fleet_file: str | Path, **settings: str) -> dict[str, str]:
+    """``DERCMD_*`` settings for a stack beside any other on this machine: an embedded broker
+    and every service on free ports, the given Redis database, ledger and fleet, and the local
+    simulator as the vendor cloud. ``settings`` adds more (``cooldown_s="0"``, ...)."""
+    kafka, api, arbitration, dispatch, status, simulator = (str(p) for p in free_ports(6))
+    env = {
+        "DERCMD_KAFKA_BOOTSTRAP": "",  # the embedded broker, as under `make run`
+        "DERCMD_EMBEDDED_KAFKA_PORT": kafka,
+        "DERCMD_REDIS_URL": redis_url,
+        "DERCMD_DATABASE_URL": database_url,
+        "DERCMD_FLEET_FILE": str(fleet_file),
+        "DERCMD_API_PORT": api,
+        "DERCMD_ARBITRATION_PORT": arbitration,
+        "DERCMD_DISPATCH_PORT": dispatch,
+        "DERCMD_STATUS_PORT": status,
+        "DERCMD_SIMULATOR_PORT": simulator,
+        "DERCMD_DISPATCH_CALLBACK_URL": "",
+        "DERCMD_VENDOR_CLOUD_URL": "",
+    }
+    return env | {f"DERCMD_{name.upper()}": value for name, value in settings.items()}
+
+
 def _wait_tcp(host: str, port: int, deadline_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:

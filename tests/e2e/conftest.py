@@ -13,7 +13,7 @@ import pytest
 import redis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 
-from dercmd.launcher import Stack, free_ports
+from dercmd.launcher import Stack, isolated_env
 
 from ..conftest import redis_db_url, wait_for
 
@@ -32,22 +32,7 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         redis.Redis.from_url(redis_url).flushdb()
     except redis.ConnectionError as exc:
         pytest.fail(f"Redis at {redis_url}: {exc!r}")
-    kafka, api, arbitration, dispatch, status, simulator = (str(p) for p in free_ports(6))
-    env = {
-        "DERCMD_KAFKA_BOOTSTRAP": "",  # the embedded broker, as under `make run`
-        "DERCMD_EMBEDDED_KAFKA_PORT": kafka,
-        "DERCMD_REDIS_URL": redis_url,
-        "DERCMD_DATABASE_URL": database_url,
-        "DERCMD_FLEET_FILE": str(FLEET),
-        "DERCMD_API_PORT": api,
-        "DERCMD_ARBITRATION_PORT": arbitration,
-        "DERCMD_DISPATCH_PORT": dispatch,
-        "DERCMD_STATUS_PORT": status,
-        "DERCMD_SIMULATOR_PORT": simulator,
-        "DERCMD_DISPATCH_CALLBACK_URL": "",
-        "DERCMD_VENDOR_CLOUD_URL": "",
-        "DERCMD_LOG_LEVEL": "INFO",
-    }
+    env = isolated_env(redis_url=redis_url, database_url=database_url, fleet_file=FLEET, log_level="INFO")
     with Stack(env=env, log_dir=work / "logs") as running:
         yield running
 

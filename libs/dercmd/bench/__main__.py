@@ -32,7 +32,7 @@ from urllib.parse import urlparse, urlunparse
 import redis
 
 from dercmd.fleet import Fleet
-from dercmd.launcher import LaunchError, Stack, free_ports
+from dercmd.launcher import LaunchError, Stack, isolated_env
 
 from . import fleetgen, procstat, redismem, relay
 from .load import KafkaLoad, Offered, RestLoad, StatusWatcher, new_command_id, receipts
@@ -74,22 +74,12 @@ def _db_url(url: str, db: int) -> str:
 
 
 def _stack(args: argparse.Namespace, work: Path) -> Stack:
-    kafka, api, arbitration, dispatch, status, simulator = (str(p) for p in free_ports(6))
-    env = {
-        "DERCMD_KAFKA_BOOTSTRAP": "",  # the embedded broker
-        "DERCMD_EMBEDDED_KAFKA_PORT": kafka,
-        "DERCMD_REDIS_URL": args.redis_url,
-        "DERCMD_DATABASE_URL": args.database_url or f"sqlite:///{work}/ledger.sqlite3",
-        "DERCMD_FLEET_FILE": str(work / "fleet.yaml"),
-        "DERCMD_COOLDOWN_S": "0",  # so the latency phase can command the burst's entities again
-        "DERCMD_API_PORT": api,
-        "DERCMD_ARBITRATION_PORT": arbitration,
-        "DERCMD_DISPATCH_PORT": dispatch,
-        "DERCMD_STATUS_PORT": status,
-        "DERCMD_SIMULATOR_PORT": simulator,
-        "DERCMD_DISPATCH_CALLBACK_URL": "",
-        "DERCMD_VENDOR_CLOUD_URL": "",
-    }
+    env = isolated_env(
+        redis_url=args.redis_url,
+        database_url=args.database_url or f"sqlite:///{work}/ledger.sqlite3",
+        fleet_file=work / "fleet.yaml",
+        cooldown_s="0",  # so the latency phase can command the burst's entities again
+    )
     return Stack(env=env, log_dir=work / "logs")
 
 
