@@ -62,7 +62,7 @@ class Settings(BaseSettings):
         0, description="Producer linger, milliseconds (services pack each batch themselves, so waiting adds only latency)."
     )
     batch_max_records: int = Field(
-        500, ge=1, description="Most records a consumer takes into one batch (one Redis round trip, one ledger transaction)."
+        200, ge=1, description="Most records a consumer takes into one batch (one Redis round trip, one ledger transaction)."
     )
     stall_after_s: float = Field(
         30.0, gt=0, description="A partition with records waiting whose commits have not moved for this long is reported stalled."
