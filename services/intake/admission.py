@@ -11,7 +11,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import redis.asyncio as aioredis
 from aiokafka.errors import KafkaError
@@ -122,19 +122,14 @@ class Admission:
                 out.append(Refusal("duplicate_id", f"command id {cmd.id} is taken by another command", status=409))
                 continue
             first.setdefault(cmd.id, cmd)
-            pending = StatusEventV1(
-                command_id=cmd.id,
-                entity_id=cmd.entity_id,
-                status=CommandStatus.PENDING,
-                at=cmd.accepted_at,
-                type=cmd.type,
-                value=cmd.value,
-                trigger_time=cmd.trigger_time or cmd.accepted_at,
-                source=cmd.source,
-            )
+            shown = _shown(cmd)
+            pending = StatusEventV1(command_id=cmd.id, status=CommandStatus.PENDING, at=cmd.accepted_at, **shown)
             statuses.append((topics.STATUS, pending, cmd.entity_id))
             announcements.append((topics.ACCEPTED, cmd, cmd.entity_id))
-            out.append(_pending_state(cmd, pending))
+            out.append(CommandStateV1(
+                id=cmd.id, status=CommandStatus.PENDING, ignore_cooldown=cmd.ignore_cooldown,
+                created_at=cmd.accepted_at, updated_at=cmd.accepted_at, accepted_at=cmd.accepted_at, **shown,
+            ))
         await self.publisher.publish_all(statuses)
         await self.publisher.publish_all(announcements)
         elapsed = time.perf_counter() - started
@@ -150,20 +145,10 @@ def _what(cmd: CommandAcceptedV1 | CommandStateV1) -> tuple[object, ...]:
     return (cmd.entity_id, cmd.type, cmd.value)
 
 
-def _pending_state(cmd: CommandAcceptedV1, pending: StatusEventV1) -> CommandStateV1:
-    return CommandStateV1(
-        id=cmd.id,
-        entity_id=cmd.entity_id,
-        status=CommandStatus.PENDING,
-        type=cmd.type,
-        value=cmd.value,
-        trigger_time=pending.trigger_time,
-        source=cmd.source,
-        ignore_cooldown=cmd.ignore_cooldown,
-        created_at=cmd.accepted_at,
-        updated_at=cmd.accepted_at,
-        accepted_at=cmd.accepted_at,
-    )
+def _shown(cmd: CommandAcceptedV1) -> dict[str, Any]:
+    """What a Pending status event and the Pending state both show of a new command."""
+    return {"entity_id": cmd.entity_id, "type": cmd.type, "value": cmd.value,
+            "trigger_time": cmd.trigger_time or cmd.accepted_at, "source": cmd.source}
 
 
 T = TypeVar("T")
