@@ -168,9 +168,6 @@ class BatchConsumer(ConsumerRebalanceListener):
         if self._consumer is None:
             return
         await self._drain(timeout_s)
-        for _, unfinished, _ in self._pending:
-            unfinished.cancel()
-        self._pending.clear()
         await self._consumer.stop()
         _LIVE.discard(self)
 
@@ -185,7 +182,9 @@ class BatchConsumer(ConsumerRebalanceListener):
     # -- rebalance listener (awaited by aiokafka before partitions change hands) ------------
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        # Finish and commit what we handed out, so the next owner starts after it.
+        # Finish and commit what we handed out, so the next owner starts after it; what does
+        # not finish in time is cancelled, and the next owner (aiokafka revokes every
+        # partition on a rebalance, so perhaps this consumer again) starts at its records.
         await self._drain(timeout_s=5.0)
         for tp in revoked:
             self._progress.pop(tp, None)
@@ -330,7 +329,9 @@ class BatchConsumer(ConsumerRebalanceListener):
         offsets: dict[TopicPartition, int] = {}
         while self._pending and self._pending[0][1].done():
             batch_offsets, done, items = self._pending[0]
-            if not done.cancelled() and done.exception() is not None:
+            if done.cancelled():
+                break  # abandoned work: never committed (a drain clears it)
+            if done.exception() is not None:
                 # Pipelined work that raised: replay its records one by one before its offsets
                 # may be committed (nothing accepted may be skipped).
                 log.error("pipelined batch failed; replaying it", exc_info=done.exception(), extra={"topic": self.topic.name})
@@ -362,11 +363,23 @@ class BatchConsumer(ConsumerRebalanceListener):
                 progress.since = now
 
     async def _drain(self, timeout_s: float) -> None:
+        """Let handed-out batches finish for up to ``timeout_s`` and commit them; cancel the
+        rest uncommitted, as a crash would leave them (handlers are idempotent). Commits go
+        through the one committer task, so offsets only move forward; a broker that does not
+        answer delays this by ``timeout_s`` at most once more."""
+        end = asyncio.get_running_loop().time() + timeout_s
         if self._pending:
             await asyncio.wait([f for _, f, _ in self._pending], timeout=timeout_s)
-        if self._committer is not None:
-            await asyncio.wait([self._committer])
-        await self._commit_finished()
+        self._finished()
+        for _ in range(2):  # a replay may start while committing; give it the same deadline
+            if self._committer is not None and not self._committer.done():
+                await asyncio.wait([self._committer], timeout=max(0.0, end - asyncio.get_running_loop().time()) + 1.0)
+            if not (self._pending and self._pending[0][1].done()):
+                break
+            self._finished()
+        for _, unfinished, _ in self._pending:
+            unfinished.cancel()
+        self._pending.clear()
 
 
 # -- the lag and stall gauges, read at scrape time -----------------------------------------

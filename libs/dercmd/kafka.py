@@ -136,7 +136,6 @@ class Publisher:
         self.source = source
         self._producer: AIOKafkaProducer | None = None
         self._lock = asyncio.Lock()
-        self._partitions: dict[str, int] = {}  # topic -> partition count (fixed at creation)
 
     async def start(self) -> None:
         async with self._lock:
@@ -167,11 +166,12 @@ class Publisher:
         producer = self._producer
         assert producer is not None
         now = datetime.now(UTC).isoformat().encode()
+        counts: dict[str, int] = {}  # asked once per call: a topic may gain partitions
         batches: dict[tuple[str, int], Any] = {}
         futures: list[asyncio.Future[Any]] = []
         for topic, event, key in records:
             name = topic.name
-            count = self._partitions.get(name) or await self._partition_count(name)
+            count = counts.get(name) or await self._partition_count(name, counts)
             raw_key = key.encode()
             partition = partition_of(raw_key, count)
             value = dump(event)
@@ -189,11 +189,10 @@ class Publisher:
             futures.append(await producer.send_batch(batch, name, partition=partition))
         await asyncio.gather(*futures)
 
-    async def _partition_count(self, topic: str) -> int:
+    async def _partition_count(self, topic: str, counts: dict[str, int]) -> int:
         assert self._producer is not None
-        partitions = await self._producer.partitions_for(topic)
-        self._partitions[topic] = len(partitions)
-        return len(partitions)
+        counts[topic] = len(await self._producer.partitions_for(topic))
+        return counts[topic]
 
     async def dead_letter(
         self,

@@ -36,11 +36,11 @@ class Settings(BaseSettings):
     simulator_port: int = Field(8090, description="simulator: vendor-cloud API, /sim/devices/{id}/received.")
     dispatch_callback_url: str = Field(
         "",
-        description="URL at which vendor backends reach this dispatch replica; empty: http://{bind_host}:{dispatch_port}.",
+        description="URL at which vendor backends reach dispatch (any replica takes any result; behind a load balancer, its address); empty: http://{bind_host}:{dispatch_port}.",
     )
     callback_secret: str = Field(
         "dercmd-dev-callback-secret",
-        description="Key that signs the callback URLs dispatch hands to backends (shared by all dispatch replicas; set your own).",
+        description="Key of the HMAC in the token dispatch hands a backend with each command, which authenticates its result (shared by all dispatch replicas; set your own).",
     )
     vendor_cloud_url: str = Field(
         "", description="Base URL of the vendor-cloud backend; empty: the local simulator."

@@ -1,12 +1,14 @@
 """The dispatch service: delivers ``dercmd.dispatch.orders`` through the entities' backends,
 in parallel across entities and in order within one, and takes the results backends report.
 
-Per batch of orders: one Redis round trip claims them all (at most once, fences checked);
-the claimed ones are grouped by backend and sent in calls of up to the backend's batch size,
-at most ``DERCMD_DISPATCH_CONCURRENCY`` calls in flight per backend, each call waiting for
-whatever an earlier batch still has in flight for the same entities. The consumer fetches on
-meanwhile (the handler returns before the backends answer), so a slow or dead backend holds
-only its own entities; offsets are committed once a batch and every batch before it are done.
+Per batch of orders: grouped by backend and cut into calls of up to the backend's batch size,
+each call a task that waits for whatever earlier work still has one of its entities, then for
+one of the backend's ``DERCMD_DISPATCH_CONCURRENCY`` call slots, then claims its orders in one
+Redis round trip (at most once; the fence checked just before sending) and sends them. The
+consumer fetches on meanwhile (the handler returns before the backends answer), so a slow
+backend delays only its own entities' deliveries; offsets are committed once a batch and every
+batch before it are done, so a dead backend does hold the commits (and, past 64 batches,
+the fetching) of the partitions it shares with others.
 """
 
 from __future__ import annotations
@@ -70,8 +72,6 @@ class Dispatcher:
         #: Per entity, the delivery work that last took one of its commands: a later command
         #: of the entity is sent only after it. Entries leave when their work is done.
         self._tails: dict[str, asyncio.Future[Any]] = {}
-        #: Commands this process is delivering right now (claimed, answer not yet recorded).
-        self._in_flight: set[str] = set()
 
     def _backend(self, name: str) -> backends.DeviceBackend | None:
         if name not in self._backends:
@@ -106,91 +106,106 @@ class Dispatcher:
 
     # -- orders --------------------------------------------------------------------------
 
-    async def handle(self, items: list[Item[DispatchOrderV1]]) -> Awaitable[Any] | None:
-        """Claim a batch, settle what needs no backend, and start the deliveries. Returns what
-        finishes when every delivery of the batch has its outcome recorded."""
-        orders = [item.event for item in items]
-        claims = await self._deliveries.claim_many([(_key(o), o.fence) for o in orders])
-        groups: dict[str, list[backends.Delivery]] = defaultdict(list)
+    async def handle(self, items: list[Item[DispatchOrderV1]]) -> Awaitable[None]:
+        """Start delivering a batch: its orders are grouped by backend and cut into calls, each
+        call a task of its own. Returns what finishes when every call has finished."""
+        groups: dict[str | None, list[DispatchOrderV1]] = defaultdict(list)
+        for item in items:
+            entity = self._fleet.entity(item.event.entity_id)
+            backend = self._backend(entity.backend) if entity else None
+            groups[backend.name if backend else None].append(item.event)
+        calls: list[asyncio.Future[None]] = []
+        for name, orders in groups.items():
+            backend = self._backends[name] if name is not None else None
+            size = max(1, min(backend.max_batch, self._settings.dispatch_backend_batch)) if backend else len(orders)
+            calls += [self._start(backend, orders[i : i + size]) for i in range(0, len(orders), size)]
+        return _all(calls)
+
+    def _start(self, backend: backends.DeviceBackend | None, orders: list[DispatchOrderV1]) -> asyncio.Future[None]:
+        """A task for one call, after whatever earlier work still has one of its entities."""
+        entities = [o.entity_id for o in orders]
+        before = list({id(t): t for e in entities if (t := self._tails.get(e)) is not None}.values())
+        task = asyncio.ensure_future(self._call(backend, orders, before))
+        for entity_id in entities:
+            self._tails[entity_id] = task
+
+        def _forget(done: asyncio.Future[None]) -> None:
+            for entity_id in entities:
+                if self._tails.get(entity_id) is done:
+                    del self._tails[entity_id]
+
+        task.add_done_callback(_forget)
+        return task
+
+    async def _call(self, backend: backends.DeviceBackend | None, orders: list[DispatchOrderV1],
+                    before: Sequence[asyncio.Future[None]]) -> None:
+        if before:
+            await asyncio.wait(before)
+        if backend is None:
+            await self._settle(orders, None)
+            return
+        async with self._calls[backend.name]:
+            await self._settle(orders, backend)
+
+    async def _settle(self, orders: list[DispatchOrderV1], backend: backends.DeviceBackend | None) -> None:
+        """Claim the orders (at most once; the fence is checked now, just before sending) and
+        take each as far as it goes: sent, concluded, or resumed from an earlier attempt. A
+        task cancelled before this point leaves its orders unclaimed for the next attempt."""
+        unique = _first_of_each(orders)
+        if len(unique) < len(orders):
+            # The same order twice in one call (a redelivered copy): the first one speaks for both.
+            metrics.ORDERS.labels("redelivered").inc(len(orders) - len(unique))
+            orders = unique
+        claims = await retrying(lambda: self._deliveries.claim_many([(_key(o), o.fence) for o in orders]), "dispatch claims")
+        claimed: list[DispatchOrderV1] = []
         resumed: list[tuple[DispatchOrderV1, str]] = []
-        failed: list[tuple[DispatchOrderV1, Outcome]] = []
         for order, claim in zip(orders, claims, strict=True):
             if claim == "stale":
                 # A newer command took the slot before this one was claimed; arbitration has
                 # already reported this one Canceled (superseded).
                 metrics.ORDERS.labels("stale").inc()
-                continue
-            if claim != "claimed":
+            elif claim == "claimed":
+                claimed.append(order)
+            else:
                 # Seen before (redelivery): never call the backend again; carry on from what
                 # the recorded state proves.
-                if claim == "inflight" and order.command_id in self._in_flight:
-                    continue  # a duplicate of an order this process is delivering right now
                 metrics.ORDERS.labels("redelivered").inc()
                 resumed.append((order, claim))
-                continue
-            entity = self._fleet.entity(order.entity_id)
-            backend = self._backend(entity.backend) if entity else None
-            if entity is None or backend is None:
+        accepted: list[tuple[DispatchOrderV1, backends.Accepted]] = []
+        failed: list[tuple[DispatchOrderV1, Outcome]] = []
+        if backend is None:
+            for order in claimed:
+                entity = self._fleet.entity(order.entity_id)
                 detail = f"no backend {entity.backend!r} in this deployment" if entity else "entity not in the fleet"
                 failed.append((order, Outcome(CommandStatus.FAILED, "backend_not_available", detail)))
-                metrics.ORDERS.labels("failed").inc()
-                continue
-            self._in_flight.add(order.command_id)
-            groups[backend.name].append(backends.Delivery(order, entity, self.token(order.entity_id, order.command_id)))
-        await self._resume(resumed)
-        await self._conclude(failed)
-        work = [self._start(self._backends[name], deliveries) for name, deliveries in groups.items()]
-        return asyncio.gather(*work) if work else None
+            metrics.ORDERS.labels("failed").inc(len(failed))
+        elif claimed:
+            accepted, failed = await self._send(backend, claimed)
+        # From here on every step is idempotent, so a failed dependency is simply retried:
+        # nothing may leave a delivered command without its outcome.
+        await retrying(lambda: self._record(accepted, failed, resumed), "dispatch results")
 
-    def _start(self, backend: backends.DeviceBackend, deliveries: list[backends.Delivery]) -> asyncio.Future[Any]:
-        entities = [d.order.entity_id for d in deliveries]
-        before = {id(t): t for e in entities if (t := self._tails.get(e)) is not None}
-        task = asyncio.ensure_future(self._deliver(backend, deliveries, list(before.values())))
-        for entity_id in entities:
-            self._tails[entity_id] = task
-
-        def _forget(done: asyncio.Future[Any]) -> None:
-            for entity_id in entities:
-                if self._tails.get(entity_id) is done:
-                    del self._tails[entity_id]
-            for d in deliveries:
-                self._in_flight.discard(d.order.command_id)
-
-        task.add_done_callback(_forget)
-        return task
-
-    async def _deliver(self, backend: backends.DeviceBackend, deliveries: list[backends.Delivery],
-                       before: Sequence[asyncio.Future[Any]]) -> None:
-        if before:
-            await asyncio.wait(before)
-        size = max(1, min(backend.max_batch, self._settings.dispatch_backend_batch))
-        chunks = [deliveries[i : i + size] for i in range(0, len(deliveries), size)]
-        if len({d.order.entity_id for d in deliveries}) < len(deliveries):
-            for chunk in chunks:  # one entity twice: keep its commands in order
-                await self._send(backend, chunk)
-        else:
-            await asyncio.gather(*(self._send(backend, chunk) for chunk in chunks))
-
-    async def _send(self, backend: backends.DeviceBackend, chunk: list[backends.Delivery]) -> None:
+    async def _send(self, backend: backends.DeviceBackend, orders: list[DispatchOrderV1]
+                    ) -> tuple[list[tuple[DispatchOrderV1, backends.Accepted]], list[tuple[DispatchOrderV1, Outcome]]]:
+        """One backend call: what it accepted, and what failed with why."""
+        chunk = [backends.Delivery(o, self._fleet.entities[o.entity_id], self.token(o.entity_id, o.command_id)) for o in orders]
         answers: list[backends.Accepted | backends.BackendError]
-        async with self._calls[backend.name]:
-            started = time.perf_counter()
-            try:
-                answers = await backend.send(chunk)
-                if len(answers) != len(chunk):
-                    raise RuntimeError(f"{backend.name} answered {len(answers)} of {len(chunk)} deliveries")
-            except backends.BackendError as exc:
-                answers = [exc] * len(chunk)
-            except Exception as exc:  # a backend bug: whether the devices got them is unknown
-                log.exception("backend failed unexpectedly", extra={"backend": backend.name, "deliveries": len(chunk)})
-                answers = [backends.PermanentBackendError("delivery_unknown", repr(exc))] * len(chunk)
-            finally:
-                metrics.BACKEND_SECONDS.labels(backend.name).observe(time.perf_counter() - started)
+        started = time.perf_counter()
+        try:
+            answers = await backend.send(chunk)
+            if len(answers) != len(chunk):
+                raise RuntimeError(f"{backend.name} answered {len(answers)} of {len(chunk)} deliveries")
+        except backends.BackendError as exc:
+            answers = [exc] * len(chunk)
+        except Exception as exc:  # a backend bug: whether the devices got them is unknown
+            log.exception("backend failed unexpectedly", extra={"backend": backend.name, "deliveries": len(chunk)})
+            answers = [backends.PermanentBackendError("delivery_unknown", repr(exc))] * len(chunk)
+        finally:
+            metrics.BACKEND_SECONDS.labels(backend.name).observe(time.perf_counter() - started)
         accepted: list[tuple[DispatchOrderV1, backends.Accepted]] = []
         failed: list[tuple[DispatchOrderV1, Outcome]] = []
         now = utcnow()
-        for delivery, answer in zip(chunk, answers, strict=True):
-            order = delivery.order
+        for order, answer in zip(orders, answers, strict=True):
             if isinstance(answer, backends.Accepted):
                 accepted.append((order, answer))
                 metrics.ACCEPT_TO_SENT_SECONDS.observe((now - order.accepted_at).total_seconds())
@@ -204,14 +219,12 @@ class Dispatcher:
         if failed:
             metrics.BACKEND_CALLS.labels(backend.name, "error").inc(len(failed))
             metrics.ORDERS.labels("failed").inc(len(failed))
-        # From here on every step is idempotent, so a failed dependency is simply retried:
-        # nothing may leave a delivered command without its outcome.
-        await retrying(lambda: self._record(accepted, failed), "dispatch results")
+        return accepted, failed
 
     async def _record(self, accepted: list[tuple[DispatchOrderV1, backends.Accepted]],
-                      failed: list[tuple[DispatchOrderV1, Outcome]]) -> None:
+                      failed: list[tuple[DispatchOrderV1, Outcome]], resumed: list[tuple[DispatchOrderV1, str]]) -> None:
         states = await self._deliveries.advance_many([_key(o) for o, _ in accepted], "inflight", "accepted")
-        resumed: list[tuple[DispatchOrderV1, str]] = []
+        resumed = list(resumed)
         for (order, answer), state in zip(accepted, states, strict=True):
             if answer.confirmation is backends.Confirmation.SYNC and state == "accepted":
                 state = f"result:{Outcome(CommandStatus.SUCCEEDED).encode()}"
@@ -273,6 +286,26 @@ class Dispatcher:
             metrics.CALLBACKS.labels(status).inc(count)
         await self._publisher.publish_all(events)
         return states
+
+
+def _first_of_each(orders: list[DispatchOrderV1]) -> list[DispatchOrderV1]:
+    seen: set[str] = set()
+    return [o for o in orders if not (o.command_id in seen or seen.add(o.command_id))]
+
+
+async def _all(calls: list[asyncio.Future[None]]) -> None:
+    """Done when every call is (a batch is committed only then); raises the first error after
+    that. Cancelled (dispatch stopping, partitions revoked): cancels the calls, and a call not
+    yet claimed leaves its orders to the next owner untouched."""
+    try:
+        await asyncio.wait(calls)
+    except asyncio.CancelledError:
+        for call in calls:
+            call.cancel()
+        raise
+    for call in calls:
+        if call.exception() is not None:
+            raise call.exception()  # type: ignore[misc]
 
 
 def build(settings: Settings) -> Service:

@@ -179,10 +179,12 @@ class GroupCommit(Generic[T, R]):
             batch, self._queue = self._queue[: self._max_items], self._queue[self._max_items :]
             try:
                 results = await self._flush([item for item, _ in batch])
-            except Exception as exc:
+            except BaseException as exc:  # cancelled too: no caller may wait forever
                 for _, future in batch:
                     if not future.done():
-                        future.set_exception(exc)
+                        future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("intake is stopping"))
+                if not isinstance(exc, Exception):
+                    raise
                 continue
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
