@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse, urlunparse
 
+import httpx
 import redis
 
 from dercmd.fleet import Fleet
@@ -146,7 +147,9 @@ async def _phases(stack: Stack, args: argparse.Namespace, ids: list[str], result
                 name: (cpu_after[name] - cpu_before[name]) / per_k for name in cpu_before if name in cpu_after
             }
 
-            # -- latency
+            # -- latency, once every service has caught up with the burst (status folds it
+            # after the devices are done), so the figure is for the offered rate alone
+            await _caught_up(stack, deadline_s=args.timeout)
             n = int(args.rate * args.latency_seconds)
             commands = [(new_command_id("lat", i), ids[i % len(ids)]) for i in range(n)]
             print(f"bench: latency, {args.rate:,.0f} commands/s for {args.latency_seconds:.0f} s ...", flush=True)
@@ -169,6 +172,22 @@ async def _phases(stack: Stack, args: argparse.Namespace, ids: list[str], result
             results["device_duplicates"] = sum(len(t) - 1 for t in got.values())
     finally:
         await watcher.stop()
+
+
+async def _caught_up(stack: Stack, deadline_s: float) -> None:
+    """Until no consumer of the stack has records waiting (``dercmd_consumer_lag_records``)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    async with httpx.AsyncClient(timeout=5) as http:
+        while loop.time() < end:
+            lag = 0.0
+            for service in ("intake", "arbitration", "dispatch", "status"):
+                text = (await http.get(f"{stack.url(service)}/metrics")).text
+                lag += sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("dercmd_consumer_lag_records{"))
+            if lag == 0:
+                return
+            await asyncio.sleep(0.2)
+    print("bench: the stack did not catch up with the burst; the latency phase starts anyway", flush=True)
 
 
 def _outcomes(phase: dict[str, Any]) -> str:
