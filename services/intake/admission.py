@@ -43,7 +43,7 @@ class Admission:
         self.publisher = publisher
         self.redis = redis
         #: REST's way in: concurrent POSTs share ledger transactions and producer acks.
-        self._group: GroupCommit[CommandAcceptedV1, CommandStateV1 | Refusal] = GroupCommit(self.admit_many, max_batch)
+        self._group: GroupCommit[CommandAcceptedV1, CommandStateV1 | Refusal] = GroupCommit(self._admit_now, max_batch)
 
     def check(self, entity: Entity, fields: CommandFields) -> None:
         if not self.fleet.supports(entity, fields.type):
@@ -74,31 +74,48 @@ class Admission:
         """Which of these command ids the ledger holds."""
         return set(await asyncio.to_thread(self.ledger.get_many, list(command_ids))) if command_ids else set()
 
-    async def check_cooldown(self, entity_id: str) -> None:
-        """The cooldown as arbitration last set it. Advisory: arbitration decides atomically,
-        so a command that slips past this check in the same instant is failed there."""
+    async def cooldowns(self, cmds: Sequence[CommandAcceptedV1]) -> dict[str, Refusal]:
+        """The commands (by id) whose entity is in its cooldown as arbitration last set it,
+        one Redis round trip for all. Advisory: arbitration decides atomically, so a command
+        that slips past this check in the same instant is failed there."""
+        if not cmds:
+            return {}
+        pipe = self.redis.pipeline(transaction=False)
+        for cmd in cmds:
+            pipe.hget(redis_keys.slots(cmd.entity_id), "cooldown_until")
         async with asyncio.timeout(redis_keys.CALL_TIMEOUT_S):
-            raw = await self.redis.hget(redis_keys.slots(entity_id), "cooldown_until")
-        until_ms = int(raw or 0)
+            replies = await pipe.execute()
         now = utcnow()
-        if until_ms > now.timestamp() * 1000:
-            until = datetime.fromtimestamp(until_ms / 1000, UTC)
-            retry_after = max(1, int(-(-(until - now).total_seconds() // 1)))
-            raise Refusal(
-                "cooldown_active",
-                f"{entity_id} is in its cooldown until {until.isoformat()}",
-                status=409,
-                extra={"cooldownUntil": until.isoformat()},
-                headers={"Retry-After": str(retry_after)},
-            )
+        refused: dict[str, Refusal] = {}
+        for cmd, raw in zip(cmds, replies, strict=True):
+            until_ms = int(raw or 0)
+            if until_ms > now.timestamp() * 1000:
+                until = datetime.fromtimestamp(until_ms / 1000, UTC)
+                retry_after = max(1, int(-(-(until - now).total_seconds() // 1)))
+                refused[cmd.id] = Refusal(
+                    "cooldown_active",
+                    f"{cmd.entity_id} is in its cooldown until {until.isoformat()}",
+                    status=409,
+                    extra={"cooldownUntil": until.isoformat()},
+                    headers={"Retry-After": str(retry_after)},
+                )
+        return refused
 
     async def admit(self, cmd: CommandAcceptedV1) -> CommandStateV1:
-        """Admit one command (REST): it joins the next group commit. Raises the command's
-        :class:`Refusal`, or the broker's error when the announcement failed."""
+        """Admit one command (REST): it joins the next group commit, which also checks the
+        cooldown unless the command ignores it. Raises the command's :class:`Refusal`, or the
+        broker's error when the announcement failed."""
         result = await self._group.submit(cmd)
         if isinstance(result, Refusal):
             raise result
         return result
+
+    async def _admit_now(self, cmds: list[CommandAcceptedV1]) -> list[CommandStateV1 | Refusal]:
+        """REST's group commit: cooldowns first (409 without a command), then admission."""
+        refused = await self.cooldowns([c for c in cmds if not c.ignore_cooldown])
+        rest = [c for c in cmds if c.id not in refused]
+        admitted = iter(await self.admit_many(rest) if rest else [])
+        return [refused.get(c.id) or next(admitted) for c in cmds]
 
     async def admit_many(self, cmds: Sequence[CommandAcceptedV1]) -> list[CommandStateV1 | Refusal]:
         """Make commands durable and announce them: one ledger transaction, then every Pending

@@ -119,8 +119,6 @@ def build(settings: Settings) -> Service:
         """Send a command to one entity now. 201: accepted as ``Pending``."""
         entity = authorise(token, entity_id, Role.CONTRIBUTOR)
         admission.check(entity, body)
-        if not ignore_cooldown:
-            await admission.check_cooldown(entity_id)
         cmd = CommandAcceptedV1(
             id=new_id(),
             entity_id=entity_id,
