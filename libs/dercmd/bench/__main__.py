@@ -139,8 +139,10 @@ async def _phases(stack: Stack, args: argparse.Namespace, ids: list[str], result
             cpu_after = procstat.snapshot(pids)
             burst = _summarise_commands(offered, watcher)
             burst["commands_per_s"] = burst["commands"] / burst["last_terminal_s"] if burst["last_terminal_s"] else None
-            if not_terminal:
-                print(f"bench: {not_terminal:,} burst commands not terminal after {args.timeout:.0f} s", flush=True)
+            if not_terminal or burst["not_terminal"]:
+                missing = [c for c in offered.produced_at if c not in watcher.terminal][:5]
+                print(f"bench: {burst['not_terminal']:,} burst commands not terminal after {args.timeout:.0f} s, e.g. {missing}",
+                      flush=True)
             per_k = max(len(offered.produced_at), 1) / 1000
             results["burst"] = burst
             results["cpu_s_per_1000"] = {
