@@ -53,7 +53,10 @@ class Settings(BaseSettings):
     cooldown_s: float = Field(
         600.0, description="Default cooldown between commands to one entity, seconds (fleet file may override; 0 disables)."
     )
-    topic_partitions: int = Field(4, description="Partitions of every topic created at start-up.")
+    topic_partitions: int = Field(
+        2,
+        description="Partitions of every topic created at start-up: at most this many replicas of a service share the work (compose: 12).",
+    )
     topic_replication: int = Field(1, description="Replication factor of topics created at start-up.")
     kafka_fetch_max_wait_ms: int = Field(
         20, description="Longest a consumer fetch waits for data: the most a batch waits to fill."

@@ -28,16 +28,19 @@ async def read_all(bootstrap: str, topic: str, count: int) -> list:  # type: ign
 
 
 async def test_topics_are_created_with_the_configured_partitions(kafka_bootstrap: str) -> None:
-    settings = Settings(kafka_bootstrap=kafka_bootstrap, topic_partitions=4)
-    await ensure_topics(settings)  # again: existing topics are left alone
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     await admin.start()
     try:
+        existing = set(await admin.list_topics())
+        await admin.delete_topics([name for name in topics.all_names() if name in existing])
+        settings = Settings(kafka_bootstrap=kafka_bootstrap, topic_partitions=3)
+        await ensure_topics(settings)
+        await ensure_topics(settings)  # again: existing topics are left alone
         described = await admin.describe_topics(topics.all_names())
     finally:
         await admin.close()
     partitions = {d["topic"]: len(d["partitions"]) for d in described}
-    assert partitions == {name: 4 for name in topics.all_names()}
+    assert partitions == {name: 3 for name in topics.all_names()}
 
 
 async def test_published_events_carry_key_and_cloudevents_headers(kafka_bootstrap: str) -> None:
