@@ -165,11 +165,11 @@ class BatchConsumer(ConsumerRebalanceListener):
                 await self._task
             except asyncio.CancelledError:
                 pass
+        _LIVE.discard(self)
         if self._consumer is None:
             return
         await self._drain(timeout_s)
         await self._consumer.stop()
-        _LIVE.discard(self)
 
     @property
     def running(self) -> bool:

@@ -33,7 +33,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def logging_config(service: str, level: str) -> dict[str, Any]:
-    """A ``logging.config.dictConfig`` dict; faust's worker takes it as ``logging_config``."""
+    """A ``logging.config.dictConfig`` dict; uvicorn takes it as ``log_config``."""
     return {
         "version": 1,
         "disable_existing_loggers": False,
@@ -43,7 +43,7 @@ def logging_config(service: str, level: str) -> dict[str, Any]:
         "loggers": {
             # Chatty libraries stay at WARNING unless asked for DEBUG.
             name: {"level": "DEBUG" if level.upper() == "DEBUG" else "WARNING"}
-            for name in ("aiokafka", "faust", "mode", "uvicorn.access", "httpx", "httpcore")
+            for name in ("aiokafka", "uvicorn.access", "httpx", "httpcore")
         },
     }
 

@@ -49,13 +49,17 @@ def _key(order: DispatchOrderV1) -> Key:
     return (order.entity_id, order.command_id)
 
 
-def _status(order: DispatchOrderV1, outcome: Outcome | CommandStatus) -> tuple[topics.Topic, Event, str]:
-    if isinstance(outcome, CommandStatus):
-        event = StatusEventV1(command_id=order.command_id, entity_id=order.entity_id, status=outcome, fence=order.fence)
-    else:
-        event = StatusEventV1(command_id=order.command_id, entity_id=order.entity_id, status=outcome.status,
-                              fence=order.fence, reason=outcome.reason, detail=outcome.detail)
-    return (topics.STATUS, event, order.entity_id)
+SENT = Outcome(CommandStatus.SENT)
+
+
+def _status(entity_id: str, command_id: str, outcome: Outcome, fence: int | None = None) -> tuple[topics.Topic, Event, str]:
+    event = StatusEventV1(command_id=command_id, entity_id=entity_id, status=outcome.status, fence=fence,
+                          reason=outcome.reason, detail=outcome.detail)
+    return (topics.STATUS, event, entity_id)
+
+
+def _order_status(order: DispatchOrderV1, outcome: Outcome) -> tuple[topics.Topic, Event, str]:
+    return _status(order.entity_id, order.command_id, outcome, order.fence)
 
 
 class Dispatcher:
@@ -244,15 +248,15 @@ class Dispatcher:
                 # and at most once forbids asking again.
                 conclude.append((order, Outcome(CommandStatus.FAILED, "delivery_unknown", "dispatch stopped during the backend call")))
             elif state == "accepted":
-                sent.append(_status(order, CommandStatus.SENT))
+                sent.append(_order_status(order, SENT))
                 advance.append(order)
             elif state == "sent":
-                sent.append(_status(order, CommandStatus.SENT))  # the result comes by callback
+                sent.append(_order_status(order, SENT))  # the result comes by callback
             elif state.startswith("result:"):  # the callback came first and was held back
-                sent.append(_status(order, CommandStatus.SENT))
+                sent.append(_order_status(order, SENT))
                 conclude.append((order, Outcome.decode(state.removeprefix("result:"))))
             elif state.startswith("done:"):
-                repeat.append(_status(order, Outcome.decode(state.removeprefix("done:"))))
+                repeat.append(_order_status(order, Outcome.decode(state.removeprefix("done:"))))
         await self._publisher.publish_all(sent + repeat)
         after = await self._deliveries.advance_many([_key(o) for o in advance], "accepted", "sent")
         conclude += [(o, Outcome.decode(a.removeprefix("result:"))) for o, a in zip(advance, after, strict=True) if a.startswith("result:")]
@@ -262,7 +266,7 @@ class Dispatcher:
         """Publish terminal statuses, then record them: a crash in between re-publishes them."""
         if not outcomes:
             return
-        await self._publisher.publish_all([_status(order, outcome) for order, outcome in outcomes])
+        await self._publisher.publish_all([_order_status(order, outcome) for order, outcome in outcomes])
         await self._deliveries.finish_many([(_key(order), outcome) for order, outcome in outcomes])
 
     # -- results reported by backends ----------------------------------------------------
@@ -279,9 +283,7 @@ class Dispatcher:
                 # "done:" too: a repeated callback after a failed publish must publish again
                 # (the event id makes a second copy harmless); it carries the recorded outcome.
                 recorded = outcome if state == "emit" else Outcome.decode(state.removeprefix("done:"))
-                event = StatusEventV1(command_id=command_id, entity_id=entity_id, status=recorded.status,
-                                      reason=recorded.reason, detail=recorded.detail)
-                events.append((topics.STATUS, event, entity_id))
+                events.append(_status(entity_id, command_id, recorded))
         for status, count in callbacks.items():
             metrics.CALLBACKS.labels(status).inc(count)
         await self._publisher.publish_all(events)
