@@ -46,7 +46,7 @@ from prometheus_client.registry import REGISTRY, Collector
 from pydantic import ValidationError
 
 from .events import Event
-from .kafka import Publisher, consumer_kwargs, decode
+from .kafka import Publisher, consumer_kwargs, decode, header
 from .metrics import LATENCY_BUCKETS
 from .settings import Settings
 from .topics import Topic
@@ -257,7 +257,8 @@ class BatchConsumer(ConsumerRebalanceListener):
         items: list[Item[Any]] = []
         for record in records:
             try:
-                items.append(Item(decode(self.topic, record.value), record))
+                model = self.topic.model_of(header(record.headers, "ce_type")) if self.topic.others else None
+                items.append(Item(decode(self.topic, record.value, model), record))
             except (ValidationError, ValueError) as exc:
                 await self._dead_letter(record, str(exc))
                 if self._on_invalid is not None:

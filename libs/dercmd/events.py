@@ -33,10 +33,20 @@ class CommandType(StrEnum):
     DISCONNECT = "Disconnect"
     LIMIT_FEED_IN = "LimitFeedIn"
     STOP_FEED_IN = "StopFeedIn"
+    #: The batch API's ``limitProductionPower`` (BRIEF 2.2): production limited to
+    #: ``percentage`` of nominal power, usually for a window (``startAt`` .. ``endAt``).
+    LIMIT_PRODUCTION_POWER = "LimitProductionPower"
 
 
 #: Types whose ``value`` is required (an integer >= 0); every other type takes no value.
 VALUED_TYPES: frozenset[CommandType] = frozenset({CommandType.LIMIT_FEED_IN})
+#: Types whose ``percentage`` (an integer 0..100) is required; no other type takes one.
+PERCENTAGE_TYPES: frozenset[CommandType] = frozenset({CommandType.LIMIT_PRODUCTION_POWER})
+#: Types that may hold a window (``endAt``): at its end the device returns to its default,
+#: which is this type at 100 % (BRIEF 3, rule 5).
+WINDOWED_TYPES: frozenset[CommandType] = PERCENTAGE_TYPES
+#: The percentage of a device at its default (no limit).
+DEFAULT_PERCENTAGE = 100
 
 
 class CommandStatus(StrEnum):
@@ -89,6 +99,15 @@ class Event(Model):
 
 #: Ids a caller may choose: safe in URLs, headers and keys.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
+_REVERT_NAMESPACE = uuid.UUID("0b6e1f3a-52c4-4d0e-9a51-7c1f4e2d8b90")
+
+
+def revert_id(command_id: str) -> str:
+    """The id of the revert that ends a command's window: ``<id>:revert`` (a UUID derived
+    from the id when that would be longer than an id may be). The same for every replica
+    and every retry, so a revert is dispatched at most once."""
+    readable = f"{command_id}:revert"
+    return readable if len(readable) <= 64 else str(uuid.uuid5(_REVERT_NAMESPACE, command_id))
 MAX_VALUE = 2**31 - 1
 
 
@@ -97,6 +116,7 @@ class CommandFields(Model):
 
     type: CommandType
     value: int | None = Field(None, le=MAX_VALUE)
+    percentage: int | None = Field(None, ge=0, le=100, strict=True)
 
     @model_validator(mode="after")
     def _value_matches_type(self) -> CommandFields:
@@ -107,7 +127,21 @@ class CommandFields(Model):
                 raise ValueError("value must be >= 0")
         elif self.value is not None:
             raise ValueError(f"{self.type} takes no value")
+        if self.type in PERCENTAGE_TYPES:
+            if self.percentage is None:
+                raise ValueError(f"{self.type} requires an integer percentage 0..100")
+        elif self.percentage is not None:
+            raise ValueError(f"{self.type} takes no percentage")
         return self
+
+
+class Window(Model):
+    """When a command holds (BRIEF 3): from ``start_at`` (None: now) until ``end_at`` (None:
+    until replaced), for the listed assets of the device only (None: all of them)."""
+
+    start_at: datetime | None = None
+    end_at: datetime | None = None
+    asset_identifiers: tuple[str, ...] | None = None
 
 
 class CommandRequestV1(CommandFields, Event):
@@ -124,6 +158,12 @@ class CommandRequestV1(CommandFields, Event):
     id: str | None = Field(None, pattern=ID_PATTERN)
     entity_id: str = Field(min_length=1, max_length=128)
     ignore_cooldown: bool = False
+    #: A scheduled or windowed command: the same rules as ``POST /v1/command/`` (BRIEF 2.2).
+    start_at: datetime | None = None
+    end_at: datetime | None = None
+    asset_identifiers: tuple[str, ...] | None = None
+    #: The caller's deadline: not delivered by then, the command ends ``Failed: expired``.
+    expires_at: datetime | None = None
 
 
 class CommandAcceptedV1(CommandFields, Event):
@@ -137,12 +177,33 @@ class CommandAcceptedV1(CommandFields, Event):
     #: When to start; None for an immediate command ("now" by arbitration's clock, so a
     #: few seconds of skew between hosts can never turn it into a scheduled one).
     trigger_time: datetime | None = None
-    end_time: datetime | None = None
+    #: End of the command's window: then the device returns to its default (None: holds
+    #: until replaced).
+    end_at: datetime | None = None
+    asset_identifiers: tuple[str, ...] | None = None
+    expires_at: datetime | None = None
     accepted_at: datetime
     source: str
 
     def ce_id(self) -> str:
         return self.id
+
+
+class CommandCancelV1(Event):
+    """``dercmd.commands.accepted`` too (so it is arbitrated in order with the entity's
+    commands): end a command. ``reason`` is ``canceled`` (a caller's DELETE; ``by`` says who)
+    or ``expired`` (its deadline passed: the sweeper of the status service)."""
+
+    CE_TYPE: ClassVar[str] = "dercmd.command.cancel.v1"
+
+    command_id: str
+    entity_id: str
+    reason: str
+    by: str | None = None
+    at: datetime
+
+    def ce_id(self) -> str:
+        return f"{self.command_id}/cancel/{self.reason}"
 
 
 class DispatchOrderV1(CommandFields, Event):
@@ -159,9 +220,31 @@ class DispatchOrderV1(CommandFields, Event):
     fence: int
     accepted_at: datetime
     ordered_at: datetime
+    #: The window, for a backend that keeps windows natively (others get the revert as an
+    #: order of its own at ``end_at``).
+    start_at: datetime | None = None
+    end_at: datetime | None = None
+    asset_identifiers: tuple[str, ...] | None = None
+    #: Set on a revert: the command whose window ended; the device returns to its default.
+    revert_of: str | None = None
 
     def ce_id(self) -> str:
         return f"{self.command_id}/{self.fence}"
+
+
+class DeliveryCheckV1(Event):
+    """``dercmd.dispatch.orders`` too: a command that has been ``Sent`` past its deadline
+    without a result (the status service's sweeper). dispatch asks the backend for the
+    outcome where it can, else ends it ``Failed: no_confirmation``."""
+
+    CE_TYPE: ClassVar[str] = "dercmd.dispatch.check.v1"
+
+    command_id: str
+    entity_id: str
+    at: datetime
+
+    def ce_id(self) -> str:
+        return f"{self.command_id}/check/{int(self.at.timestamp())}"
 
 
 class StatusEventV1(Event):
@@ -185,8 +268,15 @@ class StatusEventV1(Event):
     # Set on Pending (and on Rejected when readable) so a consumer can show the command.
     type: CommandType | None = None
     value: int | None = None
+    percentage: int | None = None
     trigger_time: datetime | None = None
+    end_at: datetime | None = None
+    asset_identifiers: tuple[str, ...] | None = None
+    expires_at: datetime | None = None
     source: str | None = None
+    #: A revert (the first event of one; it is a command of its own): the command whose
+    #: window ended.
+    revert_of: str | None = None
 
     def ce_id(self) -> str:
         return self.event_id
@@ -211,7 +301,14 @@ class CommandStateV1(Event):
     status: CommandStatus
     type: CommandType | None = None
     value: int | None = None
+    percentage: int | None = None
     trigger_time: datetime | None = None
+    #: A windowed command's window (``start_at`` is its ``trigger_time``).
+    start_at: datetime | None = None
+    end_at: datetime | None = None
+    asset_identifiers: tuple[str, ...] | None = None
+    expires_at: datetime | None = None
+    revert_of: str | None = None
     reason: str | None = None
     detail: str | None = None
     cooldown_until: datetime | None = None

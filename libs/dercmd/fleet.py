@@ -84,6 +84,7 @@ class CompatibilityRow(Model):
 
 class CompatibilityTable(Model):
     rows: list[CompatibilityRow]
+    native_windows: frozenset[str] = frozenset()
 
     def supported(self, entity: Entity) -> frozenset[CommandType]:
         return self._supported(entity.kind, entity.vendor, entity.backend, entity.declared_types, entity.id)
@@ -165,6 +166,10 @@ class Fleet(Model):
 
     def supports(self, entity: Entity, command_type: CommandType) -> bool:
         return command_type in self._supported(entity)
+
+    def keeps_windows(self, entity: Entity) -> bool:
+        """Whether the entity's backend keeps time windows natively (no revert from dercmd)."""
+        return entity.backend in self.compatibility.native_windows
 
     def cooldown_s(self, entity: Entity, default: float) -> float:
         if entity.cooldown_s is not None:

@@ -22,6 +22,8 @@ from sqlalchemy import (
     Column,
     DateTime,
     Index,
+    Integer,
+    JSON,
     MetaData,
     String,
     Table,
@@ -29,6 +31,7 @@ from sqlalchemy import (
     bindparam,
     create_engine,
     event,
+    inspect,
     select,
     text,
     update,
@@ -68,10 +71,15 @@ commands = Table(
     Column("entity_id", String(128), nullable=False),
     Column("type", String(32)),
     Column("value", BigInteger),
+    Column("percentage", Integer),
     Column("status", String(16), nullable=False),
     Column("reason", String(64)),
     Column("detail", Text),
     Column("trigger_time", UTCDateTime),
+    Column("end_at", UTCDateTime),
+    Column("asset_identifiers", JSON),
+    Column("expires_at", UTCDateTime),
+    Column("revert_of", String(64)),
     Column("ignore_cooldown", Boolean, nullable=False, default=False),
     Column("source", String(16)),
     Column("cooldown_until", UTCDateTime),
@@ -84,6 +92,8 @@ commands = Table(
     Column("sent_at", UTCDateTime),
     Column("confirmed_at", UTCDateTime),
     Index("ix_commands_entity_created", "entity_id", "created_at"),
+    # The sweeper's question: which commands are open, oldest change first.
+    Index("ix_commands_status_updated", "status", "updated_at"),
 )
 
 # The audit trail: every status event once, in arrival order per command.
@@ -182,8 +192,27 @@ def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
         yield items[start : start + _CHUNK]
 
 
+def _add_missing_columns(conn: Connection) -> None:
+    """Columns added since a ledger was created (all nullable): ``create_all`` makes missing
+    tables only. Until the schema needs more than added columns, this is the migration."""
+    for table in metadata.sorted_tables:
+        present = {c["name"] for c in inspect(conn).get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present:
+                kind = column.type.compile(dialect=conn.dialect)
+                conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}'))
+        for index in table.indexes:
+            index.create(conn, checkfirst=True)
+
+
+_ROW_ONLY = frozenset({"start_at"})
+
+
 def _state(row: Mapping[str, Any]) -> CommandStateV1:
-    return CommandStateV1.model_validate({name: row[name] for name in _STATE_FIELDS})
+    fields = {name: row[name] for name in _STATE_FIELDS if name not in _ROW_ONLY}
+    if row["end_at"] is not None:
+        fields["start_at"] = row["trigger_time"]  # a window shows as startAt .. endAt
+    return CommandStateV1.model_validate(fields)
 
 
 class Ledger:
@@ -200,6 +229,7 @@ class Ledger:
                     if conn.dialect.name == "postgresql":
                         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
                     metadata.create_all(conn)
+                    _add_missing_columns(conn)
                 return
             except sqlalchemy.exc.OperationalError as exc:
                 if "already exists" not in str(exc) or attempt == 2:
@@ -228,8 +258,12 @@ class Ledger:
                 "entity_id": cmd.entity_id,
                 "type": cmd.type.value,
                 "value": cmd.value,
+                "percentage": cmd.percentage,
                 "status": CommandStatus.PENDING.value,
                 "trigger_time": cmd.trigger_time or cmd.accepted_at,
+                "end_at": cmd.end_at,
+                "asset_identifiers": list(cmd.asset_identifiers) if cmd.asset_identifiers is not None else None,
+                "expires_at": cmd.expires_at,
                 "ignore_cooldown": cmd.ignore_cooldown,
                 "source": cmd.source,
                 "created_at": cmd.accepted_at,
@@ -333,7 +367,12 @@ class Ledger:
             "entity_id": ev.entity_id,
             "type": ev.type.value if ev.type else None,
             "value": ev.value,
+            "percentage": ev.percentage,
             "trigger_time": _utc(ev.trigger_time),
+            "end_at": _utc(ev.end_at),
+            "asset_identifiers": list(ev.asset_identifiers) if ev.asset_identifiers is not None else None,
+            "expires_at": _utc(ev.expires_at),
+            "revert_of": ev.revert_of,
             "source": ev.source,
             "ignore_cooldown": False,
             "created_at": at,

@@ -14,6 +14,14 @@ class Topic:
     key: str  # what the record key is
     public: bool
     compacted: bool = False
+    #: Further models the topic carries, told apart by the ``ce_type`` header.
+    others: tuple[type[ev.Event], ...] = ()
+
+    def model_of(self, ce_type: str | None) -> type[ev.Event]:
+        for model in self.others:
+            if model.CE_TYPE == ce_type:
+                return model
+        return self.model
 
     @property
     def dlq(self) -> str:
@@ -21,8 +29,8 @@ class Topic:
 
 
 REQUESTS = Topic("dercmd.commands.requests", ev.CommandRequestV1, "entity id", public=True)
-ACCEPTED = Topic("dercmd.commands.accepted", ev.CommandAcceptedV1, "entity id", public=False)
-ORDERS = Topic("dercmd.dispatch.orders", ev.DispatchOrderV1, "entity id", public=False)
+ACCEPTED = Topic("dercmd.commands.accepted", ev.CommandAcceptedV1, "entity id", public=False, others=(ev.CommandCancelV1,))
+ORDERS = Topic("dercmd.dispatch.orders", ev.DispatchOrderV1, "entity id", public=False, others=(ev.DeliveryCheckV1,))
 STATUS = Topic("dercmd.commands.status", ev.StatusEventV1, "entity id", public=True)
 STATE = Topic("dercmd.commands.state", ev.CommandStateV1, "command id", public=True, compacted=True)
 REPORTS = Topic("dercmd.devices.reports", ev.DeviceReportV1, "entity id", public=True)

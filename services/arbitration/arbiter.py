@@ -82,7 +82,7 @@ class Arbiter:
                     cmd.id,
                     now,
                     _ms(cmd.trigger_time) if cmd.trigger_time else 0,
-                    _ms(cmd.end_time) if cmd.end_time else "",
+                    _ms(cmd.end_at) if cmd.end_at else "",
                     int(cooldown_s * 1000),
                     "1" if cmd.ignore_cooldown else "0",
                     redis_keys.STATE_TTL_S,

@@ -145,7 +145,8 @@ class Admission:
             announcements.append((topics.ACCEPTED, cmd, cmd.entity_id))
             out.append(CommandStateV1(
                 id=cmd.id, status=CommandStatus.PENDING, ignore_cooldown=cmd.ignore_cooldown,
-                created_at=cmd.accepted_at, updated_at=cmd.accepted_at, accepted_at=cmd.accepted_at, **shown,
+                created_at=cmd.accepted_at, updated_at=cmd.accepted_at, accepted_at=cmd.accepted_at,
+                start_at=shown["trigger_time"] if cmd.end_at else None, **shown,
             ))
         await self.publisher.publish_all(statuses)
         await self.publisher.publish_all(announcements)
@@ -159,13 +160,14 @@ class Admission:
 
 def _what(cmd: CommandAcceptedV1 | CommandStateV1) -> tuple[object, ...]:
     """What makes two commands with one id the same command."""
-    return (cmd.entity_id, cmd.type, cmd.value)
+    return (cmd.entity_id, cmd.type, cmd.value, cmd.percentage, cmd.end_at)
 
 
 def _shown(cmd: CommandAcceptedV1) -> dict[str, Any]:
     """What a Pending status event and the Pending state both show of a new command."""
-    return {"entity_id": cmd.entity_id, "type": cmd.type, "value": cmd.value,
-            "trigger_time": cmd.trigger_time or cmd.accepted_at, "source": cmd.source}
+    return {"entity_id": cmd.entity_id, "type": cmd.type, "value": cmd.value, "percentage": cmd.percentage,
+            "trigger_time": cmd.trigger_time or cmd.accepted_at, "end_at": cmd.end_at,
+            "asset_identifiers": cmd.asset_identifiers, "expires_at": cmd.expires_at, "source": cmd.source}
 
 
 T = TypeVar("T")

@@ -15,11 +15,20 @@ def test_limit_feed_in_needs_a_non_negative_integer() -> None:
             CommandRequestV1.model_validate({"entityId": "pv-1", "type": "LimitFeedIn", **bad})
 
 
-@pytest.mark.parametrize("type_", [t for t in CommandType if t is not CommandType.LIMIT_FEED_IN])
-def test_other_types_take_no_value(type_: CommandType) -> None:
+@pytest.mark.parametrize("type_", [t for t in CommandType if t not in (CommandType.LIMIT_FEED_IN, CommandType.LIMIT_PRODUCTION_POWER)])
+def test_other_types_take_no_value_and_no_percentage(type_: CommandType) -> None:
     CommandRequestV1(entity_id="x", type=type_)
     with pytest.raises(ValidationError):
         CommandRequestV1(entity_id="x", type=type_, value=5)
+    with pytest.raises(ValidationError):
+        CommandRequestV1(entity_id="x", type=type_, percentage=50)
+
+
+def test_limit_production_power_needs_an_integer_percentage_0_to_100() -> None:
+    assert CommandRequestV1(entity_id="pv-1", type=CommandType.LIMIT_PRODUCTION_POWER, percentage=0).percentage == 0
+    for bad in ({}, {"percentage": -1}, {"percentage": 101}, {"percentage": 50.5}, {"percentage": "50"}, {"value": 5, "percentage": 5}):
+        with pytest.raises(ValidationError):
+            CommandRequestV1.model_validate({"entityId": "pv-1", "type": "LimitProductionPower", **bad})
 
 
 def test_requests_refuse_unknown_types_and_fields() -> None:

@@ -8,7 +8,7 @@ from dercmd.fleet import Fleet, Role
 
 EXAMPLE = Path(__file__).parents[2] / "deploy" / "fleet.example.yaml"
 CHARGING = {T.START_CHARGING, T.STOP_CHARGING}
-PV_ALL = {T.RESET, T.DISCONNECT, T.LIMIT_FEED_IN, T.STOP_FEED_IN}
+PV_ALL = {T.RESET, T.DISCONNECT, T.LIMIT_FEED_IN, T.STOP_FEED_IN, T.LIMIT_PRODUCTION_POWER}
 
 
 def fleet(**entities: dict) -> Fleet:
