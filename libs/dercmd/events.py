@@ -200,6 +200,10 @@ class CommandCancelV1(Event):
     entity_id: str
     reason: str
     by: str | None = None
+    detail: str | None = None
+    #: Also end it while it waits in the scheduled slot (a caller's cancel, its expiresAt);
+    #: a stage deadline leaves a scheduled command to the due-index.
+    include_scheduled: bool = True
     at: datetime
 
     def ce_id(self) -> str:

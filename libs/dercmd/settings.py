@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     dispatch_concurrency: int = Field(
         16, ge=1, description="dispatch: backend calls in flight at once, per backend (deliveries in flight <= this x the batch)."
     )
+    due_tick_ms: int = Field(
+        50, ge=1, description="arbitration: how often each replica polls the due-index for scheduled starts and window ends, ms."
+    )
     kafka_idempotence: bool = Field(
         False, description="Idempotent producer (Apache Kafka only; the embedded broker refuses it)."
     )

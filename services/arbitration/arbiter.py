@@ -1,5 +1,14 @@
-"""The slot rules and the cooldown, as one Redis script call per command (pipelined per batch),
-and what each decision emits. Knows nothing of Kafka: give it a Redis client, a fleet and a clock."""
+"""The slot rules and the cooldown (``arbitrate.lua``), one Redis script call per command
+(pipelined per batch), and what each decision emits. Knows nothing of Kafka: give it a
+Redis client, a fleet and a clock.
+
+Four operations, all on one entity's keys only (so they work on Redis Cluster):
+
+- ``decide`` a new command (rules 1-3);
+- ``start`` a scheduled command whose startAt came (rule 4), and
+- ``end`` an active window whose endAt came (rule 5), both driven by the due-index;
+- ``cancel`` a command (a caller's DELETE, or a deadline the status service's sweeper saw).
+"""
 
 from __future__ import annotations
 
@@ -13,19 +22,82 @@ from importlib import resources
 import redis.asyncio as aioredis
 
 from dercmd import redis_keys, topics
-from dercmd.events import CommandAcceptedV1, CommandStatus, DispatchOrderV1, Event, StatusEventV1
+from dercmd.events import (
+    DEFAULT_PERCENTAGE,
+    CommandAcceptedV1,
+    CommandCancelV1,
+    CommandStatus,
+    CommandType,
+    DispatchOrderV1,
+    Event,
+    StatusEventV1,
+    revert_id,
+)
 from dercmd.fleet import Fleet
+
+from .due import Due
 
 _SCRIPT = resources.files(__package__).joinpath("arbitrate.lua").read_text()
 
 
+def _ms(t: datetime) -> int:
+    return int(t.timestamp() * 1000)
+
+
+def _time(ms: int | None) -> datetime | None:
+    return datetime.fromtimestamp(ms / 1000, UTC) if ms else None
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """What a scheduled or windowed command's dispatch order and revert are built from, kept
+    with its decision in Redis (compact: a busy entity holds two)."""
+
+    type: CommandType
+    value: int | None
+    percentage: int | None
+    start_ms: int | None
+    end_ms: int | None
+    assets: tuple[str, ...] | None
+    accepted_ms: int
+    ignore_cooldown: bool
+
+    @classmethod
+    def of(cls, cmd: CommandAcceptedV1) -> Payload:
+        return cls(cmd.type, cmd.value, cmd.percentage, _ms(cmd.trigger_time) if cmd.trigger_time else None,
+                   _ms(cmd.end_at) if cmd.end_at else None, cmd.asset_identifiers, _ms(cmd.accepted_at), cmd.ignore_cooldown)
+
+    def encode(self) -> str:
+        d: dict[str, object] = {"t": self.type.value, "at": self.accepted_ms}
+        for key, value in (("v", self.value), ("p", self.percentage), ("s", self.start_ms), ("e", self.end_ms),
+                           ("a", list(self.assets) if self.assets is not None else None)):
+            if value is not None:
+                d[key] = value
+        if self.ignore_cooldown:
+            d["ic"] = 1
+        return json.dumps(d, separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, raw: str) -> Payload:
+        d = json.loads(raw)
+        assets = d.get("a")
+        return cls(CommandType(d["t"]), d.get("v"), d.get("p"), d.get("s"), d.get("e"),
+                   tuple(assets) if assets is not None else None, d["at"], bool(d.get("ic")))
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
-    outcome: str  # activated | scheduled | cooldown | expired | aborted (by intake: emits nothing)
+    """A script's answer (see ``arbitrate.lua`` for the outcomes of each operation)."""
+
+    outcome: str
     fence: int
     superseded: tuple[str, ...]
     cooldown_until: datetime | None
     duplicate: bool
+    payload: Payload | None = None
+    at_ms: int | None = None  # "waiting": when it is due again
+    revert: str | None = None  # "ended": the revert dercmd dispatches
+    reason: str | None = None  # "canceled": canceled | expired
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Decision:
@@ -36,20 +108,20 @@ class Decision:
             outcome=d["outcome"],
             fence=int(d["fence"]),
             superseded=tuple(superseded) if isinstance(superseded, list) else (),
-            cooldown_until=datetime.fromtimestamp(until / 1000, UTC) if until else None,
+            cooldown_until=_time(until),
             duplicate=bool(d.get("duplicate")),
+            payload=Payload.decode(d["cmd"]) if d.get("cmd") else None,
+            at_ms=d.get("at"),
+            revert=d.get("revert"),
+            reason=d.get("reason"),
         )
-
-
-def _ms(t: datetime) -> int:
-    return int(t.timestamp() * 1000)
 
 
 Records = list[tuple[topics.Topic, Event, str]]
 
 
 class Arbiter:
-    """``now`` is None in production: the script then uses Redis's clock, one for all replicas."""
+    """``now`` is None in production: the scripts then use Redis's clock, one for all replicas."""
 
     def __init__(
         self,
@@ -57,97 +129,181 @@ class Arbiter:
         fleet: Fleet,
         default_cooldown_s: float,
         now: Callable[[], datetime] | None = None,
+        due: Due | None = None,
     ) -> None:
         self._redis = redis
         self._script = redis.register_script(_SCRIPT)
         self._fleet = fleet
         self._default_cooldown_s = default_cooldown_s
         self._now = now
+        self.due = due or Due(redis, now=now)
 
-    async def decide(self, cmd: CommandAcceptedV1) -> Decision:
-        (decision,) = await self.decide_many([cmd])
-        return decision
+    def _cooldown_ms(self, entity_id: str) -> int:
+        entity = self._fleet.entity(entity_id)
+        cooldown_s = self._fleet.cooldown_s(entity, self._default_cooldown_s) if entity else self._default_cooldown_s
+        return int(cooldown_s * 1000)
 
-    async def decide_many(self, cmds: Sequence[CommandAcceptedV1]) -> list[Decision]:
-        """Decide commands in one Redis round trip: one script call each, pipelined and run
-        in the order given, so one entity's commands are decided in their order."""
+    def _revert(self, entity_id: str, command_id: str) -> str:
+        """The revert an ended window of this entity needs; "" when its backend keeps windows."""
+        entity = self._fleet.entity(entity_id)
+        return "" if entity is not None and self._fleet.keeps_windows(entity) else revert_id(command_id)
+
+    async def _run(self, calls: Sequence[tuple[str, str, str, Sequence[object]]]) -> list[Decision]:
+        """``(op, entity, command, args)`` in one round trip, run in the order given."""
+        if not calls:
+            return []
         pipe = self._redis.pipeline(transaction=False)
         now = _ms(self._now()) if self._now else ""
-        for cmd in cmds:
-            entity = self._fleet.entity(cmd.entity_id)
-            cooldown_s = self._fleet.cooldown_s(entity, self._default_cooldown_s) if entity else self._default_cooldown_s
+        for op, entity_id, command_id, args in calls:
             await self._script(  # queued on the pipeline, not sent yet
-                keys=[redis_keys.slots(cmd.entity_id), redis_keys.decision(cmd.entity_id, cmd.id)],
-                args=[
-                    cmd.id,
-                    now,
-                    _ms(cmd.trigger_time) if cmd.trigger_time else 0,
-                    _ms(cmd.end_at) if cmd.end_at else "",
-                    int(cooldown_s * 1000),
-                    "1" if cmd.ignore_cooldown else "0",
-                    redis_keys.STATE_TTL_S,
-                ],
+                keys=[redis_keys.slots(entity_id), redis_keys.decision(entity_id, command_id)],
+                args=[op, command_id, now, *args],
                 client=pipe,
             )
         async with asyncio.timeout(redis_keys.CALL_TIMEOUT_S):
             replies = await pipe.execute()
         return [Decision.from_json(raw) for raw in replies]
 
+    async def decide(self, cmd: CommandAcceptedV1) -> Decision:
+        (decision,) = await self.decide_many([cmd])
+        return decision
+
+    async def decide_many(self, events: Sequence[CommandAcceptedV1 | CommandCancelV1]) -> list[Decision]:
+        """Decide new commands and cancels in one Redis round trip, in the order given (so one
+        entity's are decided in their order), then put what they scheduled on the due-index."""
+        calls: list[tuple[str, str, str, Sequence[object]]] = []
+        for ev in events:
+            if isinstance(ev, CommandCancelV1):
+                calls.append(("cancel", ev.entity_id, ev.command_id, self._cancel_args(ev)))
+                continue
+            start = ev.trigger_time
+            calls.append(("decide", ev.entity_id, ev.id, (
+                _ms(start) if start else 0,
+                _ms(ev.end_at) if ev.end_at else "",
+                self._cooldown_ms(ev.entity_id),
+                "1" if ev.ignore_cooldown else "0",
+                redis_keys.STATE_TTL_S,
+                # Kept only where it is needed later: at its start (by Redis's clock) or its end.
+                Payload.of(ev).encode() if start is not None or ev.end_at is not None else "",
+            )))
+        decisions = await self._run(calls)
+        await self.due.add_many(self._due_entries(events, decisions))
+        return decisions
+
+    def _cancel_args(self, ev: CommandCancelV1) -> tuple[object, ...]:
+        # A stage deadline leaves a scheduled command alone (it is waiting for its start or a
+        # cooldown, the due-index will act); a caller's cancel or expiresAt does not.
+        return (ev.reason, self._revert(ev.entity_id, ev.command_id), "1" if ev.include_scheduled else "0", redis_keys.STATE_TTL_S)
+
+    @staticmethod
+    def _due_entries(events: Sequence[CommandAcceptedV1 | CommandCancelV1], decisions: Sequence[Decision]) -> list[Due.Entry]:
+        """What the due-index must hold after these decisions: a scheduled command's start, an
+        activated window's end. Added again for a repeated decision (it may have been lost)."""
+        entries: list[Due.Entry] = []
+        for ev, d in zip(events, decisions, strict=True):
+            if isinstance(ev, CommandCancelV1):
+                continue
+            if d.outcome == "scheduled" and ev.trigger_time is not None:
+                entries.append(Due.Entry("s", ev.entity_id, ev.id, _ms(ev.trigger_time)))
+            elif d.outcome == "activated" and ev.end_at is not None:
+                entries.append(Due.Entry("e", ev.entity_id, ev.id, _ms(ev.end_at)))
+        return entries
+
+    async def fire(self, entries: Sequence[Due.Entry]) -> list[Decision]:
+        """Run what the due-index says has come: starts and ends, in one round trip."""
+        calls: list[tuple[str, str, str, Sequence[object]]] = []
+        for e in entries:
+            if e.kind == "s":
+                calls.append(("start", e.entity_id, e.command_id, (self._cooldown_ms(e.entity_id),)))
+            else:
+                calls.append(("end", e.entity_id, e.command_id, (e.at_ms, self._revert(e.entity_id, e.command_id))))
+        return await self._run(calls)
+
+
+# -- what decisions emit ----------------------------------------------------------------
+
+
+def _status(command_id: str, entity_id: str, status: CommandStatus, now: datetime, **fields: object) -> tuple[topics.Topic, Event, str]:
+    return (topics.STATUS, StatusEventV1(command_id=command_id, entity_id=entity_id, status=status, at=now, **fields), entity_id)
+
+
+def _superseded(entity_id: str, decision: Decision, by: str, now: datetime) -> Records:
+    return [_status(old, entity_id, CommandStatus.CANCELED, now, reason="superseded", superseded_by=by)
+            for old in decision.superseded if old != by]
+
+
+def _activation(entity_id: str, command_id: str, payload: Payload, decision: Decision, now: datetime) -> tuple[Records, Records]:
+    """Triggered, then the dispatch order."""
+    order = DispatchOrderV1(
+        command_id=command_id, entity_id=entity_id, type=payload.type, value=payload.value, percentage=payload.percentage,
+        fence=decision.fence, accepted_at=_time(payload.accepted_ms) or now, ordered_at=now,
+        start_at=_time(payload.start_ms) if payload.end_ms else None, end_at=_time(payload.end_ms),
+        asset_identifiers=payload.assets,
+    )
+    triggered = _status(command_id, entity_id, CommandStatus.TRIGGERED, now, fence=decision.fence)
+    return [triggered], [(topics.ORDERS, order, entity_id)]
+
+
+def _revert(entity_id: str, of: str, payload: Payload | None, decision: Decision, now: datetime) -> tuple[Records, Records]:
+    """The revert of an ended window, a command of its own: its first event makes its row."""
+    assert decision.revert is not None
+    assets = payload.assets if payload else None
+    fields = {"type": CommandType.LIMIT_PRODUCTION_POWER, "percentage": DEFAULT_PERCENTAGE, "asset_identifiers": assets}
+    triggered = _status(decision.revert, entity_id, CommandStatus.TRIGGERED, now, fence=decision.fence, revert_of=of,
+                        trigger_time=now, source="revert", **fields)
+    order = DispatchOrderV1(command_id=decision.revert, entity_id=entity_id, fence=decision.fence, accepted_at=now,
+                            ordered_at=now, revert_of=of, **fields)  # type: ignore[arg-type]
+    return [triggered], [(topics.ORDERS, order, entity_id)]
+
 
 def emissions(cmd: CommandAcceptedV1, decision: Decision, now: datetime) -> tuple[Records, Records]:
-    """What a decision publishes, in two steps: the first must be acknowledged before the
-    second is sent, so that ``Triggered`` is on the status topic before dispatch can say ``Sent``."""
-    status = topics.STATUS
+    """What deciding a new command publishes, in two steps: the first must be acknowledged
+    before the second is sent, so that ``Triggered`` is on the status topic before dispatch
+    can say ``Sent``."""
     key = cmd.entity_id
-    first: Records = [
-        (
-            status,
-            StatusEventV1(
-                command_id=old,
-                entity_id=key,
-                status=CommandStatus.CANCELED,
-                reason="superseded",
-                superseded_by=cmd.id,
-                at=now,
-            ),
-            key,
-        )
-        for old in decision.superseded
-        if old != cmd.id
-    ]
+    first = _superseded(key, decision, cmd.id, now)
     if decision.outcome == "activated":
-        first.append(
-            (status, StatusEventV1(command_id=cmd.id, entity_id=key, status=CommandStatus.TRIGGERED, fence=decision.fence, at=now), key)
-        )
-        order = DispatchOrderV1(
-            command_id=cmd.id,
-            entity_id=key,
-            type=cmd.type,
-            value=cmd.value,
-            fence=decision.fence,
-            accepted_at=cmd.accepted_at,
-            ordered_at=now,
-        )
-        return first, [(topics.ORDERS, order, key)]
+        before, then = _activation(key, cmd.id, decision.payload or Payload.of(cmd), decision, now)
+        return first + before, then
     if decision.outcome == "cooldown":
-        first.append(
-            (
-                status,
-                StatusEventV1(
-                    command_id=cmd.id,
-                    entity_id=key,
-                    status=CommandStatus.FAILED,
-                    reason="cooldown_active",
-                    cooldown_until=decision.cooldown_until,
-                    detail=f"cooldown active until {decision.cooldown_until.isoformat() if decision.cooldown_until else '?'}",
-                    at=now,
-                ),
-                key,
-            )
-        )
+        until = decision.cooldown_until
+        first.append(_status(cmd.id, key, CommandStatus.FAILED, now, reason="cooldown_active", cooldown_until=until,
+                             detail=f"cooldown active until {until.isoformat() if until else '?'}"))
     elif decision.outcome == "expired":
-        first.append(
-            (status, StatusEventV1(command_id=cmd.id, entity_id=key, status=CommandStatus.CANCELED, reason="expired", at=now), key)
-        )
-    # "scheduled": stays Pending until its start (the due-index comes with scheduled commands).
+        first.append(_status(cmd.id, key, CommandStatus.CANCELED, now, reason="expired", detail="its endAt had passed"))
+    # "scheduled": stays Pending until its start; "aborted"/"canceled": intake or a cancel
+    # said what there is to say.
     return first, []
+
+
+def fire_emissions(entry: Due.Entry, decision: Decision, now: datetime) -> tuple[Records, Records]:
+    """What a start or an end from the due-index publishes."""
+    key, command_id = entry.entity_id, entry.command_id
+    if entry.kind == "s":
+        if decision.outcome == "activated" and decision.payload is not None:
+            before, then = _activation(key, command_id, decision.payload, decision, now)
+            return _superseded(key, decision, command_id, now) + before, then
+        if decision.outcome == "expired":
+            return [_status(command_id, key, CommandStatus.CANCELED, now, reason="expired",
+                            detail="its endAt passed while it waited for the cooldown to end")], []
+        return [], []  # waiting (due again later) or gone (superseded or canceled since)
+    if decision.outcome == "ended" and decision.revert:
+        return _revert(key, command_id, decision.payload, decision, now)
+    if decision.outcome == "lapsed":
+        return [_status(command_id, key, CommandStatus.CANCELED, now, reason="expired",
+                        detail="its window ended before it could be delivered")], []
+    return [], []
+
+
+def cancel_emissions(ev: CommandCancelV1, decision: Decision, now: datetime) -> tuple[Records, Records]:
+    """What a cancel publishes: the command's end (if it had not been delivered), or the
+    revert of a delivered window it ended early."""
+    key = ev.entity_id
+    if decision.outcome == "canceled":
+        if ev.reason == "canceled":
+            return [_status(ev.command_id, key, CommandStatus.CANCELED, now, reason="canceled",
+                            detail=f"canceled by {ev.by}" if ev.by else "canceled")], []
+        return [_status(ev.command_id, key, CommandStatus.FAILED, now, reason=ev.reason, detail=ev.detail)], []
+    if decision.outcome == "ended" and decision.revert:
+        return _revert(key, ev.command_id, decision.payload, decision, now)
+    return [], []

@@ -1,79 +1,212 @@
--- Slot rules 1-3 and the cooldown of BRIEF section 3, for one command, atomically.
+-- The slot rules of BRIEF section 3 for one entity, atomically: deciding a new command (rules
+-- 1-3), a scheduled command coming due (rule 4), an active window ending (rule 5), and ending
+-- a command early (a caller's cancel, or a deadline).
 --
--- KEYS[1]  slots hash of the entity     (dercmd:{entity}:slots)
--- KEYS[2]  decision key of the command  (dercmd:{entity}:decision:<command id>)
--- ARGV[1]  command id
--- ARGV[2]  now, ms since the epoch, or "" for Redis's own clock (one clock for every
+-- KEYS[1]  slots hash of the entity        (dercmd:{entity}:slots)
+-- KEYS[2]  decision key of the command     (dercmd:{entity}:decision:<command id>)
+-- ARGV[1]  operation: decide | start | end | cancel
+-- ARGV[2]  command id
+-- ARGV[3]  now, ms since the epoch, or "" for Redis's own clock (one clock for every
 --          replica, whatever the skew between their hosts; tests pass a fixed time)
--- ARGV[3]  startAt, ms
--- ARGV[4]  endAt, ms, or "" for a command that stays active until replaced
--- ARGV[5]  cooldown, ms (0 disables)
--- ARGV[6]  "1" to ignore the cooldown
--- ARGV[7]  how long the decision is remembered, seconds
+-- and per operation:
+--   decide  ARGV[4] startAt ms, ARGV[5] endAt ms or "" (holds until replaced),
+--           ARGV[6] cooldown ms (0 disables), ARGV[7] "1" to ignore the cooldown,
+--           ARGV[8] how long the decision is remembered (s), ARGV[9] the command's payload
+--           (kept with the decision of a scheduled or windowed command: what its dispatch
+--           order and its revert are built from)
+--   start   ARGV[4] cooldown ms                      (the due-index says its startAt came)
+--   end     ARGV[4] endAt ms, ARGV[5] revert id or "" (the backend keeps windows natively)
+--   cancel  ARGV[4] reason (canceled | expired), ARGV[5] revert id or "",
+--           ARGV[6] "1" to take it out of the scheduled slot too, ARGV[7] ttl s
 --
--- Returns the decision as JSON: {outcome, fence, superseded[], cooldownUntil, duplicate}.
--- outcome: "activated" (dispatch now), "scheduled" (stored in the scheduled slot),
--- "cooldown" (refused; cooldownUntil says until when), "expired" (endAt already past).
--- A command seen before returns its first decision with duplicate=true and changes nothing;
--- that includes "aborted", which intake records when it could not announce a command.
--- Every slot change increments the entity's fence; an activation also records it as
--- active_fence, and dispatch refuses orders older than that.
+-- The decision key holds the command's decision as JSON; every operation records what it
+-- did there, so that repeating an operation (a redelivered event, a due entry taken again
+-- after a crash) returns the recorded result with duplicate=true and changes nothing:
+--   {outcome, fence, superseded[], cooldownUntil, duplicate, cmd?, at?, revert?}
+-- outcome of decide: activated | scheduled | cooldown | expired (endAt already past);
+--   "aborted"/"canceled" recorded by intake/cancel before arbitration saw the command.
+-- start: activated | waiting (cooldown: due again at "at") | expired (endAt passed first) | gone
+-- end:   ended (revert set when dercmd dispatches one; the revert becomes the active
+--        command so that a newer command supersedes it like any other) | lapsed (the window
+--        ended before dispatch claimed it: it was never delivered) | gone
+-- cancel: canceled | ended (a delivered window: revert) | finished (nothing to end)
+-- "gone": the command no longer holds that slot (superseded or canceled since).
+--
+-- Every slot change increments the entity's fence; a change of the active command also
+-- records it as active_fence, and dispatch refuses orders older than that. "delivered" is
+-- set atomically by dispatch's claim: a command dispatch has claimed is never Canceled here,
+-- its delivery result is its one terminal status.
 
-local recorded = redis.call('GET', KEYS[2])
-if recorded then
-  local d = cjson.decode(recorded)
-  d['duplicate'] = true
-  return cjson.encode(d)
-end
-
-local cmd = ARGV[1]
-local now = tonumber(ARGV[2])
+local op = ARGV[1]
+local cmd = ARGV[2]
+local now = tonumber(ARGV[3])
 if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local start_at = tonumber(ARGV[3])
-local end_at = tonumber(ARGV[4])  -- nil when ""
-local cooldown = tonumber(ARGV[5])
-local ignore_cooldown = ARGV[6] == '1'
 
-local d = {outcome = '', fence = 0, superseded = {}, cooldownUntil = 0, duplicate = false}
-local slot = redis.call('HMGET', KEYS[1], 'fence', 'active', 'scheduled', 'cooldown_until', 'delivered')
-d.fence = tonumber(slot[1]) or 0
-local cooldown_until = tonumber(slot[4]) or 0
-
-if end_at and end_at <= now then
-  -- rule 1: a window that has already ended is ignored
-  d.outcome = 'expired'
-elseif start_at <= now then
-  -- rule 2: due now; the cooldown applies when a command is about to be dispatched
-  if (not ignore_cooldown) and cooldown_until > now then
-    d.outcome = 'cooldown'
-    d.cooldownUntil = cooldown_until
-  else
-    d.outcome = 'activated'
-    -- The active command is Canceled only if dispatch has not claimed it yet ("delivered" is
-    -- set atomically by dispatch's claim): once claimed, its delivery result is its one
-    -- terminal status. A scheduled command is never delivered before it is active.
-    if slot[2] and slot[2] ~= slot[5] then table.insert(d.superseded, slot[2]) end
-    if slot[3] then table.insert(d.superseded, slot[3]) end
-    d.fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
-    redis.call('HSET', KEYS[1], 'active', cmd, 'active_end', ARGV[4], 'active_fence', d.fence)
-    redis.call('HDEL', KEYS[1], 'scheduled', 'scheduled_start', 'delivered')
-    if cooldown > 0 then
-      d.cooldownUntil = now + cooldown
-      redis.call('HSET', KEYS[1], 'cooldown_until', d.cooldownUntil)
-    end
-  end
-else
-  -- rule 3: in the future; overwrites the scheduled slot. The fence moves, active_fence
-  -- does not: the active command's dispatch order stays valid.
-  d.outcome = 'scheduled'
-  if slot[3] then table.insert(d.superseded, slot[3]) end
-  d.fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
-  redis.call('HSET', KEYS[1], 'scheduled', cmd, 'scheduled_start', start_at)
+local function load_decision()
+  local raw = redis.call('GET', KEYS[2])
+  if raw then return cjson.decode(raw) end
+  return nil
 end
 
--- cjson encodes an empty table as {}; callers treat a missing or empty value alike.
-redis.call('SET', KEYS[2], cjson.encode(d), 'EX', tonumber(ARGV[7]))
-return cjson.encode(d)
+local function save(d, ttl)
+  d['duplicate'] = false
+  local raw = cjson.encode(d)
+  if ttl then
+    redis.call('SET', KEYS[2], raw, 'EX', ttl)
+  else
+    redis.call('SET', KEYS[2], raw, 'KEEPTTL')
+  end
+  return raw
+end
+
+local function replay(d)
+  d['duplicate'] = true
+  return cjson.encode(d)
+end
+
+local slot = redis.call('HMGET', KEYS[1], 'fence', 'active', 'scheduled', 'cooldown_until', 'delivered', 'active_end')
+local active, scheduled, delivered = slot[2], slot[3], slot[5]
+local cooldown_until = tonumber(slot[4]) or 0
+
+-- Make cmd the active command (rules 2 and 4): the active command is superseded unless
+-- dispatch has claimed it; a scheduled command other than cmd is superseded.
+local function activate(d, end_at, cooldown)
+  d.superseded = {}
+  if active and active ~= delivered and active ~= cmd then table.insert(d.superseded, active) end
+  if scheduled and scheduled ~= cmd then table.insert(d.superseded, scheduled) end
+  d.fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
+  redis.call('HSET', KEYS[1], 'active', cmd, 'active_end', end_at, 'active_fence', d.fence)
+  redis.call('HDEL', KEYS[1], 'scheduled', 'scheduled_start', 'delivered')
+  if cooldown > 0 then
+    d.cooldownUntil = now + cooldown
+    redis.call('HSET', KEYS[1], 'cooldown_until', d.cooldownUntil)
+  end
+  d.outcome = 'activated'
+end
+
+-- The active window ends (rule 5), on time or early: the revert, when dercmd dispatches one,
+-- becomes the active command (a newer command supersedes it unless dispatch claimed it).
+local function end_active(d, revert)
+  d.fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
+  if revert ~= '' then
+    redis.call('HSET', KEYS[1], 'active', revert, 'active_end', '', 'active_fence', d.fence)
+    d.revert = revert
+  else
+    redis.call('HDEL', KEYS[1], 'active', 'active_end')
+    redis.call('HSET', KEYS[1], 'active_fence', d.fence)
+  end
+  redis.call('HDEL', KEYS[1], 'delivered')
+end
+
+if op == 'decide' then
+  local recorded = load_decision()
+  if recorded then return replay(recorded) end
+  local start_at = tonumber(ARGV[4])
+  local end_at = tonumber(ARGV[5])  -- nil when ""
+  local cooldown = tonumber(ARGV[6])
+  local d = {outcome = '', fence = tonumber(slot[1]) or 0, superseded = {}, cooldownUntil = 0}
+  if ARGV[9] ~= '' then d.cmd = ARGV[9] end
+  if end_at and end_at <= now then
+    d.outcome = 'expired'  -- rule 1: a window that has already ended is ignored
+  elseif start_at <= now then
+    -- rule 2: due now; the cooldown applies when a command is about to be dispatched
+    if ARGV[7] ~= '1' and cooldown_until > now then
+      d.outcome = 'cooldown'
+      d.cooldownUntil = cooldown_until
+    else
+      activate(d, ARGV[5], cooldown)
+    end
+  else
+    -- rule 3: in the future; overwrites the scheduled slot. active_fence does not move:
+    -- the active command's dispatch order stays valid.
+    d.outcome = 'scheduled'
+    if scheduled then table.insert(d.superseded, scheduled) end
+    d.fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
+    redis.call('HSET', KEYS[1], 'scheduled', cmd, 'scheduled_start', start_at)
+  end
+  return save(d, tonumber(ARGV[8]))
+end
+
+local d = load_decision()
+if not d then
+  if op ~= 'cancel' then return cjson.encode({outcome = 'gone', fence = 0, superseded = {}, cooldownUntil = 0, duplicate = false}) end
+  -- Not decided (its accepted event is late or lost), or a revert (decided by 'end').
+  d = {outcome = 'undecided', fence = tonumber(slot[1]) or 0, superseded = {}, cooldownUntil = 0}
+end
+
+if op == 'start' then
+  if d.outcome ~= 'scheduled' and d.outcome ~= 'waiting' then
+    return replay(d)  -- fired before (a due entry taken again), or canceled meanwhile
+  end
+  if scheduled ~= cmd then
+    d.outcome = 'gone'  -- superseded or canceled since; they said so
+    return save(d)
+  end
+  local payload = cjson.decode(d.cmd or '{}')
+  local end_at = tonumber(payload.e)
+  local cooldown = tonumber(ARGV[4])
+  if end_at and end_at <= now then
+    redis.call('HDEL', KEYS[1], 'scheduled', 'scheduled_start')
+    d.fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
+    d.outcome = 'expired'
+  elseif payload.ic ~= 1 and cooldown_until > now then
+    -- Due inside the cooldown: waits for its end, or is expired when its endAt comes first.
+    d.outcome = 'waiting'
+    d.at = cooldown_until
+    if end_at and end_at < cooldown_until then d.at = end_at end
+    return save(d)
+  else
+    activate(d, payload.e and tostring(payload.e) or '', cooldown)
+  end
+  return save(d)
+end
+
+local function gone()
+  return cjson.encode({outcome = 'gone', fence = d.fence, superseded = {}, cooldownUntil = 0, duplicate = false})
+end
+
+if op == 'end' then
+  if d.early then return gone() end  -- a cancel ended it already (and said so)
+  if d.outcome ~= 'activated' then return replay(d) end
+  if active ~= cmd or slot[6] ~= ARGV[4] then
+    d.outcome = 'gone'
+    return save(d)
+  end
+  if delivered ~= cmd then
+    -- Its window passed before dispatch claimed it: never delivered, nothing to revert.
+    end_active(d, '')
+    d.outcome = 'lapsed'
+    return save(d)
+  end
+  end_active(d, ARGV[5])
+  d.outcome = 'ended'
+  return save(d)
+end
+
+if op == 'cancel' then
+  if d.outcome == 'canceled' or d.outcome == 'ended' then return replay(d) end
+  local undecided = d.outcome == 'undecided'
+  d.reason = ARGV[4]
+  if scheduled == cmd and ARGV[6] == '1' then
+    redis.call('HDEL', KEYS[1], 'scheduled', 'scheduled_start')
+    d.fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
+    d.outcome = 'canceled'
+  elseif active == cmd and delivered ~= cmd then
+    end_active(d, '')
+    d.outcome = 'canceled'
+  elseif active == cmd and slot[6] and slot[6] ~= '' and ARGV[4] == 'canceled' then
+    end_active(d, ARGV[5])  -- a delivered window the caller ends now
+    d.outcome = 'ended'
+    d.early = true
+  elseif undecided then
+    d.outcome = 'canceled'  -- recorded first: arbitration will never act on it
+  else
+    return cjson.encode({outcome = 'finished', fence = d.fence, superseded = {}, cooldownUntil = 0, duplicate = false})
+  end
+  return save(d, tonumber(ARGV[7]))
+end
+
+return redis.error_reply('unknown op ' .. op)

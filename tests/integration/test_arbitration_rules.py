@@ -42,7 +42,7 @@ async def arbiter(redis_url: str):  # type: ignore[no-untyped-def]
 
 def cmd(id: str, *, entity: str = "pv-1", start: datetime | None = None, end: datetime | None = None, ignore: bool = False) -> CommandAcceptedV1:
     return CommandAcceptedV1(
-        id=id, entity_id=entity, type=CommandType.STOP_FEED_IN, trigger_time=start, end_time=end,
+        id=id, entity_id=entity, type=CommandType.STOP_FEED_IN, trigger_time=start, end_at=end,
         ignore_cooldown=ignore, accepted_at=T0, source="test",
     )
 
