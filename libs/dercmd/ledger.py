@@ -12,7 +12,7 @@ command, never move one that exists. Methods are synchronous; async callers use 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy.exc
@@ -31,7 +31,9 @@ from sqlalchemy import (
     bindparam,
     create_engine,
     event,
+    and_,
     inspect,
+    or_,
     select,
     text,
     update,
@@ -413,6 +415,28 @@ class Ledger:
         if status is not None:
             query = query.where(commands.c.status == status.value)
         query = query.order_by(commands.c.created_at.desc(), commands.c.id).offset(offset).limit(limit)
+        with self.engine.connect() as conn:
+            return [_state(row._mapping) for row in conn.execute(query)]
+
+    def overdue(self, now: datetime, *, pending_s: float, triggered_s: float, sent_s: float, limit: int) -> list[CommandStateV1]:
+        """Open commands past a deadline, oldest change first: Pending longer than
+        ``pending_s`` after their start, Triggered longer than ``triggered_s``, Sent longer
+        than ``sent_s``, and Pending or Triggered past the caller's ``expiresAt``."""
+        c = commands.c
+        pending, triggered, sent = CommandStatus.PENDING.value, CommandStatus.TRIGGERED.value, CommandStatus.SENT.value
+        query = (
+            select(commands)
+            .where(
+                or_(
+                    and_(c.status == pending, c.trigger_time < now - timedelta(seconds=pending_s)),
+                    and_(c.status == triggered, c.triggered_at < now - timedelta(seconds=triggered_s)),
+                    and_(c.status == sent, c.sent_at < now - timedelta(seconds=sent_s)),
+                    and_(c.status.in_((pending, triggered)), c.expires_at < now),
+                )
+            )
+            .order_by(c.updated_at)
+            .limit(limit)
+        )
         with self.engine.connect() as conn:
             return [_state(row._mapping) for row in conn.execute(query)]
 

@@ -79,6 +79,16 @@ class Settings(BaseSettings):
     due_tick_ms: int = Field(
         50, ge=1, description="arbitration: how often each replica polls the due-index for scheduled starts and window ends, ms."
     )
+    deadline_pending_s: float = Field(
+        60.0, gt=0, description="status sweeper: a command still Pending this long after its start (not arbitrated) ends Failed: expired."
+    )
+    deadline_triggered_s: float = Field(
+        60.0, gt=0, description="status sweeper: a command Triggered this long and not claimed by dispatch ends Failed: expired."
+    )
+    deadline_sent_s: float = Field(
+        120.0, gt=0, description="status sweeper: a command Sent this long without a result is checked with its backend, else ends Failed: no_confirmation."
+    )
+    sweep_interval_s: float = Field(5.0, gt=0, description="status sweeper: how often open commands are checked against their deadlines, s.")
     kafka_idempotence: bool = Field(
         False, description="Idempotent producer (Apache Kafka only; the embedded broker refuses it)."
     )

@@ -17,8 +17,8 @@ import redis.asyncio as aioredis
 from aiokafka.errors import KafkaError
 
 from dercmd import redis_keys, topics
-from dercmd.events import CommandAcceptedV1, CommandFields, CommandStateV1, CommandStatus, Event, StatusEventV1, utcnow
-from dercmd.fleet import Entity, Fleet
+from dercmd.events import CommandAcceptedV1, CommandStateV1, CommandStatus, Event, StatusEventV1, utcnow
+from dercmd.fleet import Fleet
 from dercmd.kafka import Publisher
 from dercmd.ledger import Ledger
 
@@ -44,13 +44,6 @@ class Admission:
         self.redis = redis
         #: REST's way in: concurrent POSTs share ledger transactions and producer acks.
         self._group: GroupCommit[CommandAcceptedV1, CommandStateV1 | Refusal] = GroupCommit(self._admit_now, max_batch)
-
-    def check(self, entity: Entity, fields: CommandFields) -> None:
-        if not self.fleet.supports(entity, fields.type):
-            raise Refusal(
-                "command_not_supported",
-                f"{fields.type} is not supported by {entity.id} ({entity.kind}, {entity.vendor}, {entity.backend})",
-            )
 
     async def abort(self, cmd: CommandAcceptedV1, why: str) -> bool:
         """For a command whose announcement failed: make sure arbitration will never act on
@@ -111,8 +104,9 @@ class Admission:
         return result
 
     async def _admit_now(self, cmds: list[CommandAcceptedV1]) -> list[CommandStateV1 | Refusal]:
-        """REST's group commit: cooldowns first (409 without a command), then admission."""
-        refused = await self.cooldowns([c for c in cmds if not c.ignore_cooldown])
+        """REST's group commit: cooldowns first (409 without a command), then admission. Only
+        for a command due now: a later one meets the cooldown when it comes due (BRIEF 3)."""
+        refused = await self.cooldowns([c for c in cmds if not c.ignore_cooldown and c.trigger_time is None])
         rest = [c for c in cmds if c.id not in refused]
         admitted = iter(await self.admit_many(rest) if rest else [])
         return [refused.get(c.id) or next(admitted) for c in cmds]

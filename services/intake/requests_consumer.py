@@ -23,6 +23,7 @@ from dercmd.events import ID_PATTERN, CommandAcceptedV1, CommandRequestV1, Comma
 from dercmd.kafka import header
 
 from . import metrics
+from . import commands
 from .admission import Admission, Refusal
 
 log = logging.getLogger(__name__)
@@ -59,19 +60,14 @@ class RequestsHandler:
             try:
                 if entity is None:
                     raise Refusal("unknown_entity", f"no entity {request.entity_id}")
-                self._admission.check(entity, request)
+                cmd = commands.build(
+                    self._admission.fleet, entity, request, now=now, source="kafka", command_id=command_id,
+                    start_at=request.start_at, end_at=request.end_at, asset_identifiers=request.asset_identifiers,
+                    expires_at=request.expires_at, ignore_cooldown=request.ignore_cooldown,
+                )
             except Refusal as refusal:
                 refused.append((item, command_id, refusal))
                 continue
-            cmd = CommandAcceptedV1(
-                id=command_id,
-                entity_id=request.entity_id,
-                type=request.type,
-                value=request.value,
-                ignore_cooldown=request.ignore_cooldown,
-                accepted_at=now,
-                source="kafka",
-            )
             admitted.append((item, cmd))
         results = await self._admission.admit_many([cmd for _, cmd in admitted]) if admitted else []
         for (item, cmd), result in zip(admitted, results, strict=True):
@@ -122,6 +118,7 @@ class RequestsHandler:
                 reason=key,
                 detail=message,
                 type=request.type if request else None,
+                percentage=request.percentage if request else None,
                 value=request.value if request else None,
                 source="kafka",
             )

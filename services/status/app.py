@@ -16,6 +16,7 @@ from dercmd.service import Service
 from dercmd.settings import Settings
 
 from . import metrics
+from .sweeper import Sweeper
 
 log = logging.getLogger(__name__)
 
@@ -59,4 +60,8 @@ def build(settings: Settings) -> Service:
         await service.publisher.publish_all([(topics.STATE, r.state, command_id) for command_id, r in latest.items()])
 
     service.consume(topics.STATUS, handle)
+    sweeper = Sweeper(settings, ledger, service.publisher, service.redis)
+    service.starters.append(sweeper.start)
+    service.closers.insert(0, sweeper.stop)
+    service.health_checks.append(sweeper.check)
     return service

@@ -16,3 +16,8 @@ COMPLETION_SECONDS = Histogram(
     ["status"],
     buckets=LATENCY_BUCKETS,
 )
+SWEPT = Counter(
+    "dercmd_status_swept_total",
+    "Open commands past a deadline that the sweeper handed on (to arbitration or dispatch), by the status they were in.",
+    ["status"],
+)

@@ -1,0 +1,88 @@
+"""What every router of the API shares: the fleet, admission, the ledger, and who the caller is."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka.errors import KafkaError
+from fastapi import Depends
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+
+from dercmd.events import CommandAcceptedV1, CommandStateV1
+from dercmd.fleet import Entity, Fleet, Role
+from dercmd.ledger import Ledger
+
+from .admission import Admission, Refusal
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+class Error(BaseModel):
+    key: str
+    message: str
+
+
+#: The error answers every route may give, for the OpenAPI document.
+ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": Error} for s in (400, 401, 403, 404, 409, 503)}
+
+
+def command_json(state: CommandStateV1) -> dict[str, Any]:
+    return state.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def caller_of(token: str) -> str:
+    """Who a token is, for the audit trail, without writing the secret down."""
+    return "token:" + hashlib.sha256(token.encode()).hexdigest()[:12]
+
+
+@dataclass
+class Intake:
+    fleet: Fleet
+    admission: Admission
+    ledger: Ledger
+
+    async def token(self, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> str:
+        """The FastAPI dependency for the caller's bearer token (401 without a known one)."""
+        if credentials is None or not self.fleet.knows_token(credentials.credentials):
+            raise Refusal("unauthorized", "a valid bearer token is required", status=401, headers={"WWW-Authenticate": "Bearer"})
+        return credentials.credentials
+
+    def authorise(self, token: str, entity_id: str, needed: Role, *, unknown: Refusal | None = None) -> Entity:
+        """The entity, if the token holds ``needed`` on it. 404 whether it does not exist or
+        may not be seen, so a caller never learns which; ``unknown`` replaces that 404 for an
+        entity the token could see if it existed (the batch API's ``unknown_device_hash_id``)."""
+        entity = self.fleet.entity(entity_id)
+        role = self.fleet.role(token, entity_id)
+        if role is None or (entity is None and unknown is None):
+            raise Refusal("entity_not_found", f"no entity {entity_id}", status=404)
+        if entity is None:
+            raise unknown  # type: ignore[misc]
+        if not role.allows(needed):
+            raise Refusal("forbidden", f"{role} may not send commands to {entity_id}", status=403)
+        return entity
+
+    async def admit(self, cmds: list[CommandAcceptedV1]) -> list[CommandStateV1]:
+        """Admit commands of one request together (they join one group commit): all of them,
+        or a :class:`Refusal` for the request. When the broker did not confirm, each command
+        arbitration has not seen is aborted (Failed: ``intake_unavailable``); if that was all
+        of them, the caller gets a 503 and may retry."""
+        results = await asyncio.gather(*(self.admission.admit(cmd) for cmd in cmds), return_exceptions=True)
+        for result in results:
+            if isinstance(result, Refusal):
+                raise result
+        failed = [(cmd, r) for cmd, r in zip(cmds, results, strict=True) if isinstance(r, KafkaError)]
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, KafkaError):
+                raise result
+        aborted = [await self.admission.abort(cmd, repr(exc)) for cmd, exc in failed]
+        if failed and all(aborted):
+            raise Refusal("intake_unavailable", "the command could not be queued; retry later", status=503)
+        if not failed:
+            return list(results)  # type: ignore[arg-type]
+        # Some were live after all: the caller gets them all, as the ledger has them now.
+        states = await asyncio.to_thread(self.ledger.get_many, [c.id for c in cmds])
+        return [states[c.id] for c in cmds]

@@ -1,0 +1,1 @@
+"""One router per API: entity commands (BRIEF 2.1), batch commands (BRIEF 2.2), queries."""
