@@ -21,8 +21,9 @@ FLEET = Path(__file__).parents[2] / "deploy" / "fleet.example.yaml"
 TERMINAL = {"Succeeded", "Failed", "Canceled", "Rejected"}
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def running_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, fleet_file: Path = FLEET,
+                  **settings: str) -> Iterator[Stack]:
+    """The whole stack on the ledger ``request.param`` names (sqlite or postgresql)."""
     work = tmp_path_factory.mktemp(f"stack-{request.param}")
     database_url = (
         f"sqlite:///{work}/ledger.sqlite3" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
@@ -32,9 +33,14 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         redis.Redis.from_url(redis_url).flushdb()
     except redis.ConnectionError as exc:
         pytest.fail(f"Redis at {redis_url}: {exc!r}")
-    env = isolated_env(redis_url=redis_url, database_url=database_url, fleet_file=FLEET, log_level="INFO")
+    env = isolated_env(redis_url=redis_url, database_url=database_url, fleet_file=fleet_file, log_level="INFO", **settings)
     with Stack(env=env, log_dir=work / "logs") as running:
         yield running
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    yield from running_stack(request, tmp_path_factory)
 
 
 class Api:
@@ -45,6 +51,15 @@ class Api:
     def post(self, entity_id: str, body: dict[str, Any], token: str | None = "dev-contributor", **params: Any) -> httpx.Response:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return self.http.post(f"/v1/entities/{entity_id}/commands", json=body, headers=headers, params=params)
+
+    def batch(self, body: dict[str, Any], token: str = "dev-contributor") -> httpx.Response:
+        return self.http.post("/v1/command/", json=body, headers={"Authorization": f"Bearer {token}"})
+
+    def schedule(self, entity_id: str, items: list[dict[str, Any]], token: str = "dev-contributor") -> httpx.Response:
+        return self.http.post(f"/v1/entities/{entity_id}/commands/schedule", json=items, headers={"Authorization": f"Bearer {token}"})
+
+    def delete(self, command_id: str, token: str = "dev-contributor") -> httpx.Response:
+        return self.http.delete(f"/v1/commands/{command_id}", headers={"Authorization": f"Bearer {token}"})
 
     def get(self, command_id: str, token: str = "dev-contributor") -> httpx.Response:
         return self.http.get(f"/v1/commands/{command_id}", headers={"Authorization": f"Bearer {token}"})
