@@ -68,21 +68,26 @@ class Payload:
                    _ms(cmd.end_at) if cmd.end_at else None, cmd.asset_identifiers, _ms(cmd.accepted_at), cmd.ignore_cooldown)
 
     def encode(self) -> str:
-        d: dict[str, object] = {"t": self.type.value, "at": self.accepted_ms}
-        for key, value in (("v", self.value), ("p", self.percentage), ("s", self.start_ms), ("e", self.end_ms),
-                           ("a", list(self.assets) if self.assets is not None else None)):
-            if value is not None:
-                d[key] = value
-        if self.ignore_cooldown:
-            d["ic"] = 1
-        return json.dumps(d, separators=(",", ":"))
+        """``type|value|percentage|start|end|accepted|ignore cooldown|assets``: ms times, empty
+        for None, assets a JSON list (last, so it may hold any character). The script reads
+        the end and the ignore flag."""
+        def text(value: int | None) -> str:
+            return "" if value is None else str(value)
+
+        assets = json.dumps(list(self.assets), separators=(",", ":")) if self.assets is not None else ""
+        return "|".join((self.type.value, text(self.value), text(self.percentage), text(self.start_ms), text(self.end_ms),
+                         str(self.accepted_ms), "1" if self.ignore_cooldown else "", assets))
 
     @classmethod
     def decode(cls, raw: str) -> Payload:
-        d = json.loads(raw)
-        assets = d.get("a")
-        return cls(CommandType(d["t"]), d.get("v"), d.get("p"), d.get("s"), d.get("e"),
-                   tuple(assets) if assets is not None else None, d["at"], bool(d.get("ic")))
+        type_, value, percentage, start, end, accepted, ignore, assets = raw.split("|", 7)
+
+        def number(text: str) -> int | None:
+            return int(text) if text else None
+
+        return cls(type=CommandType(type_), value=number(value), percentage=number(percentage), start_ms=number(start),
+                   end_ms=number(end), assets=tuple(json.loads(assets)) if assets else None, accepted_ms=int(accepted),
+                   ignore_cooldown=ignore == "1")
 
 
 @dataclass(frozen=True, slots=True)

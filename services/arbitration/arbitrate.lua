@@ -22,7 +22,7 @@
 -- The decision key holds the command's decision as JSON; every operation records what it
 -- did there, so that repeating an operation (a redelivered event, a due entry taken again
 -- after a crash) returns the recorded result with duplicate=true and changes nothing:
---   {outcome, fence, superseded[], cooldownUntil, duplicate, cmd?, at?, revert?}
+--   {outcome, fence, superseded[]?, cooldownUntil?, duplicate?, cmd?, at?, revert?}
 -- outcome of decide: activated | scheduled | cooldown | expired (endAt already past);
 --   "aborted"/"canceled" recorded by intake/cancel before arbitration saw the command.
 -- start: activated | waiting (cooldown: due again at "at") | expired (endAt passed first) | gone
@@ -51,8 +51,11 @@ local function load_decision()
   return nil
 end
 
+-- Stored without what is empty (a busy entity holds two decisions: under 1 KB in all).
 local function save(d, ttl)
-  d['duplicate'] = false
+  d['duplicate'] = nil
+  if d.superseded and #d.superseded == 0 then d.superseded = nil end
+  if d.cooldownUntil == 0 then d.cooldownUntil = nil end
   local raw = cjson.encode(d)
   if ttl then
     redis.call('SET', KEYS[2], raw, 'EX', ttl)
@@ -145,21 +148,22 @@ if op == 'start' then
     d.outcome = 'gone'  -- superseded or canceled since; they said so
     return save(d)
   end
-  local payload = cjson.decode(d.cmd or '{}')
-  local end_at = tonumber(payload.e)
+  -- the payload: type|value|percentage|start|end|accepted|ignore cooldown|assets
+  local e, ic = string.match(d.cmd or '', '^[^|]*|[^|]*|[^|]*|[^|]*|([^|]*)|[^|]*|([^|]*)|')
+  local end_at = tonumber(e)
   local cooldown = tonumber(ARGV[4])
   if end_at and end_at <= now then
     redis.call('HDEL', KEYS[1], 'scheduled', 'scheduled_start')
     d.fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
     d.outcome = 'expired'
-  elseif payload.ic ~= 1 and cooldown_until > now then
+  elseif ic ~= '1' and cooldown_until > now then
     -- Due inside the cooldown: waits for its end, or is expired when its endAt comes first.
     d.outcome = 'waiting'
     d.at = cooldown_until
     if end_at and end_at < cooldown_until then d.at = end_at end
     return save(d)
   else
-    activate(d, payload.e and tostring(payload.e) or '', cooldown)
+    activate(d, e or '', cooldown)
   end
   return save(d)
 end
