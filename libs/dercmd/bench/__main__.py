@@ -9,7 +9,10 @@ Phases, in order:
    is terminal or ``--timeout``.
 3. Latency: ``--rate`` commands/s for ``--latency-seconds`` to the same entities (the stack
    runs with ``DERCMD_COOLDOWN_S=0``), then device receipts are read from the simulator.
-4. The bare relay (:mod:`.relay`), ``--relay aiokafka`` (default) or ``faust``.
+4. Window (:mod:`.window`): one curtailment window for ``--window`` inverters through the
+   batch API, starting ``--window-lead`` s ahead: how late each device got its start and
+   its revert.
+5. The bare relay (:mod:`.relay`), ``--relay aiokafka`` (default) or ``faust``.
 
 Every figure depends on this machine and whatever else runs on it: indicative only.
 """
@@ -35,7 +38,7 @@ import redis
 from dercmd.fleet import Fleet
 from dercmd.launcher import LaunchError, Stack, isolated_env
 
-from . import fleetgen, procstat, redismem, relay
+from . import fleetgen, procstat, redismem, relay, window
 from .load import KafkaLoad, Offered, RestLoad, StatusWatcher, new_command_id, receipts
 from .report import machine, ms, per_s, percentile, table
 
@@ -50,6 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--step-ms", type=float, default=10, help="latency phase: send rate*step every step (default 10 ms)")
     p.add_argument("--mode", choices=("kafka", "rest"), default="kafka", help="offer commands as Kafka requests or REST calls")
     p.add_argument("--concurrency", type=int, default=64, help="REST mode: requests in flight at most (default 64)")
+    p.add_argument("--window", type=int, default=10_000, help="window phase: inverters in one window (default 10,000; 0 skips)")
+    p.add_argument("--window-lead", type=float, default=15, help="window phase: startAt this many s after the first request (default 15)")
+    p.add_argument("--window-length", type=float, default=10, help="window phase: endAt - startAt, s (default 10)")
     p.add_argument("--relay", choices=relay.KINDS, default="aiokafka", help="bare relay hops: aiokafka getmany or faust take()")
     p.add_argument("--relay-records", type=int, default=None, help="records through the relay (default: the burst size)")
     p.add_argument("--skip-relay", action="store_true")
@@ -172,6 +178,14 @@ async def _phases(stack: Stack, args: argparse.Namespace, ids: list[str], result
             latency["device_receipts"] = len(to_device)
             results["latency"] = latency
             results["device_duplicates"] = sum(len(t) - 1 for t in got.values())
+
+            # -- window
+            if args.window > 0:
+                await _caught_up(stack, deadline_s=args.timeout)
+                print(f"bench: window, {args.window:,} inverters, start in {args.window_lead:.0f} s ...", flush=True)
+                w = await window.run(stack.url("intake"), stack.url("simulator"), fleetgen.pv_ids(args.window),
+                                     args.window_lead, args.window_length, deadline_s=args.timeout)
+                results["window"] = vars(w)
     finally:
         await watcher.stop()
 
@@ -228,6 +242,15 @@ def _rows(results: dict[str, Any], args: argparse.Namespace) -> list[tuple[str, 
             rows.append(("latency: POST/s, POST p50 / p99",
                          f"{per_s(post['per_s'])}, {ms(post['latency_s'][50])} / {ms(post['latency_s'][99])}"
                          + (f", errors {post['errors']}" if post["errors"] else "")))
+    if w := results.get("window"):
+        sl, rl = w["start_lateness_s"], w["revert_lateness_s"]
+        rows += [
+            ("window: inverters, requests posted in", f"{w['devices']:,} in {w['devices'] // 100:,} requests, {w['post_seconds']:.1f} s"
+             + (f", errors {w['post_errors']}" if w["post_errors"] else "")),
+            ("window: start reached the device after startAt p50 / p99 / max",
+             f"{ms(sl[50])} / {ms(sl[99])} / {ms(w['start_lateness_max_s'])} ({w['started']:,} started, {w['early']} early)"),
+            ("window: revert reached the device after endAt p50 / p99", f"{ms(rl[50])} / {ms(rl[99])} ({w['reverted']:,} reverted)"),
+        ]
     if "device_duplicates" in results:
         rows.append(("devices that got a command twice", f"{results['device_duplicates']:,}"))
     if r := results.get("relay"):
@@ -254,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     results: dict[str, Any] = {"machine": machine(), "options": {k: str(v) for k, v in vars(args).items()}}
     print(f"bench: work dir {work} (fleet, ledger, logs)", flush=True)
-    ids = fleetgen.write(work / "fleet.yaml", args.entities)
+    ids = fleetgen.write(work / "fleet.yaml", args.entities, pv=args.window)
     try:
         redis.Redis.from_url(args.redis_url).flushdb()
     except redis.ConnectionError:

@@ -2,7 +2,8 @@
 
 Every entity is on backend ``vendor-cloud`` (served by the simulator) and supports
 ``StartCharging``: nine in ten are EVs (tesla, volkswagen, renault), one in ten a charge
-point (wallbox). One token, :data:`TOKEN`, may command every entity (REST mode).
+point (wallbox). Besides, ``pv`` inverters (sma) for the window phase. One token,
+:data:`TOKEN`, may command every entity (REST mode and the batch API).
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ def entity(entity_id: str, i: int) -> dict[str, str]:
     return {"kind": "EV", "vendor": _EV_VENDORS[i % len(_EV_VENDORS)], "backend": BACKEND}
 
 
+def pv_ids(n: int) -> list[str]:
+    width = max(6, len(str(n)))
+    return [f"pv-{i:0{width}d}" for i in range(n)]
+
+
 def fleet(n: int) -> dict[str, Any]:
     """The fleet as the data a fleet file holds (``Fleet.model_validate`` takes it)."""
     return {
@@ -36,13 +42,15 @@ def fleet(n: int) -> dict[str, Any]:
     }
 
 
-def write(path: Path, n: int) -> list[str]:
-    """Write a fleet file of ``n`` entities (one flow mapping per line) and return the ids."""
+def write(path: Path, n: int, pv: int = 0) -> list[str]:
+    """Write a fleet file of ``n`` entities and ``pv`` inverters (one flow mapping per line)
+    and return the ids of the ``n``."""
     ids = entity_ids(n)
-    lines = [f"# dercmd bench fleet: {n} entities on {BACKEND}", "entities:"]
+    lines = [f"# dercmd bench fleet: {n} entities and {pv} inverters on {BACKEND}", "entities:"]
     for i, eid in enumerate(ids):
         fields = ", ".join(f"{k}: {v}" for k, v in entity(eid, i).items())
         lines.append(f"  {eid}: {{{fields}}}")
+    lines += [f"  {eid}: {{kind: PV, vendor: sma, backend: {BACKEND}}}" for eid in pv_ids(pv)]
     lines += ["cooldowns: {}", "tokens:", f"  {TOKEN}:", '    - {entities: "*", role: Contributor}', ""]
     path.write_text("\n".join(lines))
     return ids
