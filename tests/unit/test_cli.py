@@ -443,6 +443,17 @@ def test_ids_are_read_from_every_shape_watch_is_given(tmp_path: Path) -> None:
         assert inputs.read_ids(str(tmp_path / name)) == ["a", "b"], name
 
 
+def test_watch_without_ids_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").write_text("\n")
+    result, api = invoke(answer({}), "watch", str(tmp_path / "empty.txt"))
+    assert result.exit_code == 2 and api.requests == [] and "holds no command ids" in result.stderr
+
+
+def test_a_time_that_is_not_text_is_refused_not_a_crash() -> None:
+    with pytest.raises(inputs.CliError, match="not a time"):
+        inputs.schedule_body([{"triggerTime": 5, "type": "Reset"}])
+
+
 def test_show_prints_every_field_as_a_table_or_raw_json() -> None:
     state = command(status="Canceled", reason="superseded", supersededBy="c-2", percentage=30,
                     startAt="2025-06-01T12:00:00Z", endAt="2025-06-01T13:00:00Z", createdAt="2025-06-01T11:59:59Z",

@@ -149,7 +149,7 @@ def batch(
     end: Annotated[str | None, typer.Option(metavar="TIME", help="endAt: as --start")] = None,
     devices: Annotated[str | None, typer.Option(
         metavar="FILE", help="file of device ids (one a line, or a JSON list; - for stdin)")] = None,
-    asset: Annotated[list[str] | None, typer.Option(metavar="ID", help="only these assets of each device (repeatable)")] = None,
+    asset: Annotated[list[str] | None, typer.Option(metavar="ID", help="only these assets (repeatable)")] = None,
     out: Annotated[Path | None, typer.Option(metavar="FILE", help="save the command ids, for dercmd watch")] = None,
     watch: Annotated[float | None, typer.Option(min=0, metavar="SECONDS", help="then watch progress this long")] = None,
     interval: Interval = 1.0,

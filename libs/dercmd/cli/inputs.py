@@ -27,17 +27,17 @@ def usage(message: str) -> CliError:
     return CliError(message, code=EXIT_USAGE)
 
 
-def resolve_time(value: str | datetime, what: str, now: datetime | None = None) -> str:
+def resolve_time(value: object, what: str, now: datetime | None = None) -> str:
     """ISO 8601 in UTC for the API, from ISO 8601 with a zone or ``+10s``, ``+5m``, ``+1h30m``,
     ``+1d`` after ``now``. A time without a zone is refused: which zone was meant is a guess."""
     if isinstance(value, datetime):  # YAML reads an unquoted timestamp as one
         moment = value
-    elif match := _RELATIVE.match(value.strip()):
+    elif match := _RELATIVE.match(text := str(value).strip()):
         seconds = sum(int(n) * _UNIT_S[unit] for n, unit in _PART.findall(match.group(1)))
         moment = (now or datetime.now(UTC)) + timedelta(seconds=seconds)
     else:
         try:
-            moment = datetime.fromisoformat(value.strip())
+            moment = datetime.fromisoformat(text)
         except ValueError:
             raise usage(f"{what}: {value!r} is not a time; use ISO 8601 with a zone "
                         "(2025-06-01T14:00:00+02:00, ...Z) or +10s, +5m, +1h") from None
@@ -155,7 +155,7 @@ def read_ids(source: str) -> list[str]:
     try:
         doc = json.loads(text)
     except ValueError:
-        return list(dict.fromkeys(line.strip() for line in text.splitlines() if line.strip()))
+        return _some(list(dict.fromkeys(line.strip() for line in text.splitlines() if line.strip())), source)
     if isinstance(doc, dict):
         doc = doc.get("commands", [doc])
     if not isinstance(doc, list):
@@ -163,7 +163,13 @@ def read_ids(source: str) -> list[str]:
     ids = [item.get("id") if isinstance(item, dict) else item for item in doc]
     if not all(isinstance(i, str) and i for i in ids):
         raise usage(f"{source}: every entry needs a command id")
-    return list(dict.fromkeys(ids))
+    return _some(list(dict.fromkeys(ids)), source)
+
+
+def _some(ids: list[str], source: str) -> list[str]:
+    if not ids:
+        raise usage(f"{source} holds no command ids")
+    return ids
 
 
 def write_ids(target: Path, commands: list[dict[str, Any]]) -> None:
