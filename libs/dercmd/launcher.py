@@ -285,11 +285,17 @@ then GET {api}/v1/commands/<id> with the same header.
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m dercmd.launcher run``. The ``dercmd`` console script is :mod:`dercmd.cli`,
+    whose ``run`` is :func:`run`."""
     parser = argparse.ArgumentParser(prog="dercmd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="start the broker (if needed), Redis (if needed), every service and the simulator")
     parser.parse_args(argv)
+    return run()
 
+
+def run() -> int:
+    """Start the stack, print where it is, and hold it until Ctrl-C, SIGTERM or a process exits."""
     stack = Stack()
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
