@@ -5,6 +5,9 @@ service running as its own process on a real broker, Redis and database."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -255,3 +258,23 @@ def test_expires_at_ends_a_command_not_delivered_in_time(api: Api, kafka: Kafka,
     state = api.wait_terminal(command_id, deadline_s=30)
     assert (state["status"], state["reason"]) == ("Failed", "expired"), state
     assert "expiresAt" in state["detail"]
+
+
+# -- the operator CLI -----------------------------------------------------------------------
+
+
+def test_the_operator_cli_sends_a_batch_and_watches_it_to_the_end(api: Api, stack: Stack, devices: Iterator[str],
+                                                                  tmp_path: Path) -> None:
+    targets = [next(devices), next(devices)]
+    (tmp_path / "devices.txt").write_text("\n".join(targets) + "\n")
+    env = {**os.environ, "DERCMD_API_URL": stack.url("intake"), "DERCMD_TOKEN": "dev-contributor"}
+    dercmd = str(Path(sys.executable).with_name("dercmd"))
+    sent = subprocess.run([dercmd, "batch", "--percentage", "20", "--start", "+1s", "--end", "+3s", "--devices",
+                           str(tmp_path / "devices.txt"), "--out", str(tmp_path / "sent.json"), "--watch", "30"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert sent.returncode == 0, sent.stdout + sent.stderr  # 0: every command Succeeded
+    ids = [c["id"] for c in json.loads((tmp_path / "sent.json").read_text())["commands"]]
+    assert [api.get(i).json()["status"] for i in ids] == ["Succeeded", "Succeeded"]
+    refused = subprocess.run([dercmd, "--token", "dev-viewer", "batch", "--percentage", "20", "--start", "+1s", "--end", "+3s",
+                              "--devices", str(tmp_path / "devices.txt")], env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "forbidden" in refused.stderr, refused.stdout + refused.stderr
