@@ -138,7 +138,7 @@ class Stack:
     def url(self, service: str) -> str:
         return f"http://{self.settings.bind_host}:{service_port(self.settings, service)}"
 
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn(self, name: str, argv: list[str], env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
         out: IO[bytes] | None = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -146,7 +146,7 @@ class Stack:
             self._logs.append(out)
         # Own session: a Ctrl-C reaches only the launcher, which stops services before the
         # broker and Redis they need to shut down cleanly.
-        proc = subprocess.Popen(argv, env=self.environ, stdout=out, stderr=subprocess.STDOUT if out else None,
+        proc = subprocess.Popen(argv, env={**self.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT if out else None,
                                 start_new_session=True)
         self.procs[name] = proc
         return proc
@@ -204,7 +204,17 @@ class Stack:
             raise
         return self
 
-    def wait_healthy(self, name: str, deadline_s: float = 60) -> None:
+    def add_replica(self, service: str, port: int) -> str:
+        """Start one more replica of a service on ``port`` (it joins the service's consumer
+        group); its process name, e.g. ``arbitration@8091``. Waits until it is healthy, which
+        for a consumer means the group gave it partitions."""
+        name = f"{service}@{port}"
+        setting = {"intake": "API", "arbitration": "ARBITRATION", "dispatch": "DISPATCH", "status": "STATUS"}[service]
+        self._spawn(name, [sys.executable, "-m", f"dercmd.{service}"], env={f"DERCMD_{setting}_PORT": str(port)})
+        self.wait_healthy(name, url=f"http://{self.settings.bind_host}:{port}")
+        return name
+
+    def wait_healthy(self, name: str, deadline_s: float = 60, url: str | None = None) -> None:
         """Until ``/health`` answers 200 and, for a consumer, its partitions are assigned
         (one replica of each here, so it must own some before it can take work)."""
         end = time.monotonic() + deadline_s
@@ -214,7 +224,7 @@ class Stack:
             if proc.poll() is not None:
                 raise LaunchError(f"{name} exited with {proc.returncode} while starting{self._log_hint(name)}")
             try:
-                response = httpx.get(f"{self.url(name)}/health", timeout=1)
+                response = httpx.get(f"{url or self.url(name)}/health", timeout=1)
                 if response.status_code == 200 and response.json().get("partitions", 1) > 0:
                     return
                 last = response.text
@@ -238,8 +248,8 @@ class Stack:
 
     def stop(self, timeout_s: float = 15) -> None:
         """SIGTERM the services, then the broker and Redis; SIGKILL what outlives the timeout."""
-        services = [p for name, p in self.procs.items() if name in SERVICES]
-        infrastructure = [p for name, p in self.procs.items() if name not in SERVICES]
+        services = [p for name, p in self.procs.items() if name.partition("@")[0] in SERVICES]
+        infrastructure = [p for name, p in self.procs.items() if name.partition("@")[0] not in SERVICES]
         for group in (services, infrastructure):
             for proc in group:
                 if proc.poll() is None:
