@@ -231,6 +231,9 @@ class DispatchOrderV1(CommandFields, Event):
     asset_identifiers: tuple[str, ...] | None = None
     #: Set on a revert: the command whose window ended; the device returns to its default.
     revert_of: str | None = None
+    #: Not to be sent before this time: arbitration acts on due starts and ends a little
+    #: ahead (``DERCMD_DUE_LEAD_MS``) so the order waits at dispatch, not in the pipeline.
+    not_before: datetime | None = None
 
     def ce_id(self) -> str:
         return f"{self.command_id}/{self.fence}"

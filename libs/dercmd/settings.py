@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     due_tick_ms: int = Field(
         50, ge=1, description="arbitration: how often each replica polls the due-index for scheduled starts and window ends, ms."
     )
+    due_lead_ms: int = Field(
+        2000, ge=0, description="arbitration: scheduled starts and window ends are acted on this far ahead; their orders wait at dispatch until the time (0: at the time)."
+    )
     deadline_pending_s: float = Field(
         60.0, gt=0, description="status sweeper: a command still Pending this long after its start (not arbitrated) ends Failed: expired."
     )

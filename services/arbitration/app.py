@@ -28,10 +28,11 @@ TAKE_LIMIT = 500
 
 
 class Arbitration:
-    def __init__(self, publisher: Publisher, arbiter: Arbiter, tick_s: float) -> None:
+    def __init__(self, publisher: Publisher, arbiter: Arbiter, tick_s: float, lead_ms: int = 0) -> None:
         self._publisher = publisher
         self._arbiter = arbiter
         self._tick_s = tick_s
+        self._lead_ms = lead_ms
         self._ticker: asyncio.Task[None] | None = None
 
     async def _publish(self, first: Records, then: Records) -> None:
@@ -100,7 +101,7 @@ class Arbitration:
     async def tick(self) -> int:
         """One round: take what has come due, act on it, publish, settle. The most entries
         taken from one bucket."""
-        entries = await self._arbiter.due.take(TAKE_LIMIT)
+        entries = await self._arbiter.due.take(TAKE_LIMIT, lead_ms=self._lead_ms)
         if not entries:
             return 0
         decisions = await self._arbiter.fire(entries)
@@ -112,7 +113,7 @@ class Arbitration:
         ends: list[Entry] = []
         for entry, decision in zip(entries, decisions, strict=True):
             metrics.DUE.labels("start" if entry.kind == "s" else "end", decision.outcome).inc()
-            before, after = fire_emissions(entry, decision, now)
+            before, after = fire_emissions(entry, decision, now, hold=not self._arbiter.holds_windows(entry.entity_id))
             first += before
             then += after
             if decision.outcome == "waiting" and decision.at_ms:
@@ -122,7 +123,7 @@ class Arbitration:
             if entry.kind == "s" and decision.outcome == "activated" and decision.payload and decision.payload.end_ms:
                 ends.append(Entry("e", entry.entity_id, entry.command_id, decision.payload.end_ms))
             if entry.kind == "s" and decision.outcome == "activated":
-                late = now.timestamp() * 1000 - entry.at_ms
+                late = now.timestamp() * 1000 - entry.at_ms  # negative: ahead, within the lead
                 metrics.START_LATENESS.observe(max(0.0, late / 1000))
         await self._publish(first, then)
         # The end of a window that started is due before the start's entry goes.
@@ -138,7 +139,7 @@ def _most_per_bucket(entries: Sequence[Entry]) -> int:
 def build(settings: Settings) -> Service:
     service = Service("arbitration", settings, settings.arbitration_port)
     arbiter = Arbiter(service.redis, Fleet.load(settings.fleet_file), settings.cooldown_s)
-    arbitration = Arbitration(service.publisher, arbiter, settings.due_tick_ms / 1000)
+    arbitration = Arbitration(service.publisher, arbiter, settings.due_tick_ms / 1000, settings.due_lead_ms)
     service.consume(topics.ACCEPTED, arbitration.handle)
     service.starters.append(arbitration.start)
     service.closers.insert(0, arbitration.stop)

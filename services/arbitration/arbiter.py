@@ -214,12 +214,16 @@ class Arbiter:
                 entries.append(Due.Entry("e", ev.entity_id, ev.id, _ms(ev.end_at)))
         return entries
 
+    def holds_windows(self, entity_id: str) -> bool:
+        entity = self._fleet.entity(entity_id)
+        return entity is not None and self._fleet.keeps_windows(entity)
+
     async def fire(self, entries: Sequence[Due.Entry]) -> list[Decision]:
         """Run what the due-index says has come: starts and ends, in one round trip."""
         calls: list[tuple[str, str, str, Sequence[object]]] = []
         for e in entries:
             if e.kind == "s":
-                calls.append(("start", e.entity_id, e.command_id, (self._cooldown_ms(e.entity_id),)))
+                calls.append(("start", e.entity_id, e.command_id, (self._cooldown_ms(e.entity_id), e.at_ms)))
             else:
                 calls.append(("end", e.entity_id, e.command_id, (e.at_ms, self._revert(e.entity_id, e.command_id))))
         return await self._run(calls)
@@ -237,19 +241,21 @@ def _superseded(entity_id: str, decision: Decision, by: str, now: datetime) -> R
             for old in decision.superseded if old != by]
 
 
-def _activation(entity_id: str, command_id: str, payload: Payload, decision: Decision, now: datetime) -> tuple[Records, Records]:
+def _activation(entity_id: str, command_id: str, payload: Payload, decision: Decision, now: datetime,
+                not_before: datetime | None = None) -> tuple[Records, Records]:
     """Triggered, then the dispatch order."""
     order = DispatchOrderV1(
         command_id=command_id, entity_id=entity_id, type=payload.type, value=payload.value, percentage=payload.percentage,
         fence=decision.fence, accepted_at=_time(payload.accepted_ms) or now, ordered_at=now,
         start_at=_time(payload.start_ms) if payload.end_ms else None, end_at=_time(payload.end_ms),
-        asset_identifiers=payload.assets,
+        asset_identifiers=payload.assets, not_before=not_before,
     )
     triggered = _status(command_id, entity_id, CommandStatus.TRIGGERED, now, fence=decision.fence)
     return [triggered], [(topics.ORDERS, order, entity_id)]
 
 
-def _revert(entity_id: str, of: str, payload: Payload | None, decision: Decision, now: datetime) -> tuple[Records, Records]:
+def _revert(entity_id: str, of: str, payload: Payload | None, decision: Decision, now: datetime,
+            not_before: datetime | None = None) -> tuple[Records, Records]:
     """The revert of an ended window, a command of its own: its first event makes its row."""
     assert decision.revert is not None
     assets = payload.assets if payload else None
@@ -257,7 +263,7 @@ def _revert(entity_id: str, of: str, payload: Payload | None, decision: Decision
     triggered = _status(decision.revert, entity_id, CommandStatus.TRIGGERED, now, fence=decision.fence, revert_of=of,
                         trigger_time=now, source="revert", **fields)
     order = DispatchOrderV1(command_id=decision.revert, entity_id=entity_id, fence=decision.fence, accepted_at=now,
-                            ordered_at=now, revert_of=of, **fields)  # type: ignore[arg-type]
+                            ordered_at=now, revert_of=of, not_before=not_before, **fields)  # type: ignore[arg-type]
     return [triggered], [(topics.ORDERS, order, entity_id)]
 
 
@@ -281,19 +287,22 @@ def emissions(cmd: CommandAcceptedV1, decision: Decision, now: datetime) -> tupl
     return first, []
 
 
-def fire_emissions(entry: Due.Entry, decision: Decision, now: datetime) -> tuple[Records, Records]:
-    """What a start or an end from the due-index publishes."""
+def fire_emissions(entry: Due.Entry, decision: Decision, now: datetime, hold: bool = True) -> tuple[Records, Records]:
+    """What a start or an end from the due-index publishes. Taken up to the lead ahead of its
+    time, the order says not to send it before that time (``hold``; a backend that keeps
+    windows gets the window at once: it starts the window itself)."""
     key, command_id = entry.entity_id, entry.command_id
+    due = _time(entry.at_ms) if hold and entry.at_ms > _ms(now) else None
     if entry.kind == "s":
         if decision.outcome == "activated" and decision.payload is not None:
-            before, then = _activation(key, command_id, decision.payload, decision, now)
+            before, then = _activation(key, command_id, decision.payload, decision, now, not_before=due)
             return _superseded(key, decision, command_id, now) + before, then
         if decision.outcome == "expired":
             return [_status(command_id, key, CommandStatus.CANCELED, now, reason="expired",
                             detail="its endAt passed while it waited for the cooldown to end")], []
         return [], []  # waiting (due again later) or gone (superseded or canceled since)
     if decision.outcome == "ended" and decision.revert:
-        return _revert(key, command_id, decision.payload, decision, now)
+        return _revert(key, command_id, decision.payload, decision, now, not_before=due)
     if decision.outcome == "lapsed":
         return [_status(command_id, key, CommandStatus.CANCELED, now, reason="expired",
                         detail="its window ended before it could be delivered")], []

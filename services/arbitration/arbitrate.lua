@@ -14,7 +14,8 @@
 --           ARGV[8] how long the decision is remembered (s), ARGV[9] the command's payload
 --           (kept with the decision of a scheduled or windowed command: what its dispatch
 --           order and its revert are built from)
---   start   ARGV[4] cooldown ms                      (the due-index says its startAt came)
+--   start   ARGV[4] cooldown ms, ARGV[5] startAt ms  (the due-index says its startAt came, or
+--           is at most the lead ahead: the rules then apply as at startAt)
 --   end     ARGV[4] endAt ms, ARGV[5] revert id or "" (the backend keeps windows natively)
 --   cancel  ARGV[4] reason (canceled | expired), ARGV[5] revert id or "",
 --           ARGV[6] "1" to take it out of the scheduled slot too, ARGV[7] ttl s
@@ -141,6 +142,7 @@ if not d then
 end
 
 if op == 'start' then
+  now = math.max(now, tonumber(ARGV[5]) or 0)
   if d.outcome ~= 'scheduled' and d.outcome ~= 'waiting' then
     return replay(d)  -- fired before (a due entry taken again), or canceled meanwhile
   end

@@ -29,7 +29,8 @@ from dercmd import redis_keys
 BUCKETS = 16
 LEASE_MS = 10_000
 
-# KEYS[1] a bucket; ARGV[1] now ms or "" (Redis's clock); ARGV[2] most entries; ARGV[3] lease ms.
+# KEYS[1] a bucket; ARGV[1] now ms or "" (Redis's clock); ARGV[2] most entries; ARGV[3] lease ms;
+# ARGV[4] lead ms (entries due up to this far ahead count as due).
 # Returns [member, score, member, score, ...] of the entries due, now leased.
 _TAKE = """
 local now = tonumber(ARGV[1])
@@ -37,7 +38,7 @@ if not now then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now + tonumber(ARGV[4]), 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
 for i = 1, #due, 2 do
   redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[3]), due[i])
 end
@@ -92,12 +93,12 @@ class Due:
         async with asyncio.timeout(redis_keys.CALL_TIMEOUT_S):
             await pipe.execute()
 
-    async def take(self, limit: int, lease_ms: int = LEASE_MS) -> list[Entry]:
-        """Lease up to ``limit`` due entries of each bucket, earliest first."""
+    async def take(self, limit: int, lease_ms: int = LEASE_MS, lead_ms: int = 0) -> list[Entry]:
+        """Lease up to ``limit`` entries of each bucket due within ``lead_ms``, earliest first."""
         pipe = self._redis.pipeline(transaction=False)
         now = int(self._now().timestamp() * 1000) if self._now else ""
         for bucket in range(BUCKETS):
-            await self._take(keys=[bucket_key(bucket)], args=[now, limit, lease_ms], client=pipe)
+            await self._take(keys=[bucket_key(bucket)], args=[now, limit, lease_ms, lead_ms], client=pipe)
         async with asyncio.timeout(redis_keys.CALL_TIMEOUT_S):
             replies = await pipe.execute()
         taken = [(float(score), Entry.parse(member)) for reply in replies for member, score in zip(reply[::2], reply[1::2], strict=True)]

@@ -276,3 +276,19 @@ async def test_a_taken_entry_that_was_not_settled_is_taken_again_after_its_lease
     clock.now += timedelta(seconds=11)
     await arb.tick()
     assert [o.command_id for o in rec.orders()] == ["w1"]
+
+
+async def test_within_the_lead_a_start_is_acted_on_early_as_at_its_start_and_its_order_waits(world) -> None:  # type: ignore[no-untyped-def]
+    _, arbiter, clock, rec, _ = world
+    arb = Arbitration(rec, arbiter, tick_s=0.01, lead_ms=2000)  # type: ignore[arg-type]
+    await accept(arb, window("now", None, None, pct=50))  # cooldown until T0 + 10 min
+    start = T0 + timedelta(minutes=10)
+    await accept(arb, window("w1", start, start + timedelta(minutes=5)))
+    clock.now = start - timedelta(milliseconds=2001)
+    assert await arb.tick() == 0  # beyond the lead
+    clock.now = start - timedelta(milliseconds=1500)
+    await arb.tick()
+    # decided as at its start: the cooldown has ended by then
+    assert rec.statuses("w1") == [(CommandStatus.TRIGGERED, None)]
+    order = rec.orders()[-1]
+    assert (order.command_id, order.not_before) == ("w1", start)
