@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from dercmd import topics
 from dercmd.consumer import Item, retrying
-from dercmd.events import CommandAcceptedV1, CommandCancelV1, utcnow
+from dercmd.events import CommandAcceptedV1, CommandCancelV1
 from dercmd.fleet import Fleet
 from dercmd.kafka import Publisher
 from dercmd.service import Service
@@ -44,7 +44,7 @@ class Arbitration:
     async def handle(self, items: list[Item[CommandAcceptedV1 | CommandCancelV1]]) -> None:
         events = [item.event for item in items]
         decisions = await self._arbiter.decide_many(events)
-        now = utcnow()
+        now = self._arbiter.now()
         first: Records = []
         then: Records = []
         outcomes: Counter[str] = Counter()
@@ -105,7 +105,7 @@ class Arbitration:
         if not entries:
             return 0
         decisions = await self._arbiter.fire(entries)
-        now = utcnow()
+        now = self._arbiter.now()
         first: Records = []
         then: Records = []
         done: list[Entry] = []

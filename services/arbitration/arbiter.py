@@ -143,6 +143,11 @@ class Arbiter:
         self._now = now
         self.due = due or Due(redis, now=now)
 
+    def now(self) -> datetime:
+        """This host's time (the injected clock in tests): what events are stamped with. The
+        scripts decide by Redis's."""
+        return self._now() if self._now else datetime.now(UTC)
+
     def _cooldown_ms(self, entity_id: str) -> int:
         entity = self._fleet.entity(entity_id)
         cooldown_s = self._fleet.cooldown_s(entity, self._default_cooldown_s) if entity else self._default_cooldown_s
