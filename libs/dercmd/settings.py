@@ -108,6 +108,25 @@ class Settings(BaseSettings):
     def vendor_cloud_base_url(self) -> str:
         return self.vendor_cloud_url or f"http://{self.bind_host}:{self.simulator_port}/vendor-cloud"
 
+    # dispatch and simulator: windows, reports, checks
+    native_window_url: str = Field(
+        "", description="Base URL of the native-window backend (devices that keep time windows themselves); empty: the local simulator."
+    )
+    native_window_token: str = Field("sim-native-window-secret", description="Bearer token dispatch presents to the native-window backend.")
+    native_window_timeout_s: float = Field(5.0, description="Deadline of one call to the native-window backend, in seconds.")
+    dispatch_report_after_s: float = Field(
+        1.0,
+        ge=0,
+        description="dispatch: how long after a window's start or end reached a device it asks the backend for the extra measurement report (unless a periodic one is due within 3 s).",
+    )
+    sim_report_interval_s: float = Field(
+        60.0, ge=0, description="simulator: interval of every measuring device's periodic measurement report, seconds (0: none)."
+    )
+
+    @property
+    def native_window_base_url(self) -> str:
+        return self.native_window_url or f"http://{self.bind_host}:{self.simulator_port}/native-window"
+
 
 @lru_cache
 def get_settings() -> Settings:

@@ -9,6 +9,13 @@ consumer fetches on meanwhile (the handler returns before the backends answer), 
 backend delays only its own entities' deliveries; offsets are committed once a batch and every
 batch before it are done, so a dead backend does hold the commits (and, past 64 batches,
 the fetching) of the partitions it shares with others.
+
+The orders topic also carries delivery checks (:class:`DeliveryCheckV1`, from the status
+service's sweeper: a command left ``Sent`` past its deadline). A batch's checks are one more
+task: the commands' delivery states in one Redis round trip, the backends asked what became of
+the open ones in one call per backend, and each outcome applied like a callback's result.
+Measurement reports (periodic, and the extra one after a window starts or ends) are
+:mod:`.reports`.
 """
 
 from __future__ import annotations
@@ -20,22 +27,24 @@ import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
-from fastapi import Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from dercmd import topics
 from dercmd.consumer import Item, retrying
-from dercmd.events import CommandStatus, DispatchOrderV1, Event, StatusEventV1, utcnow
+from dercmd.events import CommandStatus, DeliveryCheckV1, DispatchOrderV1, Event, StatusEventV1, utcnow
 from dercmd.fleet import Fleet
+from dercmd.protocols.common import DeviceReports
 from dercmd.protocols.vendor_cloud import VendorResults
 from dercmd.service import Service
 from dercmd.settings import Settings
 
 from . import backends, metrics
 from .delivery import Deliveries, Key, Outcome
+from .reports import REPORTS_PATH, Reports
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +54,7 @@ Records = list[tuple[topics.Topic, Event, str]]
 MAX_PENDING_BATCHES = 64
 
 
-def _key(order: DispatchOrderV1) -> Key:
+def _key(order: DispatchOrderV1 | DeliveryCheckV1) -> Key:
     return (order.entity_id, order.command_id)
 
 
@@ -76,6 +85,19 @@ class Dispatcher:
         #: Per entity, the delivery work that last took one of its commands: a later command
         #: of the entity is sent only after it. Entries leave when their work is done.
         self._tails: dict[str, asyncio.Future[Any]] = {}
+        self.reports = Reports(service.publisher, fleet, service.settings)
+
+    async def start(self) -> None:
+        """Make the backends the fleet uses, and subscribe to their reports."""
+        for name in {e.backend for e in self._fleet.entities.values()}:
+            self._backend(name)
+        self.reports.start(self._backends)
+
+    def _backend_name(self, entity_id: str) -> str | None:
+        """The entity's backend, if it is in the fleet and deployed here."""
+        entity = self._fleet.entity(entity_id)
+        backend = self._backend(entity.backend) if entity else None
+        return backend.name if backend else None
 
     def _backend(self, name: str) -> backends.DeviceBackend | None:
         if name not in self._backends:
@@ -87,6 +109,7 @@ class Dispatcher:
         return self._backends[name]
 
     async def aclose(self) -> None:
+        await self.reports.aclose()
         for backend in self._backends.values():
             await backend.aclose()
 
@@ -110,15 +133,19 @@ class Dispatcher:
 
     # -- orders --------------------------------------------------------------------------
 
-    async def handle(self, items: list[Item[DispatchOrderV1]]) -> Awaitable[None]:
+    async def handle(self, items: list[Item[DispatchOrderV1 | DeliveryCheckV1]]) -> Awaitable[None]:
         """Start delivering a batch: its orders are grouped by backend and cut into calls, each
-        call a task of its own. Returns what finishes when every call has finished."""
+        call a task of its own, and its checks are one more task. Returns what finishes when
+        every task has finished."""
         groups: dict[str | None, list[DispatchOrderV1]] = defaultdict(list)
+        checks: list[DeliveryCheckV1] = []
         for item in items:
-            entity = self._fleet.entity(item.event.entity_id)
-            backend = self._backend(entity.backend) if entity else None
-            groups[backend.name if backend else None].append(item.event)
-        calls: list[asyncio.Future[None]] = []
+            event = item.event
+            if isinstance(event, DeliveryCheckV1):
+                checks.append(event)
+                continue
+            groups[self._backend_name(event.entity_id)].append(event)
+        calls: list[asyncio.Future[None]] = [asyncio.ensure_future(self._check(checks))] if checks else []
         for name, orders in groups.items():
             backend = self._backends[name] if name is not None else None
             size = max(1, min(backend.max_batch, self._settings.dispatch_backend_batch)) if backend else len(orders)
@@ -188,6 +215,8 @@ class Dispatcher:
         # From here on every step is idempotent, so a failed dependency is simply retried:
         # nothing may leave a delivered command without its outcome.
         await retrying(lambda: self._record(accepted, failed, resumed), "dispatch results")
+        if accepted and backend is not None:
+            self.reports.delivered(backend.name, [o for o, _ in accepted])
 
     async def _send(self, backend: backends.DeviceBackend, orders: list[DispatchOrderV1]
                     ) -> tuple[list[tuple[DispatchOrderV1, backends.Accepted]], list[tuple[DispatchOrderV1, Outcome]]]:
@@ -274,23 +303,115 @@ class Dispatcher:
     async def on_results(self, results: Sequence[tuple[str, str, Outcome]]) -> list[str]:
         """Backends' asynchronous results ``(entity, command, outcome)``: publishes those whose
         Sent is out; returns each one's delivery state."""
+        for status, count in Counter(outcome.status.value for _, _, outcome in results).items():
+            metrics.CALLBACKS.labels(status).inc(count)
+        return await self._apply_results(results)
+
+    async def _apply_results(self, results: Sequence[tuple[str, str, Outcome]]) -> list[str]:
+        """Results through the delivery state machine, a callback's or a check's alike: each
+        command gets one terminal status, whichever result comes first."""
         states = await self._deliveries.result_many([((e, c), o) for e, c, o in results])
         events: Records = []
-        callbacks: Counter[str] = Counter()
         for (entity_id, command_id, outcome), state in zip(results, states, strict=True):
-            callbacks[outcome.status.value] += 1
             if state == "emit" or state.startswith("done:"):
                 # "done:" too: a repeated callback after a failed publish must publish again
                 # (the event id makes a second copy harmless); it carries the recorded outcome.
                 recorded = outcome if state == "emit" else Outcome.decode(state.removeprefix("done:"))
                 events.append(_status(entity_id, command_id, recorded))
-        for status, count in callbacks.items():
-            metrics.CALLBACKS.labels(status).inc(count)
         await self._publisher.publish_all(events)
         return states
 
+    # -- delivery checks -----------------------------------------------------------------
 
-def _first_of_each(orders: list[DispatchOrderV1]) -> list[DispatchOrderV1]:
+    async def _check(self, checks: list[DeliveryCheckV1]) -> None:
+        """Commands left ``Sent`` past their deadline: where the delivery state says the
+        command is open (``sent``, or ``accepted`` with Sent on its way), the backend's word on
+        it, or ``Failed: no_confirmation`` when it has none, goes through the state machine
+        like a callback's result; a late genuine callback then finds it done and republishes
+        the recorded outcome. Where the command already ended, the recorded outcome is
+        published again (the sweeper only asks while the ledger still says Sent, so its
+        terminal event was lost; the same event id makes a second copy harmless). Anything
+        else (not claimed, in flight, a result held for the sender) is left alone."""
+        checks = _first_of_each(checks)
+        states = await retrying(lambda: self._deliveries.peek_many([_key(c) for c in checks]), "dispatch checks")
+        open_: list[DeliveryCheckV1] = []
+        again: Records = []
+        for check, state in zip(checks, states, strict=True):
+            if state in ("sent", "accepted"):
+                open_.append(check)
+            elif state.startswith("done:"):
+                metrics.CHECKS.labels("republished").inc()
+                again.append(_status(check.entity_id, check.command_id, Outcome.decode(state.removeprefix("done:"))))
+            else:
+                metrics.CHECKS.labels("not_open").inc()
+                log.info("delivery check of a command not open", extra={"command_id": check.command_id,
+                                                                        "entity_id": check.entity_id, "state": state})
+        outcomes = await self._outcomes(open_)
+        for check, outcome in zip(open_, outcomes, strict=True):
+            _count_check(check, outcome)
+        results = [(c.entity_id, c.command_id, o) for c, o in zip(open_, outcomes, strict=True)]
+        await retrying(lambda: self._publisher.publish_all(again), "dispatch checks")
+        await retrying(lambda: self._apply_results(results), "dispatch checks")
+
+    async def _outcomes(self, checks: Sequence[DeliveryCheckV1]) -> list[Outcome]:
+        """What became of each command, per its backend (one query per backend, concurrently)."""
+        groups: dict[str | None, list[int]] = defaultdict(list)
+        for i, check in enumerate(checks):
+            groups[self._backend_name(check.entity_id)].append(i)
+        outcomes: list[Outcome] = [_unconfirmed("")] * len(checks)  # each replaced below
+
+        async def ask(name: str | None, positions: list[int]) -> None:
+            backend = self._backends[name] if name is not None else None
+            found: list[Outcome]
+            if not isinstance(backend, backends.OutcomeQueries):
+                found = [_unconfirmed(f"{name or 'no backend here'} cannot be asked what became of it")] * len(positions)
+            else:
+                try:
+                    answers = await backend.outcomes([(self._fleet.entities[checks[i].entity_id], checks[i].command_id) for i in positions])
+                    if len(answers) != len(positions):
+                        raise RuntimeError(f"{name} answered {len(answers)} of {len(positions)} commands")
+                    found = [_from_finding(a, name) for a in answers]
+                except Exception as exc:  # a BackendError, or a bug: either way the backend cannot say
+                    log.warning("outcome query failed", extra={"backend": name, "error": repr(exc),
+                                                               "command_ids": [checks[i].command_id for i in positions][:20]})
+                    found = [_unconfirmed(f"{name} could not be asked: {exc}")] * len(positions)
+            for i, outcome in zip(positions, found, strict=True):
+                outcomes[i] = outcome
+
+        await asyncio.gather(*(ask(name, positions) for name, positions in groups.items()))
+        return outcomes
+
+
+NO_CONFIRMATION = "no_confirmation"
+
+
+def _unconfirmed(detail: str) -> Outcome:
+    return Outcome(CommandStatus.FAILED, NO_CONFIRMATION, detail)
+
+
+def device_result(succeeded: bool, message: str | None) -> Outcome:
+    """What a device did, as its backend reports it (a callback, or an answer to a check)."""
+    return Outcome(CommandStatus.SUCCEEDED) if succeeded else Outcome(CommandStatus.FAILED, "device_failed", message)
+
+
+def _from_finding(outcome: backends.CommandOutcome, backend: str | None) -> Outcome:
+    if outcome.finding in (backends.Finding.SUCCEEDED, backends.Finding.FAILED):
+        return device_result(outcome.finding is backends.Finding.SUCCEEDED, outcome.message)
+    return _unconfirmed(f"{backend} says {outcome.finding.value} after the deadline")
+
+
+def _count_check(check: DeliveryCheckV1, outcome: Outcome) -> None:
+    result = NO_CONFIRMATION if outcome.reason == NO_CONFIRMATION else outcome.status.value.lower()
+    metrics.CHECKS.labels(result).inc()
+    (log.warning if result == NO_CONFIRMATION else log.info)(
+        "delivery check", extra={"command_id": check.command_id, "entity_id": check.entity_id, "outcome": outcome.encode()}
+    )
+
+
+O = TypeVar("O", DispatchOrderV1, DeliveryCheckV1)
+
+
+def _first_of_each(orders: list[O]) -> list[O]:
     seen: set[str] = set()
     return [o for o in orders if not (o.command_id in seen or seen.add(o.command_id))]
 
@@ -314,9 +435,16 @@ def build(settings: Settings) -> Service:
     service = Service("dispatch", settings, settings.dispatch_port)
     dispatcher = Dispatcher(service, Fleet.load(settings.fleet_file))
     service.consume(topics.ORDERS, dispatcher.handle, max_pending=MAX_PENDING_BATCHES)
+    service.starters.append(dispatcher.start)
     service.closers.append(dispatcher.aclose)
+    add_routes(service.app, dispatcher)
+    return service
 
-    @service.app.post(backends.vendor_cloud.CALLBACK_PATH, include_in_schema=False)
+
+def add_routes(app: FastAPI, dispatcher: Dispatcher) -> None:
+    """What backends POST to dispatch: results, and measurement reports."""
+
+    @app.post(backends.vendor_cloud.CALLBACK_PATH, include_in_schema=False)
     async def vendor_cloud_results(request: Request) -> JSONResponse:
         try:
             body = VendorResults.model_validate_json(await request.body())
@@ -329,16 +457,23 @@ def build(settings: Settings) -> Service:
             if entity_id is None:
                 answers[i] = "invalid_signature"
                 continue
-            outcome = (
-                Outcome(CommandStatus.SUCCEEDED)
-                if result.result == "SUCCEEDED"
-                else Outcome(CommandStatus.FAILED, "device_failed", result.message)
-            )
-            genuine.append((entity_id, result.command_id, outcome))
+            genuine.append((entity_id, result.command_id, device_result(result.result == "SUCCEEDED", result.message)))
         if not genuine:
             return JSONResponse({"key": "invalid_signature", "message": "no result carries a valid token"}, status_code=403)
         states = iter(await dispatcher.on_results(genuine))
         out = [{"commandId": r.command_id, "state": answers.get(i) or next(states)} for i, r in enumerate(body.results)]
         return JSONResponse({"results": out})
 
-    return service
+    @app.post(REPORTS_PATH, include_in_schema=False)
+    async def device_reports(backend: str, request: Request) -> JSONResponse:
+        """A backend's periodic reports, authenticated by the token dispatch subscribed with."""
+        if not dispatcher.reports.genuine(backend, request.headers.get("authorization")):
+            metrics.REPORTS_REFUSED.labels("unauthorized").inc()
+            return JSONResponse({"key": "unauthorized", "message": "not the token dispatch subscribed with"}, status_code=401)
+        try:
+            body = DeviceReports.model_validate_json(await request.body())
+        except ValidationError as exc:
+            metrics.REPORTS_REFUSED.labels("malformed").inc()
+            return JSONResponse({"key": "invalid_report", "message": str(exc)[:2000]}, status_code=400)
+        unknown = await dispatcher.reports.publish(backend, body.reports)
+        return JSONResponse({"published": len(body.reports) - len(unknown), "unknownDevices": unknown})

@@ -16,6 +16,7 @@
 --                                               | "deferred" (the sender publishes it after Sent)
 --                                               | the existing state
 --   finish   ARGV[2]=outcome (after it is published) -> "done"
+--   peek                                       -> the state, changing nothing (a delivery check)
 -- States: inflight -> accepted -> sent -> done:<o>; a result during inflight/accepted is kept
 -- as result:<o> until the sender has published Sent.
 local op = ARGV[1]
@@ -29,7 +30,9 @@ if op == 'claim' then
   return 'claimed'
 end
 if not state then return 'missing' end
-if op == 'advance' then
+if op == 'peek' then
+  return state
+elseif op == 'advance' then
   if state == ARGV[2] then
     redis.call('SET', KEYS[2], ARGV[3], 'KEEPTTL')
     return ARGV[3]

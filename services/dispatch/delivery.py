@@ -74,6 +74,10 @@ class Deliveries:
         """Record terminal results after they are published."""
         await self._call_many([(key, ("finish", outcome.encode())) for key, outcome in results])
 
+    async def peek_many(self, keys: Sequence[Key]) -> list[str]:
+        """The states found, changing nothing ("missing" where there is none)."""
+        return await self._call_many([(key, ("peek",)) for key in keys])
+
     async def claim(self, entity_id: str, command_id: str, fence: int) -> str:
         return (await self.claim_many([((entity_id, command_id), fence)]))[0]
 

@@ -21,3 +21,27 @@ ACCEPT_TO_SENT_SECONDS = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 CALLBACKS = Counter("dercmd_dispatch_callbacks_total", "Asynchronous results received from backends, by result.", ["result"])
+CHECKS = Counter(
+    "dercmd_dispatch_delivery_checks_total",
+    "Delivery checks of commands left Sent, by result: succeeded / failed (the backend knew), no_confirmation "
+    "(it did not, or could not say), republished (already ended: the recorded outcome is published again), "
+    "not_open (not sent or accepted: nothing done).",
+    ["result"],
+)
+REPORTS = Counter(
+    "dercmd_dispatch_reports_total", "Device measurement reports published, by trigger (periodic, requested).", ["trigger"]
+)
+REPORT_REQUESTS = Counter(
+    "dercmd_dispatch_report_requests_total",
+    "Extra reports after a window's start or end, by result: requested, skipped (a periodic report due within 3 s), "
+    "failed (the backend call failed), missing (the backend sent none for the device).",
+    ["result"],
+)
+REPORTS_REFUSED = Counter(
+    "dercmd_dispatch_reports_refused_total",
+    "Report POSTs or reports not taken, by reason (unauthorized, malformed, unknown_device).",
+    ["reason"],
+)
+REPORT_SUBSCRIPTION_ERRORS = Counter(
+    "dercmd_dispatch_report_subscription_errors_total", "Failed attempts to subscribe to a backend's reports, by backend.", ["backend"]
+)

@@ -1,5 +1,5 @@
 """The simulator's HTTP server: every simulated backend's API, plus ``/sim/...`` to read what
-devices received."""
+devices received and hold, and to inject faults."""
 
 from __future__ import annotations
 
@@ -9,38 +9,82 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
-from fastapi import FastAPI, Path, Query, Response
+from fastapi import FastAPI, HTTPException, Path, Query, Response
+from pydantic import BaseModel, ConfigDict
+from pydantic.alias_generators import to_camel
 
 from dercmd import metrics as metrics_lib
+from dercmd.events import utcnow
 from dercmd.fleet import Fleet
 from dercmd.settings import Settings
 
+from .backend import SimBackend
+from .native_window import NativeWindowSim
 from .recorder import Recorder
 from .vendor_cloud import VendorCloudSim
 
 
+class FaultsBody(BaseModel):
+    """``PUT /sim/vendor-cloud/faults``: what to change; a field left out stays as it is."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+    hold_results: bool | None = None
+    lose_results: bool | None = None
+
+
 def create_app(settings: Settings, *, callback_transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
-    """``callback_transport`` replaces the network under the results the simulator POSTs back (tests)."""
+    """``callback_transport`` replaces the network under what the simulator POSTs back:
+    results and reports (tests)."""
     fleet = Fleet.load(settings.fleet_file)
     recorder = Recorder()
+    interval_s = settings.sim_report_interval_s
     vendor_cloud = VendorCloudSim(
-        fleet, recorder, settings.vendor_cloud_token, settings.sim_confirm_delay_ms / 1000, callback_transport=callback_transport
+        fleet, recorder, settings.vendor_cloud_token, settings.sim_confirm_delay_ms / 1000,
+        report_interval_s=interval_s, callback_transport=callback_transport,
     )
+    native_window = NativeWindowSim(fleet, recorder, settings.native_window_token, interval_s, transport=callback_transport)
+    backends: tuple[SimBackend, ...] = (vendor_cloud, native_window)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gc.freeze()  # the fleet lives as long as the process: no full GC passes over it
         yield
-        await vendor_cloud.aclose()
+        for backend in backends:
+            await backend.aclose()
 
     app = FastAPI(title="dercmd simulator", lifespan=lifespan)
     app.state.recorder = recorder
-    app.include_router(vendor_cloud.router)
+    app.state.vendor_cloud = vendor_cloud
+    app.state.native_window = native_window
+    for backend in backends:
+        app.include_router(backend.router)
 
     @app.get("/sim/devices/{entityId}/received", tags=["sim"])
     async def received(entity_id: str = Path(alias="entityId")) -> Any:
-        """Every command this device received, in order."""
+        """Every command this device received, in order: ``commandId``, ``type``, ``value``
+        (null when the type takes none), and where given ``percentage``, ``startAt``,
+        ``endAt``, ``assets``, ``revertOf`` (a revert is an entry of its own), ``receivedAt``."""
         return {"entityId": entity_id, "commands": [r.to_json() for r in recorder.received(entity_id)]}
+
+    @app.get("/sim/devices/{entityId}/state", tags=["sim"])
+    async def state(entity_id: str = Path(alias="entityId")) -> Any:
+        """What a measuring device would report now (the limits it holds show in it)."""
+        for backend in backends:
+            if (device := backend.by_entity.get(entity_id)) is not None:
+                return {"entityId": entity_id, "backend": backend.name, "measurements": device.measurements(utcnow())}
+        raise HTTPException(404, f"no measuring device {entity_id}")
+
+    @app.put("/sim/vendor-cloud/faults", tags=["sim"])
+    async def faults(body: FaultsBody) -> Any:
+        """Hold the vendor cloud's results back (``commands:status`` says PENDING; setting it
+        false again reports them at once) or lose them (decided, never POSTed)."""
+        if body.lose_results is not None:
+            vendor_cloud.faults.lose_results = body.lose_results
+        if body.hold_results is True:
+            vendor_cloud.faults.hold_results = True
+        elif body.hold_results is False:
+            vendor_cloud.release_results()
+        return {"holdResults": vendor_cloud.faults.hold_results, "loseResults": vendor_cloud.faults.lose_results}
 
     @app.get("/sim/received", tags=["sim"])
     async def totals() -> Any:

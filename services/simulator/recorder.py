@@ -8,6 +8,7 @@ in that list plus one. Per entity only the positions are kept, for ``received(en
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -22,17 +23,32 @@ class Receipt:
     type: str
     value: int | None
     received_at: datetime
+    percentage: int | None = None
+    start_at: datetime | None = None
+    end_at: datetime | None = None
+    assets: tuple[str, ...] | None = None  # None: the whole device
+    revert_of: str | None = None  # a revert: the command whose window it ends
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        """``value`` always (null when the type takes none); the other fields where given."""
+        out: dict[str, Any] = {
             "seq": self.seq,
             "entityId": self.entity_id,
             "backend": self.backend,
             "commandId": self.command_id,
             "type": self.type,
             "value": self.value,
-            "receivedAt": self.received_at.isoformat(),
         }
+        for key, field in (("percentage", self.percentage), ("revertOf", self.revert_of)):
+            if field is not None:
+                out[key] = field
+        for key, when in (("startAt", self.start_at), ("endAt", self.end_at)):
+            if when is not None:
+                out[key] = when.isoformat()
+        if self.assets is not None:
+            out["assets"] = list(self.assets)
+        out["receivedAt"] = self.received_at.isoformat()
+        return out
 
 
 class Recorder:
@@ -44,9 +60,16 @@ class Recorder:
     def total(self) -> int:
         return len(self._all)
 
-    def record(self, entity_id: str, backend: str, command_id: str, type: str, value: int | None, at: datetime) -> None:
+    def record(
+        self, entity_id: str, backend: str, command_id: str, type: str, value: int | None, at: datetime, *,
+        percentage: int | None = None, start_at: datetime | None = None, end_at: datetime | None = None,
+        assets: Sequence[str] | None = None, revert_of: str | None = None,
+    ) -> None:
         position = len(self._all)
-        self._all.append(Receipt(position + 1, entity_id, backend, command_id, type, value, at))
+        self._all.append(Receipt(
+            position + 1, entity_id, backend, command_id, type, value, at, percentage, start_at, end_at,
+            tuple(assets) if assets is not None else None, revert_of,
+        ))
         self._by_entity[entity_id].append(position)
 
     def received(self, entity_id: str) -> list[Receipt]:

@@ -1,11 +1,16 @@
 """A simulated vendor cloud (see :mod:`dercmd.protocols.vendor_cloud`) in front of the fleet's
 ``vendor-cloud`` devices: it checks the token, answers every command of a batch at once,
-records what each device received, and reports the devices' results to the caller's
-``responseUrl`` ``confirm_delay_s`` after the batch arrived, grouped into few POSTs.
+records what each device received, has the measuring devices hold the limits they were given,
+and reports the devices' results to the caller's ``responseUrl`` ``confirm_delay_s`` after the
+batch arrived, grouped into few POSTs. It answers what became of a command
+(``commands:status``) and serves measurement reports (:class:`~.backend.SimBackend`).
 
-Every known device accepts and succeeds: nothing here answers 409 or FAILED yet (that is for
-fault injection). A POST of results that fails is retried once, then counted in
-``CALLBACK_ERRORS`` and logged: the results are lost, as they can be with a real vendor.
+Every known device accepts and succeeds, except that a device refuses a command for an asset
+it does not have (409). Fault injection (:class:`Faults`, ``PUT /sim/vendor-cloud/faults``):
+results held back (``PENDING`` until released, then reported at once) or lost (decided, so
+``commands:status`` knows them, but never POSTed). A POST of results that fails is retried
+once, then counted in ``CALLBACK_ERRORS`` and logged: the results are lost, as they can be
+with a real vendor.
 """
 
 from __future__ import annotations
@@ -14,20 +19,27 @@ import asyncio
 import contextlib
 import heapq
 import itertools
-import json
 import logging
+import math
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from fastapi import APIRouter, Request, Response
-from pydantic import ValidationError
+from fastapi import Request, Response
 
 from dercmd.events import utcnow
 from dercmd.fleet import Fleet
-from dercmd.protocols.vendor_cloud import MAX_RESULTS_PER_POST, VendorBatch, VendorBatchAnswer
+from dercmd.protocols.vendor_cloud import (
+    MAX_RESULTS_PER_POST,
+    VendorBatch,
+    VendorBatchAnswer,
+    VendorStatusAnswer,
+    VendorStatusQuery,
+)
 
 from . import metrics
+from .backend import SimBackend, dumps, json_response
 from .recorder import Recorder
 
 log = logging.getLogger(__name__)
@@ -37,15 +49,15 @@ RETRY_DELAY_S = 0.2  # before the one retry of a failed POST of results
 _JSON = {"Content-Type": "application/json"}
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+@dataclass
+class Faults:
+    hold_results: bool = False  # results wait (PENDING) until released
+    lose_results: bool = False  # results are decided but their POST never leaves
 
 
-def _json_response(body: str | bytes, status: int = 200) -> Response:
-    return Response(body, status_code=status, media_type="application/json")
+class VendorCloudSim(SimBackend):
+    name = BACKEND
 
-
-class VendorCloudSim:
     def __init__(
         self,
         fleet: Fleet,
@@ -53,29 +65,26 @@ class VendorCloudSim:
         token: str,
         confirm_delay_s: float,
         *,
+        report_interval_s: float = 0.0,
         callback_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self._devices = {e.device_id: e for e in fleet.entities.values() if e.backend == BACKEND}
-        self._recorder = recorder
-        self._authorization = f"Bearer {token}"
+        super().__init__(fleet, recorder, token, report_interval_s, transport=callback_transport)
         self._confirm_delay_s = confirm_delay_s
-        self._received = metrics.RECEIVED.labels(BACKEND)
-        self._http = httpx.AsyncClient(
-            timeout=5.0,
-            transport=callback_transport,
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
-        )
+        self.faults = Faults()
         # Request ids: unique per simulator run without a random draw per command.
         self._id_prefix = uuid.uuid4().hex[:12]
         self._request_numbers = itertools.count(1)
         # Results waiting to be reported: (due on the loop's clock, tie-breaker, responseUrl,
         # the results of one batch). One entry per batch, not per command.
         self._due: list[tuple[float, int, str, list[dict[str, Any]]]] = []
+        self._held: list[tuple[str, list[dict[str, Any]]]] = []
+        #: Per accepted command, when its result is decided (loop clock; inf while held back);
+        #: kept as long as the simulator runs, like the receipts.
+        self._decided_at: dict[str, float] = {}
         self._sequence = itertools.count()
         self._wake = asyncio.Event()  # set when an entry is due earlier than all others
         self._flusher: asyncio.Task[None] | None = None
         self._posts: set[asyncio.Task[None]] = set()
-        self.router = APIRouter(prefix="/vendor-cloud/v1", tags=["vendor-cloud"])
         self.router.add_api_route(
             "/commands:batch",
             self.commands_batch,
@@ -85,35 +94,47 @@ class VendorCloudSim:
             summary="Send up to 1000 commands (body: VendorBatch)",
             description="The vendor-cloud bulk endpoint; the protocol is described in `dercmd.protocols.vendor_cloud`.",
         )
+        self.router.add_api_route(
+            "/commands:status",
+            self.commands_status,
+            methods=["POST"],
+            response_model=None,
+            responses={200: {"model": VendorStatusAnswer}, 400: {}, 401: {}},
+            summary="What became of up to 1000 commands (body: VendorStatusQuery)",
+        )
 
     async def aclose(self) -> None:
         tasks = [t for t in (self._flusher, *self._posts) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self._http.aclose()
+        await super().aclose()
 
     async def commands_batch(self, request: Request) -> Response:
-        """The body is validated here rather than by FastAPI, so a malformed batch is a 400 as
-        the protocol says. Answers and results are plain dicts in the wire shape of
-        VendorItemResult and VendorResult: a pydantic model per item would cost several us per
-        command at thousands of commands/s (tests read them back through those models)."""
-        if request.headers.get("authorization") != self._authorization:
-            return _json_response(_dumps({"message": "invalid token"}), 401)
-        try:
-            batch = VendorBatch.model_validate_json(await request.body())
-        except ValidationError as exc:
-            return _json_response(_dumps({"message": f"malformed batch: {str(exc)[:2000]}"}), 400)
+        """Answers and results are plain dicts in the wire shape of VendorItemResult and
+        VendorResult: a pydantic model per item would cost several us per command at
+        thousands of commands/s (tests read them back through those models)."""
+        batch = await self.read(request, VendorBatch)
+        if isinstance(batch, Response):
+            return batch
         received_at = utcnow()
         answers: list[dict[str, Any]] = []
         reports: list[dict[str, Any]] = []
         for command in batch.commands:
-            entity = self._devices.get(command.device_id)
+            entity = self.devices.get(command.device_id)
             if entity is None:
                 answers.append({"commandId": command.command_id, "status": 404, "message": f"unknown device {command.device_id}"})
                 continue
+            state = self.states.get(command.device_id)  # measuring devices only (none in an EV fleet)
+            if state is not None:
+                refusal = state.refusal(command.assets, None, received_at)
+                if refusal:
+                    answers.append({"commandId": command.command_id, "status": 409, "message": refusal})
+                    continue
+                state.apply(command.type, command.value, command.percentage, command.assets)
             request_id = f"{self._id_prefix}-{next(self._request_numbers)}"
-            self._recorder.record(entity.id, BACKEND, command.command_id, command.type, command.value, received_at)
+            self.recorder.record(entity.id, BACKEND, command.command_id, command.type, command.value, received_at,
+                                 percentage=command.percentage, assets=command.assets, revert_of=command.revert_of)
             answers.append({"commandId": command.command_id, "status": 202, "requestId": request_id})
             reports.append({
                 "requestId": request_id,
@@ -123,13 +144,41 @@ class VendorCloudSim:
                 "responseToken": command.response_token,
             })
         if reports:
-            self._received.inc(len(reports))
-            self._schedule(batch.response_url, reports)
-        return _json_response(_dumps({"results": answers}))
+            self.received.inc(len(reports))
+            if self.faults.hold_results:
+                self._held.append((batch.response_url, reports))
+                self._decide(reports, math.inf)
+            else:
+                self._schedule(batch.response_url, reports, self._confirm_delay_s)
+        return json_response({"results": answers})
 
-    def _schedule(self, url: str, results: list[dict[str, Any]]) -> None:
+    async def commands_status(self, request: Request) -> Response:
+        query = await self.read(request, VendorStatusQuery)
+        if isinstance(query, Response):
+            return query
+        now = asyncio.get_running_loop().time()
+        results = []
+        for command_id in query.command_ids:
+            decided_at = self._decided_at.get(command_id)
+            status = "UNKNOWN" if decided_at is None else "SUCCEEDED" if decided_at <= now else "PENDING"
+            results.append({"commandId": command_id, "status": status})
+        return json_response({"results": results})
+
+    def release_results(self) -> None:
+        """Stop holding results back; those held are reported now."""
+        self.faults.hold_results = False
+        held, self._held = self._held, []
+        for url, results in held:
+            self._schedule(url, results, 0.0)
+
+    def _decide(self, results: list[dict[str, Any]], at: float) -> None:
+        for result in results:
+            self._decided_at[result["commandId"]] = at
+
+    def _schedule(self, url: str, results: list[dict[str, Any]], delay_s: float) -> None:
         loop = asyncio.get_running_loop()
-        due = loop.time() + self._confirm_delay_s  # the devices carrying the commands out
+        due = loop.time() + delay_s  # the devices carrying the commands out
+        self._decide(results, due)
         if self._flusher is None or self._flusher.done():
             self._flusher = loop.create_task(self._flush_forever(), name="vendor-cloud-results")
         if not self._due or due < self._due[0][0]:
@@ -155,6 +204,9 @@ class VendorCloudSim:
             while self._due and self._due[0][0] <= now:
                 _, _, url, results = heapq.heappop(self._due)
                 by_url.setdefault(url, []).extend(results)
+            if self.faults.lose_results:
+                log.info("results lost (fault injected)", extra={"results": sum(map(len, by_url.values()))})
+                continue
             for url, results in by_url.items():
                 for start in range(0, len(results), MAX_RESULTS_PER_POST):
                     task = loop.create_task(self._deliver(url, results[start : start + MAX_RESULTS_PER_POST]))
@@ -162,7 +214,7 @@ class VendorCloudSim:
                     task.add_done_callback(self._posts.discard)
 
     async def _deliver(self, url: str, results: list[dict[str, Any]]) -> None:
-        body = _dumps({"results": results})
+        body = dumps({"results": results})
         error, retriable = await self._post(url, body)
         if error and retriable:
             await asyncio.sleep(RETRY_DELAY_S)
@@ -177,7 +229,7 @@ class VendorCloudSim:
     async def _post(self, url: str, body: str) -> tuple[str | None, bool]:
         """POST once: (what went wrong or None, whether trying again may help)."""
         try:
-            response = await self._http.post(url, content=body, headers=_JSON)
+            response = await self.http.post(url, content=body, headers=_JSON)
         except httpx.InvalidURL as exc:  # the caller's responseUrl: asking again will not help
             return repr(exc), False
         except httpx.HTTPError as exc:

@@ -11,6 +11,17 @@ result delivered later to a ``responseUrl`` the caller chose (as OCPI commands d
     later, for every accepted command:
         POST {responseUrl}  body VendorResults {"results": [VendorResult, ...]}
         The vendor groups results that are ready together into one POST (up to 500 each).
+    POST {base}/v1/commands:status   body VendorStatusQuery {"commandIds": [...]}   1..1000 ids
+        -> 200 VendorStatusAnswer {"results": [{"commandId", "status", "message"?}, ...]}, in
+           request order: SUCCEEDED / FAILED (the device's result, whether or not its POST to
+           the responseUrl got through), PENDING (accepted, no result yet), UNKNOWN (never seen)
+    and the measurement reports of :mod:`dercmd.protocols.common` (subscription, request).
+
+A ``LimitProductionPower`` command carries ``percentage`` (0..100) and, for a device with
+several inverters, ``assets``: only those are limited (none listed: all of them). The limit
+holds until the next command; this cloud keeps no time windows, so the caller lifts a limit
+itself (with ``revertOf`` naming the command whose limit ends; the device treats it like any
+other command).
 
 ``responseToken`` is opaque to the vendor, which echoes it back with the command's result: the
 receiver puts something in it (an HMAC, say) that lets it authenticate each result. Nothing
@@ -20,36 +31,50 @@ here retries; the caller decides from the per-item status and :class:`VendorClou
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Literal
 
-import httpx
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic.alias_generators import to_camel
+from pydantic import Field
+
+from .common import DeviceApiError, JsonClient, Wire, parse_retry_after
+
+__all__ = [
+    "MAX_COMMANDS_PER_BATCH",
+    "MAX_RESULTS_PER_POST",
+    "VendorBatch",
+    "VendorBatchAnswer",
+    "VendorCloudClient",
+    "VendorCloudError",
+    "VendorCommand",
+    "VendorCommandStatus",
+    "VendorItemResult",
+    "VendorResult",
+    "VendorResults",
+    "VendorStatusAnswer",
+    "VendorStatusQuery",
+    "parse_retry_after",
+]
 
 MAX_COMMANDS_PER_BATCH = 1000
 MAX_RESULTS_PER_POST = 500
 
 
-class _Wire(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
-
-
-class VendorCommand(_Wire):
+class VendorCommand(Wire):
     device_id: str
     command_id: str
     type: str
     value: int | None = None
+    percentage: int | None = None
+    assets: list[str] | None = None
+    revert_of: str | None = None
     response_token: str
 
 
-class VendorBatch(_Wire):
+class VendorBatch(Wire):
     response_url: str
     commands: list[VendorCommand] = Field(min_length=1, max_length=MAX_COMMANDS_PER_BATCH)
 
 
-class VendorItemResult(_Wire):
+class VendorItemResult(Wire):
     """The vendor's answer to one command of a batch."""
 
     command_id: str
@@ -68,11 +93,11 @@ class VendorItemResult(_Wire):
         return self.status == 429 or self.status >= 500
 
 
-class VendorBatchAnswer(_Wire):
+class VendorBatchAnswer(Wire):
     results: list[VendorItemResult]
 
 
-class VendorResult(_Wire):
+class VendorResult(Wire):
     """What a device did with one accepted command, posted to the ``responseUrl``."""
 
     request_id: str
@@ -83,60 +108,32 @@ class VendorResult(_Wire):
     response_token: str
 
 
-class VendorResults(_Wire):
+class VendorResults(Wire):
     results: list[VendorResult]
 
 
-class VendorCloudError(Exception):
-    """A whole batch call failed: there are no per-item results.
-
-    ``retriable`` says whether the same call may succeed later; ``retry_after_s`` is the
-    vendor's Retry-After, when it sent one. After a timeout, a transport error or a malformed
-    answer some of the commands may have reached their devices.
-    """
-
-    def __init__(
-        self, message: str, *, status: int | None = None, retriable: bool, retry_after_s: float | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.retriable = retriable
-        self.retry_after_s = retry_after_s
+class VendorStatusQuery(Wire):
+    command_ids: list[str] = Field(min_length=1, max_length=MAX_COMMANDS_PER_BATCH)
 
 
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date); None if absent
-    or unreadable."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+class VendorCommandStatus(Wire):
+    command_id: str
+    status: Literal["SUCCEEDED", "FAILED", "PENDING", "UNKNOWN"]
+    message: str | None = None
 
 
-class VendorCloudClient:
+class VendorStatusAnswer(Wire):
+    results: list[VendorCommandStatus]
+
+
+class VendorCloudError(DeviceApiError):
+    """A whole vendor-cloud call failed (see :class:`~dercmd.protocols.common.DeviceApiError`)."""
+
+
+class VendorCloudClient(JsonClient):
     """One vendor cloud, over a pool of keep-alive connections."""
 
-    def __init__(self, base_url: str, token: str, *, timeout_s: float = 5.0, transport: httpx.AsyncBaseTransport | None = None) -> None:
-        self._http = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"),
-            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-            timeout=timeout_s,
-            transport=transport,
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
-        )
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
+    error = VendorCloudError
 
     async def send_commands(self, response_url: str, commands: Sequence[VendorCommand]) -> list[VendorItemResult]:
         """Send 1..1000 commands in one call; their results arrive later at ``response_url``.
@@ -146,29 +143,13 @@ class VendorCloudClient:
         anything) for no commands or more than 1000.
         """
         body = VendorBatch(response_url=response_url, commands=list(commands))
-        try:
-            response = await self._http.post("/v1/commands:batch", content=body.model_dump_json(by_alias=True, exclude_none=True))
-        except httpx.TimeoutException as exc:
-            # The request may have reached the device: the caller must not assume it did not.
-            raise VendorCloudError(f"timeout: {exc!r}", retriable=True) from exc
-        except httpx.TransportError as exc:
-            raise VendorCloudError(f"transport: {exc!r}", retriable=True) from exc
-        status = response.status_code
-        if status != 200:
-            raise VendorCloudError(
-                f"HTTP {status}: {response.text[:300]}",
-                status=status,
-                retriable=status == 429 or status >= 500,
-                retry_after_s=parse_retry_after(response.headers.get("Retry-After")),
-            )
-        try:
-            results = VendorBatchAnswer.model_validate_json(response.content).results
-        except ValidationError as exc:
-            raise VendorCloudError(f"malformed answer: {exc}", status=status, retriable=False) from exc
-        if [r.command_id for r in results] != [c.command_id for c in commands]:
-            raise VendorCloudError(
-                f"answer does not match the batch: {len(results)} results for {len(commands)} commands",
-                status=status,
-                retriable=False,
-            )
-        return results
+        answer = await self.call("/v1/commands:batch", body, VendorBatchAnswer)
+        self.check_order([r.command_id for r in answer.results], [c.command_id for c in commands])
+        return answer.results
+
+    async def command_status(self, command_ids: Sequence[str]) -> list[VendorCommandStatus]:
+        """What became of 1..1000 commands sent earlier, one status per id in the order given."""
+        answer = await self.call("/v1/commands:status", VendorStatusQuery(command_ids=list(command_ids)), VendorStatusAnswer)
+        self.check_order([r.command_id for r in answer.results], command_ids)
+        return answer.results
+

@@ -7,6 +7,10 @@ registry that names backends.
 
 Dispatch decides retry or fail from this tree only, never from a vendor's own exceptions:
 each backend translates its protocol client's errors at its edge.
+
+Besides delivering, a backend may offer what only some protocols can: saying what became of
+commands it was sent (:class:`OutcomeQueries`, for delivery checks) and measurement reports
+(:class:`ReportingBackend`). Dispatch asks ``isinstance`` once per backend.
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from dercmd.events import CommandType, DispatchOrderV1
 from dercmd.fleet import Entity
+from dercmd.protocols.common import DeviceReport
 from dercmd.settings import Settings
 
 
@@ -76,6 +81,41 @@ class DeviceBackend(Protocol):
     async def send(self, deliveries: Sequence[Delivery]) -> list[Accepted | BackendError]: ...
 
     async def aclose(self) -> None: ...
+
+
+class Finding(Enum):
+    """What a backend knows of a command it was sent."""
+
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    PENDING = "PENDING"  # accepted, no result yet
+    UNKNOWN = "UNKNOWN"  # the backend does not know the command
+
+
+@dataclass(frozen=True, slots=True)
+class CommandOutcome:
+    finding: Finding
+    message: str | None = None
+
+
+@runtime_checkable
+class OutcomeQueries(Protocol):
+    """A backend that can say what became of commands it was sent: one :class:`CommandOutcome`
+    per ``(entity, command id)``, in order, however many are asked (it cuts them into calls
+    itself). Raises a :class:`BackendError` when it cannot say."""
+
+    async def outcomes(self, commands: Sequence[tuple[Entity, str]]) -> list[CommandOutcome]: ...
+
+
+@runtime_checkable
+class ReportingBackend(Protocol):
+    """A backend whose devices send measurement reports: periodically to the URL subscribed
+    (with the token, as a bearer token), and now on request (devices that do not measure are
+    left out of the answer). Raises a :class:`BackendError` when a call fails."""
+
+    async def subscribe_reports(self, url: str, token: str) -> None: ...
+
+    async def request_reports(self, entities: Sequence[Entity]) -> list[DeviceReport]: ...
 
 
 BackendFactory = Callable[[Settings], DeviceBackend]

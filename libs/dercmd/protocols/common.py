@@ -1,0 +1,161 @@
+"""What the bulk REST device protocols share: camelCase wire models, the error a whole call
+raises, one keep-alive client that turns HTTP failures into that error, and measurement
+reports (BRIEF 2.2), which every such backend offers the same way:
+
+    PUT  {base}/v1/reports:subscription   body ReportSubscription {"url", "token"}  -> 204
+        Where the backend posts its devices' periodic reports from now on (a PUT replaces the
+        subscription; every dispatch replica puts the same one, so repeating it is harmless).
+    later, periodically:
+        POST {url}   Authorization: Bearer <token>   body DeviceReports {"reports": [DeviceReport, ...]}
+        Reports of many devices in one POST (up to 500 each), spread over the reporting interval.
+    POST {base}/v1/reports:request        body ReportRequest {"deviceIds": [...]}     1..1000 ids
+        -> 200 DeviceReports: a report now from each known device that measures (others are left out)
+
+A :class:`DeviceReport` carries ``nextReportAt``, when the device's next periodic report is
+due, so that a caller can tell whether asking for an extra one is worth it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.alias_generators import to_camel
+
+MAX_REPORTS_PER_POST = 500
+MAX_REPORT_REQUEST = 1000
+
+W = TypeVar("W", bound="Wire")
+
+
+class Wire(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
+
+    def dump(self) -> str:
+        return self.model_dump_json(by_alias=True, exclude_none=True)
+
+
+class DeviceReport(Wire):
+    """One device's measurements at ``at``, e.g. ``{"activePowerW": 3500, "limitPercentage":
+    70, "assets": {"inverter-a": {"activePowerW": 1500, "limitPercentage": 30}, ...}}``."""
+
+    device_id: str
+    at: datetime
+    next_report_at: datetime | None = None
+    measurements: dict[str, Any]
+
+
+class DeviceReports(Wire):
+    reports: list[DeviceReport]
+
+
+class ReportSubscription(Wire):
+    url: str
+    token: str
+
+
+class ReportRequest(Wire):
+    device_ids: list[str] = Field(min_length=1, max_length=MAX_REPORT_REQUEST)
+
+
+class DeviceApiError(Exception):
+    """A whole call failed: there are no per-item results.
+
+    ``retriable`` says whether the same call may succeed later; ``retry_after_s`` is the
+    backend's Retry-After, when it sent one. After a timeout, a transport error or a malformed
+    answer some of what was sent may have reached the devices.
+    """
+
+    def __init__(
+        self, message: str, *, status: int | None = None, retriable: bool, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retriable = retriable
+        self.retry_after_s = retry_after_s
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date); None if absent
+    or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+class JsonClient:
+    """One backend's bulk REST API, over a pool of keep-alive connections, bearer-authenticated.
+    Subclasses name their error class; every failed call raises it."""
+
+    error: type[DeviceApiError] = DeviceApiError
+
+    def __init__(self, base_url: str, token: str, *, timeout_s: float = 5.0, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+            timeout=timeout_s,
+            transport=transport,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def call(self, path: str, body: Wire, answer: type[W]) -> W:
+        """POST ``body``; the answer read as ``answer``."""
+        response = await self.request("POST", path, body)
+        try:
+            return answer.model_validate_json(response.content)
+        except ValidationError as exc:
+            raise self.error(f"malformed answer: {exc}", status=response.status_code, retriable=False) from exc
+
+    async def request(self, method: str, path: str, body: Wire, *, ok: int = 200) -> httpx.Response:
+        """One call that answered ``ok``, or :attr:`error`."""
+        try:
+            response = await self._http.request(method, path, content=body.dump())
+        except httpx.TimeoutException as exc:
+            # The request may have reached the devices: the caller must not assume it did not.
+            raise self.error(f"timeout: {exc!r}", retriable=True) from exc
+        except httpx.TransportError as exc:
+            raise self.error(f"transport: {exc!r}", retriable=True) from exc
+        status = response.status_code
+        if status != ok:
+            raise self.error(
+                f"HTTP {status}: {response.text[:300]}",
+                status=status,
+                retriable=status == 429 or status >= 500,
+                retry_after_s=parse_retry_after(response.headers.get("Retry-After")),
+            )
+        return response
+
+    def check_order(self, answered: Sequence[str], asked: Sequence[str]) -> None:
+        """Per-item answers come one per item, in request order, or the call failed."""
+        if list(answered) != list(asked):
+            raise self.error(
+                f"answer does not match the batch: {len(answered)} results for {len(asked)} commands", status=200, retriable=False
+            )
+
+    # -- measurement reports -------------------------------------------------------------
+
+    async def subscribe_reports(self, url: str, token: str) -> None:
+        """From now on the backend posts its devices' periodic reports to ``url`` with ``token``."""
+        await self.request("PUT", "/v1/reports:subscription", ReportSubscription(url=url, token=token), ok=204)
+
+    async def request_reports(self, device_ids: Sequence[str]) -> list[DeviceReport]:
+        """A report now from each of 1..1000 devices (those that measure; others are left out)."""
+        return (await self.call("/v1/reports:request", ReportRequest(device_ids=list(device_ids)), DeviceReports)).reports

@@ -1,0 +1,47 @@
+"""What the backends on a bulk REST protocol (:mod:`dercmd.protocols.common`) share: the
+client's errors translated at this edge, and measurement reports, which every such protocol
+offers the same way."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from dercmd.fleet import Entity
+from dercmd.protocols.common import MAX_REPORT_REQUEST, DeviceApiError, DeviceReport, JsonClient
+
+from .base import BackendError, PermanentBackendError, TransientBackendError
+
+
+def translate(retriable: bool, detail: str) -> BackendError:
+    if retriable:
+        return TransientBackendError("backend_unavailable", detail)
+    return PermanentBackendError("backend_refused", detail)
+
+
+@contextmanager
+def translated() -> Iterator[None]:
+    """A whole call that failed, as the :class:`BackendError` dispatch decides from."""
+    try:
+        yield
+    except DeviceApiError as exc:
+        raise translate(exc.retriable, str(exc)) from exc
+
+
+class BulkRestBackend:
+    def __init__(self, client: JsonClient) -> None:
+        self._client = client
+
+    async def subscribe_reports(self, url: str, token: str) -> None:
+        with translated():
+            await self._client.subscribe_reports(url, token)
+
+    async def request_reports(self, entities: Sequence[Entity]) -> list[DeviceReport]:
+        reports: list[DeviceReport] = []
+        with translated():
+            for start in range(0, len(entities), MAX_REPORT_REQUEST):
+                reports += await self._client.request_reports([e.device_id for e in entities[start : start + MAX_REPORT_REQUEST]])
+        return reports
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,85 @@
+"""What every simulated backend shares: its devices (the fleet's entities on that backend, the
+measuring ones with a :class:`~.devices.SimDevice` each), bearer-token auth, a body read as its
+wire model (a malformed one is a 400, as the protocols say), one HTTP client for what the
+backend posts back, and the measurement-report endpoints of :mod:`dercmd.protocols.common`."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar, TypeVar
+
+import httpx
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, ValidationError
+
+from dercmd.fleet import Entity, Fleet
+from dercmd.protocols.common import DeviceReports, ReportRequest, ReportSubscription
+
+from . import metrics
+from .devices import SimDevice, measures
+from .recorder import Recorder
+from .reports import Reporter
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(dumps(body), status_code=status, media_type="application/json")
+
+
+class SimBackend:
+    name: ClassVar[str]
+
+    def __init__(
+        self, fleet: Fleet, recorder: Recorder, token: str, report_interval_s: float, *, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        """``transport`` replaces the network under what the backend POSTs back (tests)."""
+        self.devices: dict[str, Entity] = {e.device_id: e for e in fleet.entities.values() if e.backend == self.name}
+        self.states: dict[str, SimDevice] = {d: SimDevice(e) for d, e in self.devices.items() if measures(e)}
+        self.by_entity: dict[str, SimDevice] = {s.entity.id: s for s in self.states.values()}
+        self.recorder = recorder
+        self.received = metrics.RECEIVED.labels(self.name)
+        self._authorization = f"Bearer {token}"
+        self.http = httpx.AsyncClient(
+            timeout=5.0, transport=transport, limits=httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        )
+        self.reporter = Reporter(self.name, self.states, report_interval_s, self.http)
+        self.router = APIRouter(prefix=f"/{self.name}/v1", tags=[self.name])
+        self.router.add_api_route(
+            "/reports:subscription", self.subscribe_reports, methods=["PUT"], response_model=None, status_code=204,
+            summary="Where periodic measurement reports go (body: ReportSubscription)",
+        )
+        self.router.add_api_route(
+            "/reports:request", self.request_reports, methods=["POST"], response_model=None,
+            responses={200: {"model": DeviceReports}}, summary="A measurement report now from each device (body: ReportRequest)",
+        )
+
+    async def read(self, request: Request, model: type[M]) -> M | Response:
+        """The authenticated body as ``model``, or the error response (401, 400)."""
+        if request.headers.get("authorization") != self._authorization:
+            return json_response({"message": "invalid token"}, 401)
+        try:
+            return model.model_validate_json(await request.body())
+        except ValidationError as exc:
+            return json_response({"message": f"malformed {model.__name__}: {str(exc)[:2000]}"}, 400)
+
+    async def subscribe_reports(self, request: Request) -> Response:
+        body = await self.read(request, ReportSubscription)
+        if isinstance(body, Response):
+            return body
+        self.reporter.subscribe(body)
+        return Response(status_code=204)
+
+    async def request_reports(self, request: Request) -> Response:
+        body = await self.read(request, ReportRequest)
+        if isinstance(body, Response):
+            return body
+        return json_response({"reports": self.reporter.request(body.device_ids)})
+
+    async def aclose(self) -> None:
+        await self.reporter.aclose()
+        await self.http.aclose()
