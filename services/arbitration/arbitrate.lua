@@ -29,7 +29,8 @@
 -- start: activated | waiting (cooldown: due again at "at") | expired (endAt passed first) | gone
 -- end:   ended (revert set when dercmd dispatches one; the revert becomes the active
 --        command so that a newer command supersedes it like any other) | lapsed (the window
---        ended before dispatch claimed it: it was never delivered) | gone
+--        ended before dispatch claimed it: it was never delivered) | waiting (ahead of its
+--        end and not claimed yet: look again at "at") | gone
 -- cancel: canceled | ended (a delivered window: revert) | finished (nothing to end)
 -- "gone": the command no longer holds that slot (superseded or canceled since).
 --
@@ -182,6 +183,10 @@ if op == 'end' then
     return save(d)
   end
   if delivered ~= cmd then
+    if now < tonumber(ARGV[4]) then
+      -- Acted on ahead of its end (the lead) before dispatch claimed it: look again later.
+      return cjson.encode({outcome = 'waiting', fence = d.fence, at = tonumber(ARGV[4])})
+    end
     -- Its window passed before dispatch claimed it: never delivered, nothing to revert.
     end_active(d, '')
     d.outcome = 'lapsed'

@@ -27,6 +27,7 @@ import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Sequence
+from datetime import datetime
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -137,16 +138,18 @@ class Dispatcher:
         """Start delivering a batch: its orders are grouped by backend and cut into calls, each
         call a task of its own, and its checks are one more task. Returns what finishes when
         every task has finished."""
-        groups: dict[str | None, list[DispatchOrderV1]] = defaultdict(list)
+        # By backend, and by the time before which an order is not to be sent (a start or end
+        # arbitration acted on ahead of time): one call's orders go at once.
+        groups: dict[tuple[str | None, datetime | None], list[DispatchOrderV1]] = defaultdict(list)
         checks: list[DeliveryCheckV1] = []
         for item in items:
             event = item.event
             if isinstance(event, DeliveryCheckV1):
                 checks.append(event)
                 continue
-            groups[self._backend_name(event.entity_id)].append(event)
+            groups[(self._backend_name(event.entity_id), event.not_before)].append(event)
         calls: list[asyncio.Future[None]] = [asyncio.ensure_future(self._check(checks))] if checks else []
-        for name, orders in groups.items():
+        for (name, _), orders in groups.items():
             backend = self._backends[name] if name is not None else None
             size = max(1, min(backend.max_batch, self._settings.dispatch_backend_batch)) if backend else len(orders)
             calls += [self._start(backend, orders[i : i + size]) for i in range(0, len(orders), size)]
@@ -172,6 +175,10 @@ class Dispatcher:
                     before: Sequence[asyncio.Future[None]]) -> None:
         if before:
             await asyncio.wait(before)
+        if (not_before := orders[0].not_before) is not None:
+            # Held here, unclaimed, until its time: a newer command that supersedes it
+            # meanwhile makes it stale, and a stop leaves it to the next owner.
+            await asyncio.sleep(max(0.0, (not_before - utcnow()).total_seconds()))
         if backend is None:
             await self._settle(orders, None)
             return

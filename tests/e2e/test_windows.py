@@ -163,7 +163,9 @@ def test_an_immediate_command_supersedes_a_delivered_window_which_is_then_not_re
     wait_for(lambda: datetime.now(UTC) > datetime.fromisoformat(api.get(window).json()["endAt"]) + timedelta(seconds=2),
              deadline_s=10, what="the window's end to pass")
     assert received_ids(api, device) == [window, stop]
-    assert api.get(revert_id(window)).status_code == 404
+    # Its end was acted on up to DERCMD_DUE_LEAD_MS ahead: a revert may exist, superseded.
+    revert = api.get(revert_id(window))
+    assert revert.status_code == 404 or (revert.json()["status"], revert.json()["reason"]) == ("Canceled", "superseded")
 
 
 def test_schedule_endpoint(api: Api, devices: Iterator[str]) -> None:

@@ -292,3 +292,17 @@ async def test_within_the_lead_a_start_is_acted_on_early_as_at_its_start_and_its
     assert rec.statuses("w1") == [(CommandStatus.TRIGGERED, None)]
     order = rec.orders()[-1]
     assert (order.command_id, order.not_before) == ("w1", start)
+
+
+async def test_an_end_within_the_lead_waits_for_the_claim_and_its_revert_waits_for_the_end(world) -> None:  # type: ignore[no-untyped-def]
+    _, arbiter, clock, rec, client = world
+    arb = Arbitration(rec, arbiter, tick_s=0.01, lead_ms=2000)  # type: ignore[arg-type]
+    end = T0 + timedelta(seconds=2)
+    await accept(arb, window("w1", T0, end))  # delivered soon, but not claimed yet
+    await arb.tick()
+    assert rec.statuses("w1") == [(CommandStatus.TRIGGERED, None)]  # not lapsed: its end has not come
+    await client.hset(redis_keys.slots("pv-1"), "delivered", "w1")
+    clock.now = T0 + timedelta(milliseconds=500)
+    await arb.tick()
+    revert = rec.orders()[-1]
+    assert (revert.revert_of, revert.not_before) == ("w1", end)
