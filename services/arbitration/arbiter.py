@@ -12,7 +12,6 @@ Four operations, all on one entity's keys only (so they work on Redis Cluster):
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from dercmd.events import (
     revert_id,
 )
 from dercmd.fleet import Fleet
+from dercmd.scripts import Script
 
 from .due import Due
 
@@ -137,7 +137,7 @@ class Arbiter:
         due: Due | None = None,
     ) -> None:
         self._redis = redis
-        self._script = redis.register_script(_SCRIPT)
+        self._script = Script(redis, _SCRIPT)
         self._fleet = fleet
         self._default_cooldown_s = default_cooldown_s
         self._now = now
@@ -160,18 +160,11 @@ class Arbiter:
 
     async def _run(self, calls: Sequence[tuple[str, str, str, Sequence[object]]]) -> list[Decision]:
         """``(op, entity, command, args)`` in one round trip, run in the order given."""
-        if not calls:
-            return []
-        pipe = self._redis.pipeline(transaction=False)
         now = _ms(self._now()) if self._now else ""
-        for op, entity_id, command_id, args in calls:
-            await self._script(  # queued on the pipeline, not sent yet
-                keys=[redis_keys.slots(entity_id), redis_keys.decision(entity_id, command_id)],
-                args=[op, command_id, now, *args],
-                client=pipe,
-            )
-        async with asyncio.timeout(redis_keys.CALL_TIMEOUT_S):
-            replies = await pipe.execute()
+        replies = await self._script.run_many(
+            [([redis_keys.slots(entity_id), redis_keys.decision(entity_id, command_id)], [op, command_id, now, *args])
+             for op, entity_id, command_id, args in calls]
+        )
         return [Decision.from_json(raw) for raw in replies]
 
     async def decide(self, cmd: CommandAcceptedV1) -> Decision:

@@ -25,6 +25,7 @@ from datetime import datetime
 import redis.asyncio as aioredis
 
 from dercmd import redis_keys
+from dercmd.scripts import Script
 
 BUCKETS = 16
 LEASE_MS = 10_000
@@ -81,7 +82,7 @@ class Due:
 
     def __init__(self, redis: aioredis.Redis, now: Callable[[], datetime] | None = None) -> None:
         self._redis = redis
-        self._take = redis.register_script(_TAKE)
+        self._take = Script(redis, _TAKE)
         self._now = now
 
     async def add_many(self, entries: Sequence[Entry]) -> None:
@@ -95,12 +96,8 @@ class Due:
 
     async def take(self, limit: int, lease_ms: int = LEASE_MS, lead_ms: int = 0) -> list[Entry]:
         """Lease up to ``limit`` entries of each bucket due within ``lead_ms``, earliest first."""
-        pipe = self._redis.pipeline(transaction=False)
         now = int(self._now().timestamp() * 1000) if self._now else ""
-        for bucket in range(BUCKETS):
-            await self._take(keys=[bucket_key(bucket)], args=[now, limit, lease_ms, lead_ms], client=pipe)
-        async with asyncio.timeout(redis_keys.CALL_TIMEOUT_S):
-            replies = await pipe.execute()
+        replies = await self._take.run_many([([bucket_key(bucket)], [now, limit, lease_ms, lead_ms]) for bucket in range(BUCKETS)])
         taken = [(float(score), Entry.parse(member)) for reply in replies for member, score in zip(reply[::2], reply[1::2], strict=True)]
         return [e for _, e in sorted(taken, key=lambda pair: pair[0])]
 

@@ -21,6 +21,7 @@ Measurement reports (periodic, and the extra one after a window starts or ends) 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -86,6 +87,8 @@ class Dispatcher:
         #: Per entity, the delivery work that last took one of its commands: a later command
         #: of the entity is sent only after it. Entries leave when their work is done.
         self._tails: dict[str, asyncio.Future[Any]] = {}
+        #: Per notBefore, the held calls that woke and have not sent yet (see ``_call``).
+        self._sending: dict[datetime, _Countdown] = {}
         self.reports = Reports(service.publisher, fleet, service.settings)
 
     async def start(self) -> None:
@@ -175,25 +178,49 @@ class Dispatcher:
                     before: Sequence[asyncio.Future[None]]) -> None:
         if before:
             await asyncio.wait(before)
+        sending = None
         if (not_before := orders[0].not_before) is not None:
             # Held here, unclaimed, until its time: a newer command that supersedes it
-            # meanwhile makes it stale, and a stop leaves it to the next owner.
+            # meanwhile makes it stale, and a stop leaves it to the next owner. Every call
+            # held for one time wakes at once (a window of thousands of devices): they all
+            # send before any of them records its outcomes, so the devices get the window's
+            # start as close to its time as the backends allow.
             await asyncio.sleep(max(0.0, (not_before - utcnow()).total_seconds()))
-        if backend is None:
-            await self._settle(orders, None)
-            return
-        async with self._calls[backend.name]:
-            await self._settle(orders, backend)
+            sending = self._sending.setdefault(not_before, _Countdown())
+            sending.add()
+        await self._settle(orders, backend, sending)
 
-    async def _settle(self, orders: list[DispatchOrderV1], backend: backends.DeviceBackend | None) -> None:
+    async def _settle(self, orders: list[DispatchOrderV1], backend: backends.DeviceBackend | None,
+                      sending: _Countdown | None = None) -> None:
         """Claim the orders (at most once; the fence is checked now, just before sending) and
         take each as far as it goes: sent, concluded, or resumed from an earlier attempt. A
-        task cancelled before this point leaves its orders unclaimed for the next attempt."""
+        task cancelled before this point leaves its orders unclaimed for the next attempt.
+
+        Only the claim and the backend call hold one of the backend's call slots: recording
+        the outcomes (Redis, then the broker's acks) happens after, so the slots carry calls."""
         unique = _first_of_each(orders)
         if len(unique) < len(orders):
             # The same order twice in one call (a redelivered copy): the first one speaks for both.
             metrics.ORDERS.labels("redelivered").inc(len(orders) - len(unique))
             orders = unique
+        try:
+            async with self._calls[backend.name] if backend is not None else contextlib.nullcontext():
+                accepted, failed, resumed = await self._claim_and_send(orders, backend)
+        finally:
+            if sending is not None:
+                sending.done()  # sent (or failed to): the others need not wait for it
+        if sending is not None:
+            await sending.wait()
+            self._sending = {t: c for t, c in self._sending.items() if not c.finished}
+        # From here on every step is idempotent, so a failed dependency is simply retried:
+        # nothing may leave a delivered command without its outcome.
+        await retrying(lambda: self._record(accepted, failed, resumed), "dispatch results")
+        if accepted and backend is not None:
+            self.reports.delivered(backend.name, [o for o, _ in accepted])
+
+    async def _claim_and_send(self, orders: list[DispatchOrderV1], backend: backends.DeviceBackend | None
+                              ) -> tuple[list[tuple[DispatchOrderV1, backends.Accepted]], list[tuple[DispatchOrderV1, Outcome]],
+                                         list[tuple[DispatchOrderV1, str]]]:
         claims = await retrying(lambda: self._deliveries.claim_many([(_key(o), o.fence) for o in orders]), "dispatch claims")
         claimed: list[DispatchOrderV1] = []
         resumed: list[tuple[DispatchOrderV1, str]] = []
@@ -219,11 +246,7 @@ class Dispatcher:
             metrics.ORDERS.labels("failed").inc(len(failed))
         elif claimed:
             accepted, failed = await self._send(backend, claimed)
-        # From here on every step is idempotent, so a failed dependency is simply retried:
-        # nothing may leave a delivered command without its outcome.
-        await retrying(lambda: self._record(accepted, failed, resumed), "dispatch results")
-        if accepted and backend is not None:
-            self.reports.delivered(backend.name, [o for o, _ in accepted])
+        return accepted, failed, resumed
 
     async def _send(self, backend: backends.DeviceBackend, orders: list[DispatchOrderV1]
                     ) -> tuple[list[tuple[DispatchOrderV1, backends.Accepted]], list[tuple[DispatchOrderV1, Outcome]]]:
@@ -312,6 +335,9 @@ class Dispatcher:
         Sent is out; returns each one's delivery state."""
         for status, count in Counter(outcome.status.value for _, _, outcome in results).items():
             metrics.CALLBACKS.labels(status).inc(count)
+        # Held calls sending now (a window's start) go first: results can wait a moment.
+        for sending in list(self._sending.values()):
+            await sending.wait()
         return await self._apply_results(results)
 
     async def _apply_results(self, results: Sequence[tuple[str, str, Outcome]]) -> list[str]:
@@ -416,6 +442,31 @@ def _count_check(check: DeliveryCheckV1, outcome: Outcome) -> None:
 
 
 O = TypeVar("O", DispatchOrderV1, DeliveryCheckV1)
+
+
+class _Countdown:
+    """The held calls of one time that woke and have not sent yet; they record their
+    outcomes once it is zero."""
+
+    def __init__(self) -> None:
+        self._left = 0
+        self._zero = asyncio.Event()
+
+    @property
+    def finished(self) -> bool:
+        return self._left == 0
+
+    def add(self) -> None:
+        self._left += 1
+        self._zero.clear()
+
+    def done(self) -> None:
+        self._left -= 1
+        if self._left == 0:
+            self._zero.set()
+
+    async def wait(self) -> None:
+        await self._zero.wait()
 
 
 def _first_of_each(orders: list[O]) -> list[O]:

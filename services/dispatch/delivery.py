@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -11,6 +10,7 @@ import redis.asyncio as aioredis
 
 from dercmd import redis_keys
 from dercmd.events import CommandStatus
+from dercmd.scripts import Script
 
 _SCRIPT = resources.files(__package__).joinpath("delivery.lua").read_text()
 
@@ -41,16 +41,13 @@ class Deliveries:
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
-        self._script = redis.register_script(_SCRIPT)
+        self._script = Script(redis, _SCRIPT)
 
     async def _call_many(self, calls: Sequence[tuple[Key, Sequence[object]]]) -> list[str]:
-        if not calls:
-            return []
-        pipe = self._redis.pipeline(transaction=False)
-        for (entity_id, command_id), args in calls:
-            await self._script(keys=[redis_keys.slots(entity_id), redis_keys.delivery(entity_id, command_id)], args=list(args), client=pipe)
-        async with asyncio.timeout(redis_keys.CALL_TIMEOUT_S):
-            replies = await pipe.execute()
+        replies = await self._script.run_many(
+            [([redis_keys.slots(entity_id), redis_keys.delivery(entity_id, command_id)], args)
+             for (entity_id, command_id), args in calls]
+        )
         return [raw.decode() if isinstance(raw, bytes) else str(raw) for raw in replies]
 
     async def claim_many(self, orders: Sequence[tuple[Key, int]]) -> list[str]:

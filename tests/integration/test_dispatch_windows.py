@@ -398,3 +398,29 @@ async def test_checks_are_split_from_orders_and_only_open_commands_are_decided(
         await until(lambda: len(h.statuses(fresh.command_id)) == 2, what="the order beside the checks")  # delivered as usual
         assert [c["commandId"] for c in await h.received("ev-1")] == [done.command_id, fresh.command_id]
 
+
+
+# -- orders held until their time ------------------------------------------------------------
+
+
+async def test_held_orders_reach_their_devices_at_their_time_not_before_and_all_before_any_records(
+    tmp_path: Path, kafka_bootstrap: str, redis_url: str
+) -> None:
+    async with harness(tmp_path, kafka_bootstrap, redis_url, sim_report_interval_s=0, dispatch_report_after_s=0,
+                       dispatch_backend_batch=1) as h:
+        at = utcnow() + timedelta(seconds=1)
+        held = [order(e, CommandType.LIMIT_FEED_IN, value=1000, not_before=at) for e in ("pv-1", "pv-2")]
+        now_order = order("ev-1")
+        done = await h.dispatcher.handle([Item(o, None) for o in [*held, now_order]])  # type: ignore[arg-type]
+        # The order without a time goes at once; the held ones wait, unclaimed.
+        await until(lambda: h.received("ev-1"), what="the order without a time")
+        assert await h.state("pv-1", held[0].command_id) == ""
+        await asyncio.wait_for(done, 20)
+        received = []
+        for o in held:
+            [entry] = await h.received(o.entity_id)
+            assert entry["commandId"] == o.command_id and datetime.fromisoformat(entry["receivedAt"]) >= at
+            received.append(datetime.fromisoformat(entry["receivedAt"]))
+        # Two calls (a batch of 1 each): both devices had theirs before either call said Sent.
+        sent = [e.at for o in held for e in h.statuses(o.command_id) if e.status is CommandStatus.SENT]
+        assert len(sent) == 2 and max(received) <= min(sent)
