@@ -47,6 +47,20 @@ def check_window(now: datetime, start_at: datetime | None, end_at: datetime | No
         raise Refusal("interval_too_long", f"endAt - startAt is more than {MAX_AHEAD.total_seconds():.0f} s")
 
 
+def assets_for(entity: Entity, listed: Sequence[str] | None) -> tuple[str, ...] | None:
+    """What ``assetIdentifiers`` means for one device (BRIEF 2.2: only its listed assets take
+    the command): the listed ones it has. None for a device the fleet lists no assets of (the
+    filter does not apply). A device with assets, none of them listed, is refused: it would
+    take nothing."""
+    if listed is None or not entity.assets:
+        return None
+    mine = tuple(a for a in entity.assets if a in set(listed))
+    if not mine:
+        raise Refusal("unknown_asset_identifier",
+                      f"none of assetIdentifiers is an asset of {entity.id} (it has {', '.join(entity.assets)})")
+    return mine
+
+
 def build(
     fleet: Fleet,
     entity: Entity,
@@ -61,8 +75,8 @@ def build(
     expires_at: datetime | None = None,
     ignore_cooldown: bool = False,
 ) -> CommandAcceptedV1:
-    """A command for one entity, checked: supported by it, a sound window. ``asset_identifiers``
-    is a filter (BRIEF 2.2): only the device's assets listed there take the command."""
+    """A command for one entity, checked: supported by it, a sound window, assets it has
+    (:func:`assets_for`)."""
     check_supported(fleet, entity, fields.type)
     check_window(now, start_at, end_at)
     check_aware(expiresAt=expires_at)
@@ -76,7 +90,7 @@ def build(
         percentage=fields.percentage,
         trigger_time=start_at,
         end_at=end_at,
-        asset_identifiers=tuple(asset_identifiers) if asset_identifiers is not None else None,
+        asset_identifiers=assets_for(entity, asset_identifiers),
         expires_at=expires_at,
         ignore_cooldown=ignore_cooldown,
         accepted_at=now,

@@ -196,6 +196,24 @@ def test_a_scheduled_command_due_inside_the_cooldown_waits_or_expires(api: Api) 
     assert received_ids(api, "pv-cool") == [first]
 
 
+def test_a_native_window_is_sent_once_with_its_assets_and_reported(api: Api, kafka: Kafka) -> None:
+    refused = api.batch(batch(["dev-1"], at(1), at(3), assetIdentifiers=["inverter-z"]))
+    assert (refused.status_code, refused.json()["key"]) == (400, "unknown_asset_identifier")
+    end = datetime.now(UTC) + timedelta(seconds=3)
+    created = api.batch(batch(["dev-1"], at(1), end.isoformat(), percentage=10, assetIdentifiers=["inverter-a", "inverter-z"]))
+    assert created.status_code == 201, created.text
+    command_id = created.json()["commands"][0]["id"]
+    assert api.wait_terminal(command_id)["status"] == "Succeeded"
+    (entry,) = api.received("dev-1")
+    assert (entry["commandId"], entry["percentage"], entry["assets"]) == (command_id, 10, ["inverter-a"])
+    assert datetime.fromisoformat(entry["endAt"]) == end.replace(microsecond=end.microsecond // 1000 * 1000)
+    # The device returns to its default by itself: no revert from dercmd, even after the end.
+    wait_for(lambda: datetime.now(UTC) > end + timedelta(seconds=3), deadline_s=10, what="the window's end")
+    assert [c["commandId"] for c in api.received("dev-1")] == [command_id]
+    reports = kafka.read_until("dercmd.devices.reports", lambda rs: any(json.loads(r.value).get("commandId") == command_id for r in rs))
+    assert any(json.loads(r.value)["entityId"] == "dev-1" for r in reports)
+
+
 # -- cancel -----------------------------------------------------------------------------
 
 
