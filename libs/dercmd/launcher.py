@@ -126,6 +126,7 @@ class Stack:
     services: tuple[str, ...] = SERVICES
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
+    _how: dict[str, tuple[list[str], Mapping[str, str] | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.environ = {**os.environ, **self.env}
@@ -150,6 +151,7 @@ class Stack:
         proc = subprocess.Popen(argv, env={**self.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT if out else None,
                                 start_new_session=True)
         self.procs[name] = proc
+        self._how[name] = (argv, env)
         return proc
 
     def _start_broker(self) -> None:
@@ -246,6 +248,13 @@ class Stack:
         """SIGKILL one process (fault tests)."""
         self.procs[name].kill()
         self.procs[name].wait()
+
+    def restart(self, name: str) -> None:
+        """Start a stopped or killed process again, as it was started, and wait until it is healthy."""
+        argv, env = self._how[name]
+        self._spawn(name, argv, env)
+        port = (env or {}).get(next((k for k in env or {} if k.endswith("_PORT")), ""), None)
+        self.wait_healthy(name, url=f"http://{self.settings.bind_host}:{port}" if port else None)
 
     def stop(self, timeout_s: float = 15) -> None:
         """SIGTERM the services, then the broker and Redis; SIGKILL what outlives the timeout."""
