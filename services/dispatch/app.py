@@ -36,6 +36,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from dercmd import topics
+from dercmd.clock import SharedClock
 from dercmd.consumer import Item, retrying
 from dercmd.events import CommandStatus, DeliveryCheckV1, DispatchOrderV1, Event, StatusEventV1, utcnow
 from dercmd.fleet import Fleet
@@ -81,6 +82,7 @@ class Dispatcher:
         self._publisher = service.publisher
         self._fleet = fleet
         self._deliveries = Deliveries(service.redis)
+        self.clock = SharedClock(service.redis)
         self._backends: dict[str, backends.DeviceBackend] = {}
         self._calls: dict[str, asyncio.Semaphore] = {}
         self._secret = service.settings.callback_secret.encode()
@@ -96,6 +98,7 @@ class Dispatcher:
         for name in {e.backend for e in self._fleet.entities.values()}:
             self._backend(name)
         self.reports.start(self._backends)
+        await self.clock.start()
 
     def _backend_name(self, entity_id: str) -> str | None:
         """The entity's backend, if it is in the fleet and deployed here."""
@@ -113,6 +116,7 @@ class Dispatcher:
         return self._backends[name]
 
     async def aclose(self) -> None:
+        await self.clock.stop()
         await self.reports.aclose()
         for backend in self._backends.values():
             await backend.aclose()
@@ -180,12 +184,13 @@ class Dispatcher:
             await asyncio.wait(before)
         sending = None
         if (not_before := orders[0].not_before) is not None:
-            # Held here, unclaimed, until its time: a newer command that supersedes it
+            # Held here, unclaimed, until its time by Redis's clock (the one arbitration
+            # decided by, whatever this host's says): a newer command that supersedes it
             # meanwhile makes it stale, and a stop leaves it to the next owner. Every call
             # held for one time wakes at once (a window of thousands of devices): they all
             # send before any of them records its outcomes, so the devices get the window's
             # start as close to its time as the backends allow.
-            await asyncio.sleep(max(0.0, (not_before - utcnow()).total_seconds()))
+            await asyncio.sleep(max(0.0, (not_before - self.clock.now()).total_seconds()))
             sending = self._sending.setdefault(not_before, _Countdown())
             sending.add()
         await self._settle(orders, backend, sending)
