@@ -154,7 +154,7 @@ class Arbiter:
         return int(cooldown_s * 1000)
 
     def _revert(self, entity_id: str, command_id: str) -> str:
-        """The revert an ended window of this entity needs; "" when its backend keeps windows."""
+        """The revert a window of this entity needs at its endAt; "" when its backend keeps windows."""
         entity = self._fleet.entity(entity_id)
         return "" if entity is not None and self._fleet.keeps_windows(entity) else revert_id(command_id)
 
@@ -196,7 +196,9 @@ class Arbiter:
     def _cancel_args(self, ev: CommandCancelV1) -> tuple[object, ...]:
         # A stage deadline leaves a scheduled command alone (it is waiting for its start or a
         # cooldown, the due-index will act); a caller's cancel or expiresAt does not.
-        return (ev.reason, self._revert(ev.entity_id, ev.command_id), "1" if ev.include_scheduled else "0", redis_keys.STATE_TTL_S)
+        # A delivered window the caller ends early is reverted on every backend: one that keeps
+        # windows natively would hold it until its endAt.
+        return (ev.reason, revert_id(ev.command_id), "1" if ev.include_scheduled else "0", redis_keys.STATE_TTL_S)
 
     @staticmethod
     def _due_entries(events: Sequence[CommandAcceptedV1 | CommandCancelV1], decisions: Sequence[Decision]) -> list[Due.Entry]:

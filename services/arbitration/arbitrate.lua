@@ -17,7 +17,8 @@
 --   start   ARGV[4] cooldown ms, ARGV[5] startAt ms  (the due-index says its startAt came, or
 --           is at most the lead ahead: the rules then apply as at startAt)
 --   end     ARGV[4] endAt ms, ARGV[5] revert id or "" (the backend keeps windows natively)
---   cancel  ARGV[4] reason (canceled | expired), ARGV[5] revert id or "",
+--   cancel  ARGV[4] reason (canceled | expired), ARGV[5] revert id (a delivered window ended early is
+--           reverted on every backend: a native one would hold it until its endAt),
 --           ARGV[6] "1" to take it out of the scheduled slot too, ARGV[7] ttl s
 --
 -- The decision key holds the command's decision as JSON; every operation records what it

@@ -1,0 +1,123 @@
+"""The slot rules of BRIEF 3 run through arbitration's real scripts and dispatch's real claim
+on a real Redis, with an injected clock and a recording publisher: focused tests of what a
+state machine (below) found, then the state machine itself."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import redis.asyncio as aioredis
+
+from dercmd import redis_keys, topics
+from dercmd.arbitration.app import Arbitration
+from dercmd.arbitration.arbiter import Arbiter, Records
+from dercmd.consumer import Item
+from dercmd.dispatch.delivery import Deliveries
+from dercmd.events import (
+    CommandAcceptedV1,
+    CommandCancelV1,
+    CommandStatus,
+    CommandType,
+    DispatchOrderV1,
+    Event,
+    StatusEventV1,
+    revert_id,
+)
+from dercmd.fleet import Fleet
+
+T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+FLEET = Fleet.model_validate(
+    {
+        "entities": {
+            "pv-1": {"kind": "PV", "vendor": "sma", "backend": "vendor-cloud"},  # the default cooldown
+            "pv-2": {"kind": "PV", "vendor": "sma", "backend": "vendor-cloud", "cooldownS": 0},
+            "dev-1": {"kind": "PV", "vendor": "gridbox", "backend": "native-window", "assets": ["a", "b"], "cooldownS": 300},
+        }
+    }
+)
+DEFAULT_COOLDOWN_S = 600
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+class Recorder:
+    """Stands in for the Kafka publisher: keeps what would have been published."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, Event]] = []
+
+    async def publish_all(self, records: Records) -> None:
+        self.records += [(topic.name, event) for topic, event, _ in records]
+
+    def statuses(self, command_id: str) -> list[tuple[CommandStatus, str | None]]:
+        return [(e.status, e.reason) for _, e in self.records if isinstance(e, StatusEventV1) and e.command_id == command_id]
+
+    def orders(self) -> list[DispatchOrderV1]:
+        return [e for t, e in self.records if t == topics.ORDERS.name and isinstance(e, DispatchOrderV1)]
+
+
+class World:
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self.clock = Clock()
+        self.rec = Recorder()
+        self.arb = Arbitration(self.rec, Arbiter(client, FLEET, DEFAULT_COOLDOWN_S, now=self.clock), tick_s=0.01)  # type: ignore[arg-type]
+        self.deliveries = Deliveries(client)
+
+    async def accept(self, *events: CommandAcceptedV1 | CommandCancelV1) -> None:
+        await self.arb.handle([Item(e, None) for e in events])  # type: ignore[arg-type]
+
+    async def claim_latest(self) -> DispatchOrderV1:
+        """dispatch claims the latest order (with its fence, as in production)."""
+        order = self.rec.orders()[-1]
+        assert await self.deliveries.claim(order.entity_id, order.command_id, order.fence) == "claimed"
+        return order
+
+    async def at(self, when: datetime) -> None:
+        self.clock.now = when
+        while await self.arb.tick():
+            pass
+
+    async def slot(self, entity: str, field: str) -> str | None:
+        raw = await self.client.hget(redis_keys.slots(entity), field)
+        return raw.decode() if raw is not None else None
+
+
+@pytest.fixture
+async def world(redis_url: str):  # type: ignore[no-untyped-def]
+    client = aioredis.from_url(redis_url)
+    yield World(client)
+    await client.aclose()
+
+
+def window(id: str, start: datetime | None, end: datetime | None, *, entity: str = "pv-1", pct: int = 30,
+           ignore: bool = False) -> CommandAcceptedV1:
+    return CommandAcceptedV1(id=id, entity_id=entity, type=CommandType.LIMIT_PRODUCTION_POWER, percentage=pct,
+                             trigger_time=start, end_at=end, ignore_cooldown=ignore, accepted_at=T0, source="test")
+
+
+def cancel(id: str, *, entity: str = "pv-1", reason: str = "canceled", include_scheduled: bool = True) -> CommandCancelV1:
+    return CommandCancelV1(command_id=id, entity_id=entity, reason=reason, by="test", at=T0, include_scheduled=include_scheduled)
+
+
+# -- focused tests ----------------------------------------------------------------------------
+
+
+async def test_a_cancel_of_a_delivered_native_window_returns_the_device_to_its_default(world: World) -> None:
+    """A native-window backend reverts on its own at endAt, not before: ending its window early
+    needs the revert (``DELETE``: "the device is returned to its default")."""
+    await world.accept(window("n1", None, T0 + timedelta(hours=1), entity="dev-1"))
+    await world.claim_latest()
+    await world.accept(cancel("n1", entity="dev-1"))
+    revert = world.rec.orders()[-1]
+    assert (revert.command_id, revert.revert_of, revert.percentage) == (revert_id("n1"), "n1", 100)
+    assert await world.slot("dev-1", "active") == revert_id("n1")
+    await world.at(T0 + timedelta(hours=1))
+    assert [o.command_id for o in world.rec.orders()] == ["n1", revert_id("n1")]  # its end finds it ended: no other revert
