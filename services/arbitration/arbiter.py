@@ -161,10 +161,13 @@ class Arbiter:
     async def _run(self, calls: Sequence[tuple[str, str, str, Sequence[object]]]) -> list[Decision]:
         """``(op, entity, command, args)`` in one round trip, run in the order given."""
         now = _ms(self._now()) if self._now else ""
-        replies = await self._script.run_many(
-            [([redis_keys.slots(entity_id), redis_keys.decision(entity_id, command_id)], [op, command_id, now, *args])
-             for op, entity_id, command_id, args in calls]
-        )
+        runs: list[tuple[list[str], list[object]]] = []
+        for op, entity_id, command_id, args in calls:
+            keys = [redis_keys.slots(entity_id), redis_keys.decision(entity_id, command_id)]
+            if op in ("end", "cancel") and args[1]:
+                keys.append(redis_keys.decision(entity_id, str(args[1])))  # the revert's own decision
+            runs.append((keys, [op, command_id, now, *args]))
+        replies = await self._script.run_many(runs)
         return [Decision.from_json(raw) for raw in replies]
 
     async def decide(self, cmd: CommandAcceptedV1) -> Decision:
@@ -225,7 +228,7 @@ class Arbiter:
             if e.kind == "s":
                 calls.append(("start", e.entity_id, e.command_id, (self._cooldown_ms(e.entity_id), e.at_ms)))
             else:
-                calls.append(("end", e.entity_id, e.command_id, (e.at_ms, self._revert(e.entity_id, e.command_id))))
+                calls.append(("end", e.entity_id, e.command_id, (e.at_ms, self._revert(e.entity_id, e.command_id), redis_keys.STATE_TTL_S)))
         return await self._run(calls)
 
 

@@ -4,6 +4,9 @@
 --
 -- KEYS[1]  slots hash of the entity        (dercmd:{entity}:slots)
 -- KEYS[2]  decision key of the command     (dercmd:{entity}:decision:<command id>)
+-- KEYS[3]  end and cancel: decision key of the revert they may dispatch (its own decision,
+--          recorded when it becomes active, so that a cancel of the revert is told apart
+--          from one of a command not decided yet)
 -- ARGV[1]  operation: decide | start | end | cancel
 -- ARGV[2]  command id
 -- ARGV[3]  now, ms since the epoch, or "" for Redis's own clock (one clock for every
@@ -16,7 +19,8 @@
 --           order and its revert are built from)
 --   start   ARGV[4] cooldown ms, ARGV[5] startAt ms  (the due-index says its startAt came, or
 --           is at most the lead ahead: the rules then apply as at startAt)
---   end     ARGV[4] endAt ms, ARGV[5] revert id or "" (the backend keeps windows natively)
+--   end     ARGV[4] endAt ms, ARGV[5] revert id or "" (the backend keeps windows natively),
+--           ARGV[6] ttl s (of the revert's decision)
 --   cancel  ARGV[4] reason (canceled | expired), ARGV[5] revert id (a delivered window ended early is
 --           reverted on every backend: a native one would hold it until its endAt),
 --           ARGV[6] "1" to take it out of the scheduled slot too, ARGV[7] ttl s
@@ -95,10 +99,11 @@ end
 
 -- The active window ends (rule 5), on time or early: the revert, when dercmd dispatches one,
 -- becomes the active command (a newer command supersedes it unless dispatch claimed it).
-local function end_active(d, revert)
+local function end_active(d, revert, ttl)
   d.fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
   if revert ~= '' then
     redis.call('HSET', KEYS[1], 'active', revert, 'active_end', '', 'active_fence', d.fence)
+    redis.call('SET', KEYS[3], cjson.encode({outcome = 'activated', fence = d.fence, revertOf = cmd}), 'EX', ttl)
     d.revert = revert
   else
     redis.call('HDEL', KEYS[1], 'active', 'active_end')
@@ -193,7 +198,7 @@ if op == 'end' then
     d.outcome = 'lapsed'
     return save(d)
   end
-  end_active(d, ARGV[5])
+  end_active(d, ARGV[5], tonumber(ARGV[6]))
   d.outcome = 'ended'
   return save(d)
 end
@@ -210,7 +215,7 @@ if op == 'cancel' then
     end_active(d, '')
     d.outcome = 'canceled'
   elseif active == cmd and slot[6] and slot[6] ~= '' and ARGV[4] == 'canceled' then
-    end_active(d, ARGV[5])  -- a delivered window the caller ends now
+    end_active(d, ARGV[5], tonumber(ARGV[7]))  -- a delivered window the caller ends now
     d.outcome = 'ended'
     d.early = true
   elseif undecided then

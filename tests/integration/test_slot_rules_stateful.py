@@ -121,3 +121,40 @@ async def test_a_cancel_of_a_delivered_native_window_returns_the_device_to_its_d
     assert await world.slot("dev-1", "active") == revert_id("n1")
     await world.at(T0 + timedelta(hours=1))
     assert [o.command_id for o in world.rec.orders()] == ["n1", revert_id("n1")]  # its end finds it ended: no other revert
+
+
+async def test_a_deadline_leaves_a_revert_dispatch_claimed_alone(world: World) -> None:
+    """A revert is a command without a decision of its own: a deadline cancel (the sweeper:
+    Triggered for too long, the backend still busy with it) took it for a command not decided
+    yet and ended it ``Failed: expired`` although dispatch had claimed it."""
+    await world.accept(window("w1", None, T0 + timedelta(minutes=1)))
+    await world.claim_latest()
+    await world.at(T0 + timedelta(minutes=1))
+    revert = await world.claim_latest()
+    assert revert.revert_of == "w1"
+    (d,) = await world.arb._arbiter.decide_many([cancel(revert.command_id, reason="expired", include_scheduled=False)])
+    assert d.outcome == "finished"
+    await world.accept(cancel(revert.command_id, reason="expired", include_scheduled=False))
+    assert world.rec.statuses(revert.command_id) == [(CommandStatus.TRIGGERED, None)]
+
+
+async def test_a_deadline_leaves_a_superseded_revert_alone(world: World) -> None:
+    """... and gave a revert already ``Canceled: superseded`` a second terminal status."""
+    await world.accept(window("w1", None, T0 + timedelta(minutes=1)))
+    await world.claim_latest()
+    await world.at(T0 + timedelta(minutes=1))
+    await world.accept(window("w2", None, None, ignore=True))  # supersedes the revert, not claimed yet
+    assert world.rec.statuses(revert_id("w1"))[-1] == (CommandStatus.CANCELED, "superseded")
+    await world.accept(cancel(revert_id("w1"), reason="expired", include_scheduled=False))
+    assert world.rec.statuses(revert_id("w1")) == [(CommandStatus.TRIGGERED, None), (CommandStatus.CANCELED, "superseded")]
+
+
+async def test_a_deadline_still_ends_a_revert_dispatch_has_not_claimed(world: World) -> None:
+    await world.accept(window("w1", None, T0 + timedelta(minutes=1)))
+    await world.claim_latest()
+    await world.at(T0 + timedelta(minutes=1))
+    stale = world.rec.orders()[-1]
+    await world.accept(cancel(revert_id("w1"), reason="expired", include_scheduled=False))
+    assert world.rec.statuses(revert_id("w1"))[-1] == (CommandStatus.FAILED, "expired")
+    assert await world.slot("pv-1", "active") is None
+    assert await world.deliveries.claim("pv-1", stale.command_id, stale.fence) == "stale"
