@@ -14,7 +14,8 @@
 -- and per operation:
 --   decide  ARGV[4] startAt ms, ARGV[5] endAt ms or "" (holds until replaced),
 --           ARGV[6] cooldown ms (0 disables), ARGV[7] "1" to ignore the cooldown,
---           ARGV[8] how long the decision is remembered (s), ARGV[9] the command's payload
+--           ARGV[8] how long the decision is remembered (s; after the command's startAt or endAt,
+--           when that is later), ARGV[9] the command's payload
 --           (kept with the decision of a scheduled or windowed command: what its dispatch
 --           order and its revert are built from)
 --   start   ARGV[4] cooldown ms, ARGV[5] startAt ms  (the due-index says its startAt came, or
@@ -138,7 +139,12 @@ if op == 'decide' then
     d.fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
     redis.call('HSET', KEYS[1], 'scheduled', cmd, 'scheduled_start', start_at)
   end
-  return save(d, tonumber(ARGV[8]))
+  -- Kept for as long after the command's last due time (its start, or its window's end) as
+  -- after a decision: the due-index acts on it then.
+  local keep = tonumber(ARGV[8])
+  local last = end_at or start_at
+  if last > now then keep = keep + math.ceil((last - now) / 1000) end
+  return save(d, keep)
 end
 
 local d = load_decision()

@@ -158,3 +158,18 @@ async def test_a_deadline_still_ends_a_revert_dispatch_has_not_claimed(world: Wo
     assert world.rec.statuses(revert_id("w1"))[-1] == (CommandStatus.FAILED, "expired")
     assert await world.slot("pv-1", "active") is None
     assert await world.deliveries.claim("pv-1", stale.command_id, stale.fence) == "stale"
+
+
+async def test_the_decision_of_a_window_far_ahead_outlives_it(world: World) -> None:
+    """BRIEF 2.2 allows a startAt up to 2^31 ms (about 24.8 days) ahead and a window as long:
+    the decision was kept 7 days (STATE_TTL_S) from when it was taken, so the start (rule 4)
+    or the end (rule 5) of a command further ahead found no decision ("gone"): it never
+    started, or its window was never reverted (the device held the limit for good)."""
+    start, end = T0 + timedelta(days=20), T0 + timedelta(days=44)
+    await world.accept(window("far", start, end), window("open", T0 + timedelta(days=10), None, entity="pv-2"))
+    far_ttl = await world.client.ttl(redis_keys.decision("pv-1", "far"))
+    open_ttl = await world.client.ttl(redis_keys.decision("pv-2", "open"))
+    assert far_ttl >= (end - T0).total_seconds() + redis_keys.STATE_TTL_S - 5
+    assert open_ttl >= timedelta(days=10).total_seconds() + redis_keys.STATE_TTL_S - 5
+    await world.accept(window("now", None, None, entity="pv-2"))  # an immediate command: kept as long as before
+    assert await world.client.ttl(redis_keys.decision("pv-2", "now")) <= redis_keys.STATE_TTL_S
