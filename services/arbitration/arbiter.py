@@ -317,10 +317,13 @@ def cancel_emissions(ev: CommandCancelV1, decision: Decision, now: datetime) -> 
     revert of a delivered window it ended early."""
     key = ev.entity_id
     if decision.outcome == "canceled":
-        if ev.reason == "canceled":
+        # A repeated cancel (redelivered, or a DELETE and a deadline both on their way) repeats
+        # what the first one decided, whatever its own reason.
+        reason = decision.reason or ev.reason
+        if reason == "canceled":
             return [_status(ev.command_id, key, CommandStatus.CANCELED, now, reason="canceled",
                             detail=f"canceled by {ev.by}" if ev.by else "canceled")], []
-        return [_status(ev.command_id, key, CommandStatus.FAILED, now, reason=ev.reason, detail=ev.detail)], []
+        return [_status(ev.command_id, key, CommandStatus.FAILED, now, reason=reason, detail=ev.detail)], []
     if decision.outcome == "ended" and decision.revert:
         return _revert(key, ev.command_id, decision.payload, decision, now)
     return [], []

@@ -173,3 +173,25 @@ async def test_the_decision_of_a_window_far_ahead_outlives_it(world: World) -> N
     assert open_ttl >= timedelta(days=10).total_seconds() + redis_keys.STATE_TTL_S - 5
     await world.accept(window("now", None, None, entity="pv-2"))  # an immediate command: kept as long as before
     assert await world.client.ttl(redis_keys.decision("pv-2", "now")) <= redis_keys.STATE_TTL_S
+
+
+@pytest.mark.parametrize(("first", "then", "ends"), [
+    ("canceled", "expired", (CommandStatus.CANCELED, "canceled")),
+    ("expired", "canceled", (CommandStatus.FAILED, "expired")),
+])
+async def test_a_second_cancel_repeats_what_the_first_decided(world: World, first: str, then: str,
+                                                              ends: tuple[CommandStatus, str]) -> None:
+    """A caller's DELETE and a deadline of the sweeper can both be on their way (each checked a
+    ledger that was behind). The second found the first's decision and replayed it, but built
+    the status from its own reason: the command ended twice, Canceled: canceled and Failed:
+    expired (two event ids, so no consumer dropped the second)."""
+    await world.accept(window("w1", T0 + timedelta(minutes=5), None))  # scheduled
+    await world.accept(cancel("w1", reason=first))
+    await world.accept(cancel("w1", reason=then))
+    assert world.rec.statuses("w1") == [ends, ends]  # the same event twice (one event id): dropped downstream
+
+
+async def test_a_deadline_after_a_cancel_of_a_command_not_decided_yet(world: World) -> None:
+    await world.accept(cancel("w1"), cancel("w1", reason="expired", include_scheduled=False), window("w1", None, None))
+    assert world.rec.statuses("w1") == [(CommandStatus.CANCELED, "canceled")] * 2
+    assert world.rec.orders() == []
