@@ -100,13 +100,15 @@ class Event(Model):
 #: Ids a caller may choose: safe in URLs, headers and keys.
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
 _REVERT_NAMESPACE = uuid.UUID("0b6e1f3a-52c4-4d0e-9a51-7c1f4e2d8b90")
+#: Reverts' ids end so; callers may not choose such an id.
+REVERT_SUFFIX = ":revert"
 
 
 def revert_id(command_id: str) -> str:
     """The id of the revert that ends a command's window: ``<id>:revert`` (a UUID derived
     from the id when that would be longer than an id may be). The same for every replica
     and every retry, so a revert is dispatched at most once."""
-    readable = f"{command_id}:revert"
+    readable = f"{command_id}{REVERT_SUFFIX}"
     return readable if len(readable) <= 64 else str(uuid.uuid5(_REVERT_NAMESPACE, command_id))
 MAX_VALUE = 2**31 - 1
 

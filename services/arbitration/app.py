@@ -123,7 +123,7 @@ class Arbitration:
             if entry.kind == "s" and decision.outcome == "activated" and decision.payload and decision.payload.end_ms:
                 ends.append(Entry("e", entry.entity_id, entry.command_id, decision.payload.end_ms))
             if entry.kind == "s" and decision.outcome == "activated":
-                late = now.timestamp() * 1000 - entry.at_ms  # negative: ahead, within the lead
+                late = now.timestamp() * 1000 - entry.due  # negative: ahead, within the lead
                 metrics.START_LATENESS.observe(max(0.0, late / 1000))
         await self._publish(first, then)
         # The end of a window that started is due before the start's entry goes.

@@ -226,7 +226,7 @@ class Arbiter:
         calls: list[tuple[str, str, str, Sequence[object]]] = []
         for e in entries:
             if e.kind == "s":
-                calls.append(("start", e.entity_id, e.command_id, (self._cooldown_ms(e.entity_id), e.at_ms)))
+                calls.append(("start", e.entity_id, e.command_id, (self._cooldown_ms(e.entity_id), e.due)))
             else:
                 calls.append(("end", e.entity_id, e.command_id, (e.at_ms, self._revert(e.entity_id, e.command_id), redis_keys.STATE_TTL_S)))
         return await self._run(calls)
@@ -295,7 +295,7 @@ def fire_emissions(entry: Due.Entry, decision: Decision, now: datetime, hold: bo
     time, the order says not to send it before that time (``hold``; a backend that keeps
     windows gets the window at once: it starts the window itself)."""
     key, command_id = entry.entity_id, entry.command_id
-    due = _time(entry.at_ms) if hold and entry.at_ms > _ms(now) else None
+    due = _time(entry.due) if hold and entry.due > _ms(now) else None
     if entry.kind == "s":
         if decision.outcome == "activated" and decision.payload is not None:
             before, then = _activation(key, command_id, decision.payload, decision, now, not_before=due)

@@ -18,8 +18,9 @@
 --           when that is later), ARGV[9] the command's payload
 --           (kept with the decision of a scheduled or windowed command: what its dispatch
 --           order and its revert are built from)
---   start   ARGV[4] cooldown ms, ARGV[5] startAt ms  (the due-index says its startAt came, or
---           is at most the lead ahead: the rules then apply as at startAt)
+--   start   ARGV[4] cooldown ms, ARGV[5] when it is due, ms (its startAt, or the end of the
+--           cooldown it waited for): the due-index says that time came, or is at most the
+--           lead ahead, and the rules then apply as at that time
 --   end     ARGV[4] endAt ms, ARGV[5] revert id or "" (the backend keeps windows natively),
 --           ARGV[6] ttl s (of the revert's decision)
 --   cancel  ARGV[4] reason (canceled | expired), ARGV[5] revert id (a delivered window ended early is

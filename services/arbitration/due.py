@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 import redis.asyncio as aioredis
@@ -64,6 +64,12 @@ class Entry:
     entity_id: str
     command_id: str
     at_ms: int
+    #: When the entry is due (its score): ``at_ms``, or later for a start waiting out a cooldown.
+    due_ms: int = field(default=0, compare=False)
+
+    @property
+    def due(self) -> int:
+        return self.due_ms or self.at_ms
 
     @property
     def member(self) -> str:
@@ -71,10 +77,10 @@ class Entry:
         return f"{self.kind}|{self.command_id}|{self.at_ms}|{self.entity_id}"
 
     @classmethod
-    def parse(cls, member: bytes | str) -> Entry:
+    def parse(cls, member: bytes | str, score: float = 0) -> Entry:
         text = member.decode() if isinstance(member, bytes) else member
         kind, command_id, at_ms, entity_id = text.split("|", 3)
-        return cls(kind, entity_id, command_id, int(at_ms))
+        return cls(kind, entity_id, command_id, int(at_ms), int(score))
 
 
 class Due:
@@ -98,8 +104,8 @@ class Due:
         """Lease up to ``limit`` entries of each bucket due within ``lead_ms``, earliest first."""
         now = int(self._now().timestamp() * 1000) if self._now else ""
         replies = await self._take.run_many([([bucket_key(bucket)], [now, limit, lease_ms, lead_ms]) for bucket in range(BUCKETS)])
-        taken = [(float(score), Entry.parse(member)) for reply in replies for member, score in zip(reply[::2], reply[1::2], strict=True)]
-        return [e for _, e in sorted(taken, key=lambda pair: pair[0])]
+        taken = [Entry.parse(member, float(score)) for reply in replies for member, score in zip(reply[::2], reply[1::2], strict=True)]
+        return sorted(taken, key=lambda e: e.due)
 
     async def settle(self, done: Sequence[Entry], later: Sequence[tuple[Entry, int]]) -> None:
         """Remove entries acted on; move those due again later (a start waiting for a cooldown)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from dercmd.events import CommandAcceptedV1, CommandFields, CommandType, new_id
+from dercmd.events import REVERT_SUFFIX, CommandAcceptedV1, CommandFields, CommandType, new_id
 from dercmd.fleet import Entity, Fleet
 
 from .admission import Refusal
@@ -77,6 +77,8 @@ def build(
 ) -> CommandAcceptedV1:
     """A command for one entity, checked: supported by it, a sound window, assets it has
     (:func:`assets_for`)."""
+    if command_id is not None and command_id.endswith(REVERT_SUFFIX):
+        raise Refusal("validation_error", f"command ids ending in {REVERT_SUFFIX!r} are dercmd's own (reverts)")
     check_supported(fleet, entity, fields.type)
     check_window(now, start_at, end_at)
     check_aware(expiresAt=expires_at)

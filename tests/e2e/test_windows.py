@@ -249,6 +249,9 @@ def test_the_same_window_is_accepted_on_kafka_and_refused_there_with_the_same_ke
         (device.encode(), json.dumps({"id": bad, "entityId": device, **window, "endAt": at(-5)}).encode(), []),
     ])
     assert api.wait_terminal(good)["status"] == "Succeeded"
+    taken = f"kw-{uuid.uuid4()}:revert"
+    kafka.produce("dercmd.commands.requests", [(device.encode(), json.dumps({"id": taken, "entityId": device, "type": "StopFeedIn"}).encode(), [])])
+    assert (api.wait_terminal(taken)["status"], api.get(taken).json()["reason"]) == ("Rejected", "validation_error")
     rejected = api.wait_terminal(bad)
     assert (rejected["status"], rejected["reason"]) == ("Rejected", "end_at_in_the_past")
     wait_for(lambda: received_ids(api, device) == [good, revert_id(good)], deadline_s=20, what="the window and its revert")

@@ -306,3 +306,16 @@ async def test_an_end_within_the_lead_waits_for_the_claim_and_its_revert_waits_f
     await arb.tick()
     revert = rec.orders()[-1]
     assert (revert.revert_of, revert.not_before) == ("w1", end)
+
+
+async def test_a_start_waiting_out_a_cooldown_is_decided_once_within_the_lead(world) -> None:  # type: ignore[no-untyped-def]
+    _, arbiter, clock, rec, _ = world
+    arb = Arbitration(rec, arbiter, tick_s=0.01, lead_ms=2000)  # type: ignore[arg-type]
+    await accept(arb, window("now", None, None, pct=50))  # cooldown until T0 + 10 min
+    await accept(arb, window("w1", T0 + timedelta(minutes=1), None))
+    clock.now = T0 + timedelta(minutes=1)
+    await arb.tick()  # waiting, due again at the cooldown's end
+    clock.now = T0 + timedelta(minutes=10) - timedelta(milliseconds=1500)
+    await arb.tick()  # within the lead of the cooldown's end: decided as then, not waiting again
+    assert rec.statuses("w1") == [(CommandStatus.TRIGGERED, None)]
+    assert rec.orders()[-1].not_before == T0 + timedelta(minutes=10)
