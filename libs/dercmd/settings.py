@@ -71,7 +71,7 @@ class Settings(BaseSettings):
         30.0, gt=0, description="A partition with records waiting whose commits have not moved for this long is reported stalled."
     )
     dispatch_backend_batch: int = Field(
-        100, ge=1, description="dispatch: most commands one backend call carries (where the backend's protocol takes several)."
+        200, ge=1, description="dispatch: most commands one backend call carries (where the backend's protocol takes several)."
     )
     dispatch_concurrency: int = Field(
         16, ge=1, description="dispatch: backend calls in flight at once, per backend (deliveries in flight <= this x the batch)."

@@ -101,7 +101,8 @@ class Decision:
     duplicate: bool
     payload: Payload | None = None
     at_ms: int | None = None  # "waiting": when it is due again
-    revert: str | None = None  # "ended": the revert dercmd dispatches
+    revert: str | None = None  # "ended" (and "lapsed", "canceled"): the revert dercmd dispatches
+    revert_of: str | None = None  # what that revert returns the device from, when not the command itself
     reason: str | None = None  # "canceled": canceled | expired
 
     @classmethod
@@ -118,6 +119,7 @@ class Decision:
             payload=Payload.decode(d["cmd"]) if d.get("cmd") else None,
             at_ms=d.get("at"),
             revert=d.get("revert"),
+            revert_of=d.get("revertOf"),
             reason=d.get("reason"),
         )
 
@@ -152,11 +154,6 @@ class Arbiter:
         entity = self._fleet.entity(entity_id)
         cooldown_s = self._fleet.cooldown_s(entity, self._default_cooldown_s) if entity else self._default_cooldown_s
         return int(cooldown_s * 1000)
-
-    def _revert(self, entity_id: str, command_id: str) -> str:
-        """The revert a window of this entity needs at its endAt; "" when its backend keeps windows."""
-        entity = self._fleet.entity(entity_id)
-        return "" if entity is not None and self._fleet.keeps_windows(entity) else revert_id(command_id)
 
     async def _run(self, calls: Sequence[tuple[str, str, str, Sequence[object]]]) -> list[Decision]:
         """``(op, entity, command, args)`` in one round trip, run in the order given."""
@@ -228,7 +225,8 @@ class Arbiter:
             if e.kind == "s":
                 calls.append(("start", e.entity_id, e.command_id, (self._cooldown_ms(e.entity_id), e.due)))
             else:
-                calls.append(("end", e.entity_id, e.command_id, (e.at_ms, self._revert(e.entity_id, e.command_id), redis_keys.STATE_TTL_S)))
+                native = "1" if self.holds_windows(e.entity_id) else "0"
+                calls.append(("end", e.entity_id, e.command_id, (e.at_ms, revert_id(e.command_id), redis_keys.STATE_TTL_S, native)))
         return await self._run(calls)
 
 
@@ -259,8 +257,12 @@ def _activation(entity_id: str, command_id: str, payload: Payload, decision: Dec
 
 def _revert(entity_id: str, of: str, payload: Payload | None, decision: Decision, now: datetime,
             not_before: datetime | None = None) -> tuple[Records, Records]:
-    """The revert of an ended window, a command of its own: its first event makes its row."""
+    """The revert of an ended window, a command of its own: its first event makes its row.
+    When the slot emptied of a command never delivered, it reverts the window the device
+    still holds (``decision.revert_of``), for all its assets."""
     assert decision.revert is not None
+    if decision.revert_of is not None and decision.revert_of != of:
+        of, payload = decision.revert_of, None
     assets = payload.assets if payload else None
     fields = {"type": CommandType.LIMIT_PRODUCTION_POWER, "percentage": DEFAULT_PERCENTAGE, "asset_identifiers": assets}
     triggered = _status(decision.revert, entity_id, CommandStatus.TRIGGERED, now, fence=decision.fence, revert_of=of,
@@ -307,8 +309,10 @@ def fire_emissions(entry: Due.Entry, decision: Decision, now: datetime, hold: bo
     if decision.outcome == "ended" and decision.revert:
         return _revert(key, command_id, decision.payload, decision, now, not_before=due)
     if decision.outcome == "lapsed":
-        return [_status(command_id, key, CommandStatus.CANCELED, now, reason="expired",
-                        detail="its window ended before it could be delivered")], []
+        lapsed = _status(command_id, key, CommandStatus.CANCELED, now, reason="expired",
+                         detail="its window ended before it could be delivered")
+        before, then = _revert(key, command_id, None, decision, now) if decision.revert else ([], [])
+        return [lapsed, *before], then
     return [], []
 
 
@@ -321,9 +325,12 @@ def cancel_emissions(ev: CommandCancelV1, decision: Decision, now: datetime) -> 
         # what the first one decided, whatever its own reason.
         reason = decision.reason or ev.reason
         if reason == "canceled":
-            return [_status(ev.command_id, key, CommandStatus.CANCELED, now, reason="canceled",
-                            detail=f"canceled by {ev.by}" if ev.by else "canceled")], []
-        return [_status(ev.command_id, key, CommandStatus.FAILED, now, reason=reason, detail=ev.detail)], []
+            ended = _status(ev.command_id, key, CommandStatus.CANCELED, now, reason="canceled",
+                            detail=f"canceled by {ev.by}" if ev.by else "canceled")
+        else:
+            ended = _status(ev.command_id, key, CommandStatus.FAILED, now, reason=reason, detail=ev.detail)
+        before, then = _revert(key, ev.command_id, None, decision, now) if decision.revert else ([], [])
+        return [ended, *before], then
     if decision.outcome == "ended" and decision.revert:
         return _revert(key, ev.command_id, decision.payload, decision, now)
     return [], []

@@ -21,8 +21,8 @@
 --   start   ARGV[4] cooldown ms, ARGV[5] when it is due, ms (its startAt, or the end of the
 --           cooldown it waited for): the due-index says that time came, or is at most the
 --           lead ahead, and the rules then apply as at that time
---   end     ARGV[4] endAt ms, ARGV[5] revert id or "" (the backend keeps windows natively),
---           ARGV[6] ttl s (of the revert's decision)
+--   end     ARGV[4] endAt ms, ARGV[5] revert id, ARGV[6] ttl s (of the revert's decision),
+--           ARGV[7] "1" when the backend keeps windows natively (no revert at the end)
 --   cancel  ARGV[4] reason (canceled | expired), ARGV[5] revert id (a delivered window ended early is
 --           reverted on every backend: a native one would hold it until its endAt),
 --           ARGV[6] "1" to take it out of the scheduled slot too, ARGV[7] ttl s
@@ -36,7 +36,8 @@
 -- start: activated | waiting (cooldown: due again at "at") | expired (endAt passed first) | gone
 -- end:   ended (revert set when dercmd dispatches one; the revert becomes the active
 --        command so that a newer command supersedes it like any other) | lapsed (the window
---        ended before dispatch claimed it: it was never delivered) | waiting (ahead of its
+--        ended before dispatch claimed it: it was never delivered; revert and revertOf set
+--        when the device still holds an earlier window, see vacate) | waiting (ahead of its
 --        end and not claimed yet: look again at "at") | gone
 -- cancel: canceled | ended (a delivered window: revert) | finished (nothing to end)
 -- "gone": the command no longer holds that slot (superseded or canceled since).
@@ -101,17 +102,31 @@ end
 
 -- The active window ends (rule 5), on time or early: the revert, when dercmd dispatches one,
 -- becomes the active command (a newer command supersedes it unless dispatch claimed it).
-local function end_active(d, revert, ttl)
+local function end_active(d, revert, ttl, of)
   d.fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
   if revert ~= '' then
     redis.call('HSET', KEYS[1], 'active', revert, 'active_end', '', 'active_fence', d.fence)
-    redis.call('SET', KEYS[3], cjson.encode({outcome = 'activated', fence = d.fence, revertOf = cmd}), 'EX', ttl)
+    redis.call('SET', KEYS[3], cjson.encode({outcome = 'activated', fence = d.fence, revertOf = of or cmd}), 'EX', ttl)
     d.revert = revert
+    if of then d.revertOf = of end
   else
     redis.call('HDEL', KEYS[1], 'active', 'active_end')
     redis.call('HSET', KEYS[1], 'active_fence', d.fence)
   end
   redis.call('HDEL', KEYS[1], 'delivered')
+end
+
+-- The active command leaves the slot undelivered (its window lapsed, or it was canceled):
+-- the device still holds what dispatch last delivered ("held", kept by the claim for a
+-- window only). A window there gets a revert now, so that the device returns to its default
+-- (rule 5) although its own end found another command active.
+local function vacate(d, revert, ttl)
+  local held = redis.call('HGET', KEYS[1], 'held')
+  if held and held ~= cmd and d.revertOf ~= held then  -- (a revert of it leaving: no new one)
+    end_active(d, revert, ttl, held)
+  else
+    end_active(d, '')
+  end
 end
 
 if op == 'decide' then
@@ -200,12 +215,19 @@ if op == 'end' then
       -- Acted on ahead of its end (the lead) before dispatch claimed it: look again later.
       return cjson.encode({outcome = 'waiting', fence = d.fence, at = tonumber(ARGV[4])})
     end
-    -- Its window passed before dispatch claimed it: never delivered, nothing to revert.
-    end_active(d, '')
+    -- Its window passed before dispatch claimed it: never delivered, nothing of its own to
+    -- revert (but see vacate).
+    vacate(d, ARGV[5], tonumber(ARGV[6]))
     d.outcome = 'lapsed'
     return save(d)
   end
-  end_active(d, ARGV[5], tonumber(ARGV[6]))
+  if ARGV[7] == '1' then
+    -- A backend that keeps windows natively returns the device to its default by itself.
+    end_active(d, '')
+    redis.call('HDEL', KEYS[1], 'held')
+  else
+    end_active(d, ARGV[5], tonumber(ARGV[6]))
+  end
   d.outcome = 'ended'
   return save(d)
 end
@@ -219,7 +241,7 @@ if op == 'cancel' then
     d.fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
     d.outcome = 'canceled'
   elseif active == cmd and delivered ~= cmd then
-    end_active(d, '')
+    vacate(d, ARGV[5], tonumber(ARGV[7]))
     d.outcome = 'canceled'
   elseif active == cmd and slot[6] and slot[6] ~= '' and ARGV[4] == 'canceled' then
     end_active(d, ARGV[5], tonumber(ARGV[7]))  -- a delivered window the caller ends now

@@ -226,7 +226,8 @@ class Dispatcher:
     async def _claim_and_send(self, orders: list[DispatchOrderV1], backend: backends.DeviceBackend | None
                               ) -> tuple[list[tuple[DispatchOrderV1, backends.Accepted]], list[tuple[DispatchOrderV1, Outcome]],
                                          list[tuple[DispatchOrderV1, str]]]:
-        claims = await retrying(lambda: self._deliveries.claim_many([(_key(o), o.fence) for o in orders]), "dispatch claims")
+        claims = await retrying(lambda: self._deliveries.claim_many([(_key(o), o.fence, o.end_at is not None) for o in orders]),
+                                "dispatch claims")
         claimed: list[DispatchOrderV1] = []
         resumed: list[tuple[DispatchOrderV1, str]] = []
         for order, claim in zip(orders, claims, strict=True):

@@ -4,11 +4,13 @@
 --
 -- KEYS[1] the entity's slots hash, KEYS[2] the command's delivery key.
 -- ARGV[1] the operation:
---   claim    ARGV[2]=order fence, ARGV[3]=ttl s, ARGV[4]=command id
+--   claim    ARGV[2]=order fence, ARGV[3]=ttl s, ARGV[4]=command id, ARGV[5]="1" for a window
 --            -> the existing state if there is one (a redelivery: never deliver twice),
 --               else "stale" if a newer command was activated since (fence < active_fence),
 --               else "claimed" (and the slot records the command as delivered, so
---               arbitration will not cancel it: its delivery result is its terminal status)
+--               arbitration will not cancel it: its delivery result is its terminal status;
+--               and, for a window, as what the device holds ("held"), which arbitration
+--               reverts if the slot empties without a newer command reaching the device)
 --   advance  ARGV[2]=from, ARGV[3]=to          -> "to" if the state was "from", else the state
 --            (inflight -> accepted: the backend took it; accepted -> sent: Sent is on the topic;
 --            what comes back otherwise is the result that arrived first)
@@ -27,6 +29,11 @@ if op == 'claim' then
   if tonumber(ARGV[2]) < active_fence then return 'stale' end
   redis.call('SET', KEYS[2], 'inflight', 'EX', tonumber(ARGV[3]))
   redis.call('HSET', KEYS[1], 'delivered', ARGV[4])
+  if ARGV[5] == '1' then
+    redis.call('HSET', KEYS[1], 'held', ARGV[4])
+  else
+    redis.call('HDEL', KEYS[1], 'held')
+  end
   return 'claimed'
 end
 if not state then return 'missing' end

@@ -50,11 +50,13 @@ class Deliveries:
         )
         return [raw.decode() if isinstance(raw, bytes) else str(raw) for raw in replies]
 
-    async def claim_many(self, orders: Sequence[tuple[Key, int]]) -> list[str]:
-        """Per ``((entity, command), fence)``: "claimed" (deliver it), "stale" (a newer command
-        owns the entity), or the state a previous attempt left: ``inflight``, ``accepted``,
-        ``sent``, ``result:<o>``, ``done:<o>``."""
-        return await self._call_many([(key, ("claim", fence, redis_keys.STATE_TTL_S, key[1])) for key, fence in orders])
+    async def claim_many(self, orders: Sequence[tuple[Key, int, bool]]) -> list[str]:
+        """Per ``((entity, command), fence, window)``: "claimed" (deliver it), "stale" (a
+        newer command owns the entity), or the state a previous attempt left: ``inflight``,
+        ``accepted``, ``sent``, ``result:<o>``, ``done:<o>``. ``window``: the command holds the
+        device until its end (what arbitration must revert if nothing newer reaches it)."""
+        return await self._call_many([(key, ("claim", fence, redis_keys.STATE_TTL_S, key[1], "1" if window else "0"))
+                                      for key, fence, window in orders])
 
     async def advance_many(self, keys: Sequence[Key], from_state: str, to_state: str) -> list[str]:
         """``to_state`` where the state was ``from_state``, else the state found (a result that
@@ -75,8 +77,8 @@ class Deliveries:
         """The states found, changing nothing ("missing" where there is none)."""
         return await self._call_many([(key, ("peek",)) for key in keys])
 
-    async def claim(self, entity_id: str, command_id: str, fence: int) -> str:
-        return (await self.claim_many([((entity_id, command_id), fence)]))[0]
+    async def claim(self, entity_id: str, command_id: str, fence: int, window: bool = False) -> str:
+        return (await self.claim_many([((entity_id, command_id), fence, window)]))[0]
 
     async def accepted(self, entity_id: str, command_id: str) -> str:
         return (await self.advance_many([(entity_id, command_id)], "inflight", "accepted"))[0]
