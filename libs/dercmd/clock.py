@@ -25,18 +25,35 @@ class SharedClock:
         self._redis = redis
         self._every_s = every_s
         self.offset_s = 0.0  # Redis's clock minus this host's
+        self.uncertainty_s = 0.0  # how far off offset_s may be
         self._task: asyncio.Task[None] | None = None
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(time.time() + self.offset_s, UTC)
 
-    async def sync(self) -> None:
-        """Measure the offset, halving the round trip (a few tenths of a ms off at most)."""
-        before = time.time()
-        async with asyncio.timeout(CALL_TIMEOUT_S):
-            seconds, micros = await self._redis.time()
-        after = time.time()
-        self.offset_s = seconds + micros / 1e6 - (before + after) / 2
+    def seconds_until(self, when: datetime) -> float:
+        """How long to wait so as not to be early for ``when`` by Redis's clock, however far
+        off the offset is."""
+        return max(0.0, (when - self.now()).total_seconds() + self.uncertainty_s)
+
+    async def sync(self, samples: int = 5) -> None:
+        """Measure the offset: of a few round trips, the quickest (the least time for this
+        event loop to have been busy on either side of it), halving it. The offset is known
+        to within half that round trip, ``uncertainty_s``; one smaller than that is taken as
+        none (hosts within a millisecond of each other, or one host)."""
+        best: tuple[float, float] | None = None
+        for _ in range(samples):
+            before = time.time()
+            async with asyncio.timeout(CALL_TIMEOUT_S):
+                seconds, micros = await self._redis.time()
+            after = time.time()
+            sample = (after - before, seconds + micros / 1e6 - (before + after) / 2)
+            if best is None or sample[0] < best[0]:
+                best = sample
+        assert best is not None
+        rtt, offset = best
+        self.uncertainty_s = rtt / 2
+        self.offset_s = offset if abs(offset) > self.uncertainty_s else 0.0
 
     async def start(self) -> None:
         await self.sync()

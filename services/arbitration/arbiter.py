@@ -297,7 +297,8 @@ def fire_emissions(entry: Due.Entry, decision: Decision, now: datetime, hold: bo
     time, the order says not to send it before that time (``hold``; a backend that keeps
     windows gets the window at once: it starts the window itself)."""
     key, command_id = entry.entity_id, entry.command_id
-    due = _time(entry.due) if hold and entry.due > _ms(now) else None
+    # Times in the index are whole ms, cut: a ms later is never before the caller's time.
+    due = _time(entry.due + 1) if hold and entry.due > _ms(now) else None
     if entry.kind == "s":
         if decision.outcome == "activated" and decision.payload is not None:
             before, then = _activation(key, command_id, decision.payload, decision, now, not_before=due)

@@ -190,7 +190,7 @@ class Dispatcher:
             # held for one time wakes at once (a window of thousands of devices): they all
             # send before any of them records its outcomes, so the devices get the window's
             # start as close to its time as the backends allow.
-            await asyncio.sleep(max(0.0, (not_before - self.clock.now()).total_seconds()))
+            await asyncio.sleep(self.clock.seconds_until(not_before))
             sending = self._sending.setdefault(not_before, _Countdown())
             sending.add()
         await self._settle(orders, backend, sending)

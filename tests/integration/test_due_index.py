@@ -291,7 +291,7 @@ async def test_within_the_lead_a_start_is_acted_on_early_as_at_its_start_and_its
     # decided as at its start: the cooldown has ended by then
     assert rec.statuses("w1") == [(CommandStatus.TRIGGERED, None)]
     order = rec.orders()[-1]
-    assert (order.command_id, order.not_before) == ("w1", start)
+    assert (order.command_id, order.not_before) == ("w1", start + timedelta(milliseconds=1))
 
 
 async def test_an_end_within_the_lead_waits_for_the_claim_and_its_revert_waits_for_the_end(world) -> None:  # type: ignore[no-untyped-def]
@@ -305,7 +305,7 @@ async def test_an_end_within_the_lead_waits_for_the_claim_and_its_revert_waits_f
     clock.now = T0 + timedelta(milliseconds=500)
     await arb.tick()
     revert = rec.orders()[-1]
-    assert (revert.revert_of, revert.not_before) == ("w1", end)
+    assert (revert.revert_of, revert.not_before) == ("w1", end + timedelta(milliseconds=1))
 
 
 async def test_a_start_waiting_out_a_cooldown_is_decided_once_within_the_lead(world) -> None:  # type: ignore[no-untyped-def]
@@ -318,4 +318,4 @@ async def test_a_start_waiting_out_a_cooldown_is_decided_once_within_the_lead(wo
     clock.now = T0 + timedelta(minutes=10) - timedelta(milliseconds=1500)
     await arb.tick()  # within the lead of the cooldown's end: decided as then, not waiting again
     assert rec.statuses("w1") == [(CommandStatus.TRIGGERED, None)]
-    assert rec.orders()[-1].not_before == T0 + timedelta(minutes=10)
+    assert rec.orders()[-1].not_before == T0 + timedelta(minutes=10, milliseconds=1)
