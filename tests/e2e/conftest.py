@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 
 from dercmd.launcher import Stack, isolated_env
@@ -36,6 +37,17 @@ def running_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     env = isolated_env(redis_url=redis_url, database_url=database_url, fleet_file=fleet_file, log_level="INFO", **settings)
     with Stack(env=env, log_dir=work / "logs") as running:
         yield running
+
+
+def inverters_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, ids: list[str],
+                    **settings: str) -> Iterator[Stack]:
+    """The whole stack on a fleet of ``ids`` (SMA inverters on the vendor cloud, no cooldown)
+    and the example fleet's contributor token."""
+    fleet = {"entities": {e: {"kind": "PV", "vendor": "sma", "backend": "vendor-cloud"} for e in ids},
+             "cooldowns": {"PV": 0}, "tokens": {"dev-contributor": [{"entities": "*", "role": "Contributor"}]}}
+    path = tmp_path_factory.mktemp("fleet") / "fleet.yaml"
+    path.write_text(yaml.safe_dump(fleet))
+    yield from running_stack(request, tmp_path_factory, fleet_file=path, **settings)
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])

@@ -8,12 +8,11 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-import yaml
 
 from dercmd.launcher import Stack
 
 from ..conftest import wait_for
-from .conftest import TERMINAL, Api, running_stack
+from .conftest import TERMINAL, Api, inverters_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -22,12 +21,8 @@ PV = [f"pv-f{i:03d}" for i in range(100)]
 
 @pytest.fixture(scope="module", params=["sqlite"])
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    fleet = {"entities": {e: {"kind": "PV", "vendor": "sma", "backend": "vendor-cloud"} for e in PV},
-             "cooldowns": {"PV": 0}, "tokens": {"dev-contributor": [{"entities": "*", "role": "Contributor"}]}}
-    path = tmp_path_factory.mktemp("fleet") / "fleet.yaml"
-    path.write_text(yaml.safe_dump(fleet))
-    yield from running_stack(request, tmp_path_factory, fleet_file=path, sim_confirm_delay_ms="2000",
-                             deadline_sent_s="4", sweep_interval_s="0.5")
+    yield from inverters_stack(request, tmp_path_factory, PV, sim_confirm_delay_ms="2000", deadline_sent_s="4",
+                               sweep_interval_s="0.5")
 
 
 def test_results_missed_while_dispatch_was_down_are_asked_for_and_every_command_ends_once(api: Api, stack: Stack) -> None:

@@ -7,13 +7,12 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-import yaml
 
 from dercmd.events import revert_id
 from dercmd.launcher import Stack, free_port
 
 from ..conftest import wait_for
-from .conftest import Api, running_stack
+from .conftest import Api, inverters_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -22,11 +21,7 @@ PV = [f"pv-r{i:03d}" for i in range(200)]
 
 @pytest.fixture(scope="module", params=["sqlite"])
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    fleet = {"entities": {e: {"kind": "PV", "vendor": "sma", "backend": "vendor-cloud"} for e in PV},
-             "cooldowns": {"PV": 0}, "tokens": {"dev-contributor": [{"entities": "*", "role": "Contributor"}]}}
-    path = tmp_path_factory.mktemp("fleet") / "fleet.yaml"
-    path.write_text(yaml.safe_dump(fleet))
-    yield from running_stack(request, tmp_path_factory, fleet_file=path)
+    yield from inverters_stack(request, tmp_path_factory, PV)
 
 
 def test_two_replicas_start_and_end_every_window_once_even_when_one_is_killed(api: Api, stack: Stack) -> None:

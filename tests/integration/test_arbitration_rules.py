@@ -13,6 +13,8 @@ from dercmd.arbitration.arbiter import Arbiter, emissions
 from dercmd.events import CommandAcceptedV1, CommandStatus, CommandType, DispatchOrderV1, StatusEventV1
 from dercmd.fleet import Fleet
 
+from .arbitration_support import Clock
+
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 FLEET = Fleet.model_validate(
     {
@@ -24,18 +26,10 @@ FLEET = Fleet.model_validate(
 )
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
 @pytest.fixture
 async def arbiter(redis_url: str):  # type: ignore[no-untyped-def]
     client = aioredis.from_url(redis_url)
-    clock = Clock()
+    clock = Clock(T0)
     yield Arbiter(client, FLEET, default_cooldown_s=600, now=clock), clock, client
     await client.aclose()
 

@@ -10,20 +10,19 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import redis.asyncio as aioredis
 
-from dercmd import redis_keys, topics
+from dercmd import redis_keys
 from dercmd.arbitration.app import Arbitration
-from dercmd.arbitration.arbiter import Arbiter, Records
+from dercmd.arbitration.arbiter import Arbiter
 from dercmd.events import (
     CommandAcceptedV1,
     CommandCancelV1,
     CommandStatus,
     CommandType,
-    DispatchOrderV1,
-    Event,
-    StatusEventV1,
     revert_id,
 )
 from dercmd.fleet import Fleet
+
+from .arbitration_support import Clock, Recorder
 
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 FLEET = Fleet.model_validate(
@@ -37,34 +36,10 @@ FLEET = Fleet.model_validate(
 )
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-class Recorder:
-    """Stands in for the Kafka publisher: keeps what would have been published."""
-
-    def __init__(self) -> None:
-        self.records: list[tuple[str, Event]] = []
-
-    async def publish_all(self, records: Records) -> None:
-        self.records += [(topic.name, event) for topic, event, _ in records]
-
-    def statuses(self, command_id: str) -> list[tuple[CommandStatus, str | None]]:
-        return [(e.status, e.reason) for t, e in self.records if isinstance(e, StatusEventV1) and e.command_id == command_id]
-
-    def orders(self) -> list[DispatchOrderV1]:
-        return [e for t, e in self.records if t == topics.ORDERS.name and isinstance(e, DispatchOrderV1)]
-
-
 @pytest.fixture
 async def world(redis_url: str):  # type: ignore[no-untyped-def]
     client = aioredis.from_url(redis_url)
-    clock = Clock()
+    clock = Clock(T0)
     arbiter = Arbiter(client, FLEET, default_cooldown_s=600, now=clock)
     recorder = Recorder()
     yield Arbitration(recorder, arbiter, tick_s=0.01), arbiter, clock, recorder, client  # type: ignore[arg-type]

@@ -55,7 +55,7 @@ from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_s
 
 from dercmd import redis_keys, topics
 from dercmd.arbitration.app import Arbitration
-from dercmd.arbitration.arbiter import Arbiter, Records
+from dercmd.arbitration.arbiter import Arbiter
 from dercmd.consumer import Item
 from dercmd.dispatch.delivery import Deliveries
 from dercmd.events import (
@@ -65,11 +65,12 @@ from dercmd.events import (
     CommandStatus,
     CommandType,
     DispatchOrderV1,
-    Event,
     StatusEventV1,
     revert_id,
 )
 from dercmd.fleet import Fleet
+
+from .arbitration_support import Clock, Recorder
 
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 FLEET = Fleet.model_validate(
@@ -84,34 +85,10 @@ FLEET = Fleet.model_validate(
 DEFAULT_COOLDOWN_S = 600
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
-class Recorder:
-    """Stands in for the Kafka publisher: keeps what would have been published."""
-
-    def __init__(self) -> None:
-        self.records: list[tuple[str, Event]] = []
-
-    async def publish_all(self, records: Records) -> None:
-        self.records += [(topic.name, event) for topic, event, _ in records]
-
-    def statuses(self, command_id: str) -> list[tuple[CommandStatus, str | None]]:
-        return [(e.status, e.reason) for _, e in self.records if isinstance(e, StatusEventV1) and e.command_id == command_id]
-
-    def orders(self) -> list[DispatchOrderV1]:
-        return [e for t, e in self.records if t == topics.ORDERS.name and isinstance(e, DispatchOrderV1)]
-
-
 class World:
     def __init__(self, client: aioredis.Redis) -> None:
         self.client = client
-        self.clock = Clock()
+        self.clock = Clock(T0)
         self.rec = Recorder()
         self.arb = Arbitration(self.rec, Arbiter(client, FLEET, DEFAULT_COOLDOWN_S, now=self.clock), tick_s=0.01)  # type: ignore[arg-type]
         self.deliveries = Deliveries(client)
