@@ -8,7 +8,6 @@ Redis's and corrects by that, so hosts a few seconds apart still act together.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from datetime import UTC, datetime
@@ -16,6 +15,7 @@ from datetime import UTC, datetime
 import redis.asyncio as aioredis
 
 from .redis_keys import CALL_TIMEOUT_S
+from .service import cancel_all
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +60,7 @@ class SharedClock:
         self._task = asyncio.create_task(self._keep(), name="clock")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_all(self._task)
 
     async def _keep(self) -> None:
         while True:

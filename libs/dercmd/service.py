@@ -32,6 +32,14 @@ from .topics import Topic
 log = logging.getLogger(__name__)
 
 
+async def cancel_all(*tasks: asyncio.Future[Any] | None) -> None:
+    """Cancel these tasks and wait until they have ended."""
+    running = [t for t in tasks if t is not None]
+    for task in running:
+        task.cancel()
+    await asyncio.gather(*running, return_exceptions=True)
+
+
 LOOP_LAG_SECONDS = Histogram(
     "dercmd_event_loop_lag_seconds",
     "How late the service's event loop ran a timer due every 100 ms: time it spent busy before it could.",
@@ -81,6 +89,27 @@ class Service:
         )
         self.consumers.append(consumer)
         return consumer
+
+    def background(self, name: str, run: Callable[[], Awaitable[Any]]) -> None:
+        """Run ``run()`` beside the consumers for as long as the service serves (a poller, a
+        sweeper): started after the other start-up work, cancelled first at stop, and
+        ``/health`` fails once it has died."""
+        task: asyncio.Task[Any] | None = None
+
+        async def start() -> None:
+            nonlocal task
+            task = asyncio.create_task(run(), name=name)
+
+        async def stop() -> None:
+            await cancel_all(task)
+
+        async def check() -> None:
+            if task is None or task.done():
+                raise RuntimeError(f"{name} stopped")
+
+        self.starters.append(start)
+        self.closers.insert(0, stop)
+        self.health_checks.append(check)
 
     def run(self) -> None:
         """Serve until SIGINT/SIGTERM, then stop consumers, closers, publisher and Redis."""

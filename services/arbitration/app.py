@@ -33,7 +33,6 @@ class Arbitration:
         self._arbiter = arbiter
         self._tick_s = tick_s
         self._lead_ms = lead_ms
-        self._ticker: asyncio.Task[None] | None = None
 
     async def _publish(self, first: Records, then: Records) -> None:
         # Every Triggered/Canceled is acknowledged before any dispatch order is sent, so the
@@ -73,20 +72,7 @@ class Arbitration:
 
     # -- the due-index -------------------------------------------------------------------
 
-    async def start(self) -> None:
-        self._ticker = asyncio.create_task(self._tick_forever(), name="due-index")
-
-    async def stop(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-            await asyncio.gather(self._ticker, return_exceptions=True)
-
-    async def check(self) -> None:
-        """For /health: the poller must be running."""
-        if self._ticker is None or self._ticker.done():
-            raise RuntimeError("due-index poller stopped")
-
-    async def _tick_forever(self) -> None:
+    async def tick_forever(self) -> None:
         while True:
             try:
                 taken = await retrying(lambda: self.tick(), "due-index")
@@ -141,7 +127,5 @@ def build(settings: Settings) -> Service:
     arbiter = Arbiter(service.redis, Fleet.load(settings.fleet_file), settings.cooldown_s)
     arbitration = Arbitration(service.publisher, arbiter, settings.due_tick_ms / 1000, settings.due_lead_ms)
     service.consume(topics.ACCEPTED, arbitration.handle)
-    service.starters.append(arbitration.start)
-    service.closers.insert(0, arbitration.stop)
-    service.health_checks.append(arbitration.check)
+    service.background("due-index poller", arbitration.tick_forever)
     return service

@@ -42,6 +42,7 @@ from dercmd.events import DeviceReportV1, DispatchOrderV1
 from dercmd.fleet import Fleet
 from dercmd.kafka import Publisher
 from dercmd.protocols.common import DeviceReport
+from dercmd.service import cancel_all
 from dercmd.settings import Settings
 
 from . import backends, metrics
@@ -96,9 +97,7 @@ class Reports:
         self._spawn(self._ask_forever())
 
     async def aclose(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_all(*self._tasks)
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.ensure_future(work)

@@ -61,7 +61,5 @@ def build(settings: Settings) -> Service:
 
     service.consume(topics.STATUS, handle)
     sweeper = Sweeper(settings, ledger, service.publisher, service.redis)
-    service.starters.append(sweeper.start)
-    service.closers.insert(0, sweeper.stop)
-    service.health_checks.append(sweeper.check)
+    service.background("sweeper", sweeper.run)
     return service

@@ -52,21 +52,9 @@ class Sweeper:
         self._redis = redis
         self._me = uuid.uuid4().hex
         self._asked: dict[str, float] = {}  # command id -> monotonic time it was last asked about
-        self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._forever(), name="sweeper")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def check(self) -> None:
-        if self._task is None or self._task.done():
-            raise RuntimeError("sweeper stopped")
-
-    async def _forever(self) -> None:
+    async def run(self) -> None:
+        """Sweep every ``DERCMD_SWEEP_INTERVAL_S`` while this replica holds the lease."""
         interval = self._settings.sweep_interval_s
         while True:
             try:
