@@ -137,15 +137,6 @@ class CommandFields(Model):
         return self
 
 
-class Window(Model):
-    """When a command holds (BRIEF 3): from ``start_at`` (None: now) until ``end_at`` (None:
-    until replaced), for the listed assets of the device only (None: all of them)."""
-
-    start_at: datetime | None = None
-    end_at: datetime | None = None
-    asset_identifiers: tuple[str, ...] | None = None
-
-
 class CommandRequestV1(CommandFields, Event):
     """``dercmd.commands.requests``: a command produced onto Kafka by a caller.
 
@@ -312,7 +303,7 @@ class CommandStateV1(Event):
     value: int | None = None
     percentage: int | None = None
     trigger_time: datetime | None = None
-    #: A windowed command's window (``start_at`` is its ``trigger_time``).
+    #: A windowed command's window: ``start_at`` is its ``trigger_time``, filled in here.
     start_at: datetime | None = None
     end_at: datetime | None = None
     asset_identifiers: tuple[str, ...] | None = None
@@ -333,6 +324,15 @@ class CommandStateV1(Event):
 
     def ce_id(self) -> str:
         return f"{self.id}/{self.status.value}"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _window_start(cls, data: Any) -> Any:
+        """A window shows as ``startAt`` .. ``endAt``; other commands have ``triggerTime`` only."""
+        if isinstance(data, dict) and data.get("end_at", data.get("endAt")) is not None:
+            if data.get("start_at", data.get("startAt")) is None:
+                data = {**data, "start_at": data.get("trigger_time", data.get("triggerTime"))}
+        return data
 
 
 class DeviceReportV1(Event):

@@ -123,7 +123,8 @@ _STAGE_COLUMN = {
 #: What folding an event may change in a command's row (``Ledger._changes``).
 _MOVABLE = ("status", "updated_at", "reason", "detail", "cooldown_until", "superseded_by", *dict.fromkeys(_STAGE_COLUMN.values()))
 _UPDATE_MOVED = update(commands).where(commands.c.id == bindparam("_id")).values({c: bindparam(c) for c in _MOVABLE})
-_STATE_FIELDS = tuple(CommandStateV1.model_fields)
+#: The state's fields the ledger keeps (the others, such as a window's startAt, the model derives).
+_STATE_FIELDS = tuple(name for name in CommandStateV1.model_fields if name in commands.c)
 #: Events folded, or ids read, per statement: an ``IN (...)`` of this many ids stays within
 #: SQLite's bound-parameter limit (999 before 3.32); inserts are paged by SQLAlchemy.
 _CHUNK = 900
@@ -207,14 +208,8 @@ def _add_missing_columns(conn: Connection) -> None:
             index.create(conn, checkfirst=True)
 
 
-_ROW_ONLY = frozenset({"start_at"})
-
-
 def _state(row: Mapping[str, Any]) -> CommandStateV1:
-    fields = {name: row[name] for name in _STATE_FIELDS if name not in _ROW_ONLY}
-    if row["end_at"] is not None:
-        fields["start_at"] = row["trigger_time"]  # a window shows as startAt .. endAt
-    return CommandStateV1.model_validate(fields)
+    return CommandStateV1.model_validate({name: row[name] for name in _STATE_FIELDS})
 
 
 class Ledger:

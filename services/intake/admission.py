@@ -139,8 +139,7 @@ class Admission:
             announcements.append((topics.ACCEPTED, cmd, cmd.entity_id))
             out.append(CommandStateV1(
                 id=cmd.id, status=CommandStatus.PENDING, ignore_cooldown=cmd.ignore_cooldown,
-                created_at=cmd.accepted_at, updated_at=cmd.accepted_at, accepted_at=cmd.accepted_at,
-                start_at=shown["trigger_time"] if cmd.end_at else None, **shown,
+                created_at=cmd.accepted_at, updated_at=cmd.accepted_at, accepted_at=cmd.accepted_at, **shown,
             ))
         await self.publisher.publish_all(statuses)
         await self.publisher.publish_all(announcements)

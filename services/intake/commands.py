@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-from dercmd.events import REVERT_SUFFIX, CommandAcceptedV1, CommandFields, CommandType, new_id
+from dercmd.events import REVERT_SUFFIX, WINDOWED_TYPES, CommandAcceptedV1, CommandFields, CommandType, new_id
 from dercmd.fleet import Entity, Fleet
 
 from .admission import Refusal
@@ -82,7 +82,7 @@ def build(
     check_supported(fleet, entity, fields.type)
     check_window(now, start_at, end_at)
     check_aware(expiresAt=expires_at)
-    if end_at is not None and fields.type is not CommandType.LIMIT_PRODUCTION_POWER:
+    if end_at is not None and fields.type not in WINDOWED_TYPES:
         raise Refusal("validation_error", f"{fields.type} holds until replaced: it takes no endAt")
     return CommandAcceptedV1(
         id=command_id or new_id(),
