@@ -96,7 +96,6 @@ class Arbitration:
         then: Records = []
         done: list[Entry] = []
         later: list[tuple[Entry, int]] = []
-        ends: list[Entry] = []
         for entry, decision in zip(entries, decisions, strict=True):
             metrics.DUE.labels("start" if entry.kind == "s" else "end", decision.outcome).inc()
             before, after = fire_emissions(entry, decision, now, hold=not self._arbiter.holds_windows(entry.entity_id))
@@ -106,14 +105,10 @@ class Arbitration:
                 later.append((entry, decision.at_ms))
                 continue
             done.append(entry)
-            if entry.kind == "s" and decision.outcome == "activated" and decision.payload and decision.payload.end_ms:
-                ends.append(Entry("e", entry.entity_id, entry.command_id, decision.payload.end_ms))
             if entry.kind == "s" and decision.outcome == "activated":
                 late = now.timestamp() * 1000 - entry.due  # negative: ahead, within the lead
                 metrics.START_LATENESS.observe(max(0.0, late / 1000))
         await self._publish(first, then)
-        # The end of a window that started is due before the start's entry goes.
-        await self._arbiter.due.add_many(ends)
         await self._arbiter.due.settle(done, later)
         return _most_per_bucket(entries)
 

@@ -161,8 +161,8 @@ class Arbiter:
         runs: list[tuple[list[str], list[object]]] = []
         for op, entity_id, command_id, args in calls:
             keys = [redis_keys.slots(entity_id), redis_keys.decision(entity_id, command_id)]
-            if op in ("end", "cancel") and args[1]:
-                keys.append(redis_keys.decision(entity_id, str(args[1])))  # the revert's own decision
+            if op in ("end", "cancel"):  # they may make its revert active: the revert's own decision
+                keys.append(redis_keys.decision(entity_id, revert_id(command_id)))
             runs.append((keys, [op, command_id, now, *args]))
         replies = await self._script.run_many(runs)
         return [Decision.from_json(raw) for raw in replies]
@@ -219,7 +219,8 @@ class Arbiter:
         return entity is not None and self._fleet.keeps_windows(entity)
 
     async def fire(self, entries: Sequence[Due.Entry]) -> list[Decision]:
-        """Run what the due-index says has come: starts and ends, in one round trip."""
+        """Run what the due-index says has come: starts and ends, in one round trip; then put
+        the ends of the windows that started on the index (before the starts' entries go)."""
         calls: list[tuple[str, str, str, Sequence[object]]] = []
         for e in entries:
             if e.kind == "s":
@@ -227,7 +228,11 @@ class Arbiter:
             else:
                 native = "1" if self.holds_windows(e.entity_id) else "0"
                 calls.append(("end", e.entity_id, e.command_id, (e.at_ms, revert_id(e.command_id), redis_keys.STATE_TTL_S, native)))
-        return await self._run(calls)
+        decisions = await self._run(calls)
+        await self.due.add_many([Due.Entry("e", e.entity_id, e.command_id, d.payload.end_ms)
+                                 for e, d in zip(entries, decisions, strict=True)
+                                 if e.kind == "s" and d.outcome == "activated" and d.payload and d.payload.end_ms])
+        return decisions
 
 
 # -- what decisions emit ----------------------------------------------------------------
