@@ -65,19 +65,25 @@ class Intake:
             raise Refusal("forbidden", f"{role} may not send commands to {entity_id}", status=403)
         return entity
 
+    async def command(self, token: str, command_id: str) -> CommandStateV1:
+        """A command this token may see; 404 whether it does not exist or may not be seen."""
+        state = await asyncio.to_thread(self.ledger.get, command_id)
+        if state is None or self.fleet.role(token, state.entity_id) is None:
+            raise Refusal("command_not_found", f"no command {command_id}", status=404)
+        return state
+
     async def admit(self, cmds: list[CommandAcceptedV1]) -> list[CommandStateV1]:
         """Admit commands of one request together (they join one group commit): all of them,
         or a :class:`Refusal` for the request. When the broker did not confirm, each command
         arbitration has not seen is aborted (Failed: ``intake_unavailable``); if that was all
         of them, the caller gets a 503 and may retry."""
         results = await asyncio.gather(*(self.admission.admit(cmd) for cmd in cmds), return_exceptions=True)
-        for result in results:
-            if isinstance(result, Refusal):
-                raise result
-        failed = [(cmd, r) for cmd, r in zip(cmds, results, strict=True) if isinstance(r, KafkaError)]
-        for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, KafkaError):
-                raise result
+        failed: list[tuple[CommandAcceptedV1, KafkaError]] = []
+        for cmd, result in zip(cmds, results, strict=True):
+            if isinstance(result, KafkaError):
+                failed.append((cmd, result))
+            elif isinstance(result, BaseException):
+                raise result  # a Refusal, or a failed dependency (503)
         aborted = [await self.admission.abort(cmd, repr(exc)) for cmd, exc in failed]
         if failed and all(aborted):
             raise Refusal("intake_unavailable", "the command could not be queued; retry later", status=503)

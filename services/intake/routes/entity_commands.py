@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from datetime import datetime
 from typing import Annotated, Any
@@ -80,9 +79,7 @@ def router(intake: Intake) -> APIRouter:
         entity's other commands; read the command to see the outcome. 409 ``command_finished``
         for a command that has finished or been delivered (the device has it), a delivered
         window still active excepted."""
-        state = await asyncio.to_thread(intake.ledger.get, id)
-        if state is None or intake.fleet.role(token, state.entity_id) is None:
-            raise Refusal("command_not_found", f"no command {id}", status=404)
+        state = await intake.command(token, id)
         intake.authorise(token, state.entity_id, Role.CONTRIBUTOR)
         now = utcnow()
         active_window = state.end_at is not None and state.end_at > now and state.reason is None

@@ -11,7 +11,6 @@ from fastapi import APIRouter, Depends, Path, Query
 from dercmd.events import CommandStatus
 from dercmd.fleet import Role
 
-from ..admission import Refusal
 from ..commands import check_aware
 from ..context import ERRORS, Intake, command_json
 
@@ -22,9 +21,7 @@ def router(intake: Intake) -> APIRouter:
     @api.get("/v1/commands/{id}")
     async def get_command(id: str, token: str = Depends(intake.token)) -> Any:
         """A command's current state."""
-        state = await asyncio.to_thread(intake.ledger.get, id)
-        if state is None or intake.fleet.role(token, state.entity_id) is None:
-            raise Refusal("command_not_found", f"no command {id}", status=404)
+        state = await intake.command(token, id)
         return command_json(state)
 
     @api.get("/v1/entities/{entityId}/commands")
