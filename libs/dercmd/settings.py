@@ -42,11 +42,6 @@ class Settings(BaseSettings):
         "dercmd-dev-callback-secret",
         description="Key of the HMAC in the token dispatch hands a backend with each command, which authenticates its result (shared by all dispatch replicas; set your own).",
     )
-    vendor_cloud_url: str = Field(
-        "", description="Base URL of the vendor-cloud backend; empty: the local simulator."
-    )
-    vendor_cloud_token: str = Field("sim-vendor-secret", description="Bearer token dispatch presents to the vendor cloud.")
-    vendor_cloud_timeout_s: float = Field(5.0, description="Deadline of one call to the vendor cloud, in seconds.")
     sim_confirm_delay_ms: int = Field(
         5, description="simulator: how long a simulated device takes to confirm a command, ms."
     )
@@ -104,16 +99,7 @@ class Settings(BaseSettings):
     def callback_base_url(self) -> str:
         return self.dispatch_callback_url or f"http://{self.bind_host}:{self.dispatch_port}"
 
-    @property
-    def vendor_cloud_base_url(self) -> str:
-        return self.vendor_cloud_url or f"http://{self.bind_host}:{self.simulator_port}/vendor-cloud"
-
     # dispatch and simulator: windows, reports, checks
-    native_window_url: str = Field(
-        "", description="Base URL of the native-window backend (devices that keep time windows themselves); empty: the local simulator."
-    )
-    native_window_token: str = Field("sim-native-window-secret", description="Bearer token dispatch presents to the native-window backend.")
-    native_window_timeout_s: float = Field(5.0, description="Deadline of one call to the native-window backend, in seconds.")
     dispatch_report_after_s: float = Field(
         1.0,
         ge=0,
@@ -122,10 +108,6 @@ class Settings(BaseSettings):
     sim_report_interval_s: float = Field(
         60.0, ge=0, description="simulator: interval of every measuring device's periodic measurement report, seconds (0: none)."
     )
-
-    @property
-    def native_window_base_url(self) -> str:
-        return self.native_window_url or f"http://{self.bind_host}:{self.simulator_port}/native-window"
 
 
 @lru_cache

@@ -41,7 +41,6 @@ from dercmd.consumer import Item, retrying
 from dercmd.events import CommandStatus, DeliveryCheckV1, DispatchOrderV1, Event, StatusEventV1, utcnow
 from dercmd.fleet import Fleet
 from dercmd.protocols.common import DeviceReports
-from dercmd.protocols.vendor_cloud import VendorResults
 from dercmd.service import Service
 from dercmd.settings import Settings
 
@@ -92,11 +91,20 @@ class Dispatcher:
         #: Per notBefore, the held calls that woke and have not sent yet (see ``_call``).
         self._sending: dict[datetime, _Countdown] = {}
         self.reports = Reports(service.publisher, fleet, service.settings)
+        self.context = backends.BackendContext(
+            settings=service.settings, fleet=fleet, redis=service.redis, callback_base_url=service.settings.callback_base_url,
+            token=self.token, entity_of=self.entity_of, report=self.on_results,
+        )
+
+    def make_backends(self) -> list[backends.DeviceBackend]:
+        """The backends the fleet uses (registered ones; an entity of any other fails with
+        ``backend_not_available``)."""
+        return [b for name in sorted({e.backend for e in self._fleet.entities.values()}) if (b := self._backend(name))]
 
     async def start(self) -> None:
-        """Make the backends the fleet uses, and subscribe to their reports."""
-        for name in {e.backend for e in self._fleet.entities.values()}:
-            self._backend(name)
+        """Start the backends, and subscribe to their reports."""
+        for backend in self.make_backends():
+            await backend.start()
         self.reports.start(self._backends)
         await self.clock.start()
 
@@ -108,7 +116,7 @@ class Dispatcher:
 
     def _backend(self, name: str) -> backends.DeviceBackend | None:
         if name not in self._backends:
-            backend = backends.create(name, self._settings)
+            backend = backends.create(name, self.context)
             if backend is None:
                 return None
             self._backends[name] = backend
@@ -268,7 +276,7 @@ class Dispatcher:
             answers = [exc] * len(chunk)
         except Exception as exc:  # a backend bug: whether the devices got them is unknown
             log.exception("backend failed unexpectedly", extra={"backend": backend.name, "deliveries": len(chunk)})
-            answers = [backends.PermanentBackendError("delivery_unknown", repr(exc))] * len(chunk)
+            answers = [backends.DeliveryUnknown("delivery_unknown", repr(exc))] * len(chunk)
         finally:
             metrics.BACKEND_SECONDS.labels(backend.name).observe(time.perf_counter() - started)
         accepted: list[tuple[DispatchOrderV1, backends.Accepted]] = []
@@ -336,9 +344,10 @@ class Dispatcher:
 
     # -- results reported by backends ----------------------------------------------------
 
-    async def on_results(self, results: Sequence[tuple[str, str, Outcome]]) -> list[str]:
-        """Backends' asynchronous results ``(entity, command, outcome)``: publishes those whose
-        Sent is out; returns each one's delivery state."""
+    async def on_results(self, reported: Sequence[backends.DeviceResult]) -> list[str]:
+        """Backends' asynchronous results: publishes those whose Sent is out; returns each
+        one's delivery state."""
+        results = [(r.entity_id, r.command_id, device_result(r.succeeded, r.message)) for r in reported]
         for status, count in Counter(outcome.status.value for _, _, outcome in results).items():
             metrics.CALLBACKS.labels(status).inc(count)
         # Held calls sending now (a window's start) go first: results can wait a moment.
@@ -406,7 +415,7 @@ class Dispatcher:
                 found = [_unconfirmed(f"{name or 'no backend here'} cannot be asked what became of it")] * len(positions)
             else:
                 try:
-                    answers = await backend.outcomes([(self._fleet.entities[checks[i].entity_id], checks[i].command_id) for i in positions])
+                    answers = await backend.outcomes([backends.Query(self._fleet.entities[checks[i].entity_id], checks[i].command_id) for i in positions])
                     if len(answers) != len(positions):
                         raise RuntimeError(f"{name} answered {len(answers)} of {len(positions)} commands")
                     found = [_from_finding(a, name) for a in answers]
@@ -506,27 +515,11 @@ def build(settings: Settings) -> Service:
 
 
 def add_routes(app: FastAPI, dispatcher: Dispatcher) -> None:
-    """What backends POST to dispatch: results, and measurement reports."""
-
-    @app.post(backends.vendor_cloud.CALLBACK_PATH, include_in_schema=False)
-    async def vendor_cloud_results(request: Request) -> JSONResponse:
-        try:
-            body = VendorResults.model_validate_json(await request.body())
-        except ValidationError as exc:
-            return JSONResponse({"key": "invalid_result", "message": str(exc)[:2000]}, status_code=400)
-        genuine: list[tuple[str, str, Outcome]] = []
-        answers: dict[int, str] = {}
-        for i, result in enumerate(body.results):
-            entity_id = dispatcher.entity_of(result.response_token, result.command_id)
-            if entity_id is None:
-                answers[i] = "invalid_signature"
-                continue
-            genuine.append((entity_id, result.command_id, device_result(result.result == "SUCCEEDED", result.message)))
-        if not genuine:
-            return JSONResponse({"key": "invalid_signature", "message": "no result carries a valid token"}, status_code=403)
-        states = iter(await dispatcher.on_results(genuine))
-        out = [{"commandId": r.command_id, "state": answers.get(i) or next(states)} for i, r in enumerate(body.results)]
-        return JSONResponse({"results": out})
+    """What backends POST to dispatch: each backend's own routes (results), and measurement
+    reports."""
+    for backend in dispatcher.make_backends():
+        if backend.router is not None:
+            app.include_router(backend.router)
 
     @app.post(REPORTS_PATH, include_in_schema=False)
     async def device_reports(backend: str, request: Request) -> JSONResponse:

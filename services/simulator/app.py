@@ -16,9 +16,12 @@ from pydantic.alias_generators import to_camel
 from dercmd import metrics as metrics_lib
 from dercmd.events import utcnow
 from dercmd.fleet import Fleet
+from dercmd.dispatch.backends.native_window import NativeWindowSettings
+from dercmd.dispatch.backends.vendor_cloud import VendorCloudSettings
 from dercmd.settings import Settings
 
 from .backend import SimBackend
+from .faults import FaultPlan, Faults
 from .native_window import NativeWindowSim
 from .recorder import Recorder
 from .vendor_cloud import VendorCloudSim
@@ -34,15 +37,18 @@ class FaultsBody(BaseModel):
 
 def create_app(settings: Settings, *, callback_transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
     """``callback_transport`` replaces the network under what the simulator POSTs back:
-    results and reports (tests)."""
+    results and reports (tests). Each simulated backend takes the token its dispatch backend
+    presents from that backend's settings (``DERCMD_VENDOR_CLOUD_TOKEN``, ...)."""
     fleet = Fleet.load(settings.fleet_file)
     recorder = Recorder()
+    faults = Faults()
     interval_s = settings.sim_report_interval_s
     vendor_cloud = VendorCloudSim(
-        fleet, recorder, settings.vendor_cloud_token, settings.sim_confirm_delay_ms / 1000,
-        report_interval_s=interval_s, callback_transport=callback_transport,
+        fleet, recorder, VendorCloudSettings().token, settings.sim_confirm_delay_ms / 1000,
+        report_interval_s=interval_s, callback_transport=callback_transport, faults=faults,
     )
-    native_window = NativeWindowSim(fleet, recorder, settings.native_window_token, interval_s, transport=callback_transport)
+    native_window = NativeWindowSim(fleet, recorder, NativeWindowSettings().token, interval_s, transport=callback_transport,
+                                    faults=faults)
     backends: tuple[SimBackend, ...] = (vendor_cloud, native_window)
 
     @asynccontextmanager
@@ -54,6 +60,7 @@ def create_app(settings: Settings, *, callback_transport: httpx.AsyncBaseTranspo
 
     app = FastAPI(title="dercmd simulator", lifespan=lifespan)
     app.state.recorder = recorder
+    app.state.faults = faults
     app.state.vendor_cloud = vendor_cloud
     app.state.native_window = native_window
     for backend in backends:
@@ -79,12 +86,27 @@ def create_app(settings: Settings, *, callback_transport: httpx.AsyncBaseTranspo
         """Hold the vendor cloud's results back (``commands:status`` says PENDING; setting it
         false again reports them at once) or lose them (decided, never POSTed)."""
         if body.lose_results is not None:
-            vendor_cloud.faults.lose_results = body.lose_results
+            vendor_cloud.results.lose_results = body.lose_results
         if body.hold_results is True:
-            vendor_cloud.faults.hold_results = True
+            vendor_cloud.results.hold_results = True
         elif body.hold_results is False:
             vendor_cloud.release_results()
-        return {"holdResults": vendor_cloud.faults.hold_results, "loseResults": vendor_cloud.faults.lose_results}
+        return {"holdResults": vendor_cloud.results.hold_results, "loseResults": vendor_cloud.results.lose_results}
+
+    @app.put("/sim/faults", tags=["sim"])
+    async def put_faults(plan: FaultPlan) -> Any:
+        """Inject faults into calls to the devices the plan names (all when it names none);
+        see :mod:`dercmd.simulator.faults` for what each kind does."""
+        faults.put(plan)
+        return {"plans": [p.model_dump(by_alias=True) for p in faults.plans()]}
+
+    @app.get("/sim/faults", tags=["sim"])
+    async def get_faults() -> Any:
+        return {"plans": [p.model_dump(by_alias=True) for p in faults.plans()]}
+
+    @app.delete("/sim/faults", tags=["sim"], status_code=204)
+    async def clear_faults() -> None:
+        faults.clear()
 
     @app.get("/sim/received", tags=["sim"])
     async def totals() -> Any:

@@ -17,6 +17,7 @@ from dercmd.protocols.common import DeviceReports, ReportRequest, ReportSubscrip
 
 from . import metrics
 from .devices import SimDevice, measures
+from .faults import Faults
 from .recorder import Recorder
 from .reports import Reporter
 
@@ -35,13 +36,16 @@ class SimBackend:
     name: ClassVar[str]
 
     def __init__(
-        self, fleet: Fleet, recorder: Recorder, token: str, report_interval_s: float, *, transport: httpx.AsyncBaseTransport | None = None
+        self, fleet: Fleet, recorder: Recorder, token: str, report_interval_s: float, *,
+        transport: httpx.AsyncBaseTransport | None = None, faults: Faults | None = None,
     ) -> None:
-        """``transport`` replaces the network under what the backend POSTs back (tests)."""
+        """``transport`` replaces the network under what the backend POSTs back (tests);
+        ``faults``: the simulator's fault plans (:mod:`.faults`), which the backend applies."""
         self.devices: dict[str, Entity] = {e.device_id: e for e in fleet.entities.values() if e.backend == self.name}
         self.states: dict[str, SimDevice] = {d: SimDevice(e) for d, e in self.devices.items() if measures(e)}
         self.by_entity: dict[str, SimDevice] = {s.entity.id: s for s in self.states.values()}
         self.recorder = recorder
+        self.faults = faults or Faults()
         self.received = metrics.RECEIVED.labels(self.name)
         self._authorization = f"Bearer {token}"
         self.http = httpx.AsyncClient(

@@ -12,3 +12,4 @@ REPORT_POSTS = Counter("dercmd_simulator_report_posts_total", "POSTs of periodic
 REPORT_ERRORS = Counter(
     "dercmd_simulator_report_errors_total", "Periodic reports the simulator could not deliver to the subscriber, by backend.", ["backend"]
 )
+FAULTS = Counter("dercmd_simulator_faults_total", "Faults injected into calls to simulated devices, by kind.", ["kind"])

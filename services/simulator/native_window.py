@@ -19,6 +19,7 @@ from dercmd.fleet import Fleet
 from dercmd.protocols.native_window import NativeBatch, NativeBatchAnswer
 
 from .backend import SimBackend, json_response
+from .faults import Faults
 from .recorder import Recorder
 
 BACKEND = "native-window"
@@ -28,9 +29,10 @@ class NativeWindowSim(SimBackend):
     name = BACKEND
 
     def __init__(
-        self, fleet: Fleet, recorder: Recorder, token: str, report_interval_s: float, *, transport: httpx.AsyncBaseTransport | None = None
+        self, fleet: Fleet, recorder: Recorder, token: str, report_interval_s: float, *,
+        transport: httpx.AsyncBaseTransport | None = None, faults: Faults | None = None,
     ) -> None:
-        super().__init__(fleet, recorder, token, report_interval_s, transport=transport)
+        super().__init__(fleet, recorder, token, report_interval_s, transport=transport, faults=faults)
         self.router.add_api_route(
             "/commands:batch",
             self.commands_batch,

@@ -6,7 +6,7 @@ batch arrived, grouped into few POSTs. It answers what became of a command
 (``commands:status``) and serves measurement reports (:class:`~.backend.SimBackend`).
 
 Every known device accepts and succeeds, except that a device refuses a command for an asset
-it does not have (409). Fault injection (:class:`Faults`, ``PUT /sim/vendor-cloud/faults``):
+it does not have (409). Fault injection (:class:`ResultFaults`, ``PUT /sim/vendor-cloud/faults``):
 results held back (``PENDING`` until released, then reported at once) or lost (decided, so
 ``commands:status`` knows them, but never POSTed). A POST of results that fails is retried
 once, then counted in ``CALLBACK_ERRORS`` and logged: the results are lost, as they can be
@@ -40,6 +40,7 @@ from dercmd.protocols.vendor_cloud import (
 
 from . import metrics
 from .backend import SimBackend, dumps, json_response
+from .faults import Faults
 from .recorder import Recorder
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ _JSON = {"Content-Type": "application/json"}
 
 
 @dataclass
-class Faults:
+class ResultFaults:
     hold_results: bool = False  # results wait (PENDING) until released
     lose_results: bool = False  # results are decided but their POST never leaves
 
@@ -67,10 +68,11 @@ class VendorCloudSim(SimBackend):
         *,
         report_interval_s: float = 0.0,
         callback_transport: httpx.AsyncBaseTransport | None = None,
+        faults: Faults | None = None,
     ) -> None:
-        super().__init__(fleet, recorder, token, report_interval_s, transport=callback_transport)
+        super().__init__(fleet, recorder, token, report_interval_s, transport=callback_transport, faults=faults)
         self._confirm_delay_s = confirm_delay_s
-        self.faults = Faults()
+        self.results = ResultFaults()
         # Request ids: unique per simulator run without a random draw per command.
         self._id_prefix = uuid.uuid4().hex[:12]
         self._request_numbers = itertools.count(1)
@@ -145,7 +147,7 @@ class VendorCloudSim(SimBackend):
             })
         if reports:
             self.received.inc(len(reports))
-            if self.faults.hold_results:
+            if self.results.hold_results:
                 self._held.append((batch.response_url, reports))
                 self._decide(reports, math.inf)
             else:
@@ -166,7 +168,7 @@ class VendorCloudSim(SimBackend):
 
     def release_results(self) -> None:
         """Stop holding results back; those held are reported now."""
-        self.faults.hold_results = False
+        self.results.hold_results = False
         held, self._held = self._held, []
         for url, results in held:
             self._schedule(url, results, 0.0)
@@ -204,7 +206,7 @@ class VendorCloudSim(SimBackend):
             while self._due and self._due[0][0] <= now:
                 _, _, url, results = heapq.heappop(self._due)
                 by_url.setdefault(url, []).extend(results)
-            if self.faults.lose_results:
+            if self.results.lose_results:
                 log.info("results lost (fault injected)", extra={"results": sum(map(len, by_url.values()))})
                 continue
             for url, results in by_url.items():

@@ -28,6 +28,7 @@ class Recording:
 
     max_batch = 100
     supported_types = frozenset(CommandType)
+    router = None
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -39,14 +40,17 @@ class Recording:
         await self.gate.wait()
         return [backends.Accepted(backends.Confirmation.SYNC) for _ in deliveries]
 
+    async def start(self) -> None:
+        pass
+
     async def aclose(self) -> None:
         pass
 
 
 SLOW, FAST = Recording("test-slow"), Recording("test-fast")
 FAST.gate.set()
-backends.register(SLOW.name)(lambda settings: SLOW)
-backends.register(FAST.name)(lambda settings: FAST)
+backends.register(SLOW.name, backends.BackendSettings)(lambda context: SLOW)
+backends.register(FAST.name, backends.BackendSettings)(lambda context: FAST)
 
 FLEET = Fleet.model_validate({"entities": {
     "slow-1": {"kind": "EV", "vendor": "t", "backend": SLOW.name},

@@ -329,7 +329,7 @@ async def test_a_check_takes_the_outcome_the_backend_knows_when_its_callback_was
     tmp_path: Path, kafka_bootstrap: str, redis_url: str
 ) -> None:
     async with harness(tmp_path, kafka_bootstrap, redis_url, sim_report_interval_s=0) as h:
-        h.sim.state.vendor_cloud.faults.lose_results = True
+        h.sim.state.vendor_cloud.results.lose_results = True
         lost = order("ev-1")
         await h.deliver(lost)
         assert await h.state("ev-1", lost.command_id) == "sent"
@@ -347,7 +347,7 @@ async def test_a_check_without_an_answer_fails_the_command_and_a_late_callback_a
 ) -> None:
     async with harness(tmp_path, kafka_bootstrap, redis_url, sim_report_interval_s=0) as h:
         vendor = h.sim.state.vendor_cloud
-        vendor.faults.hold_results = True
+        vendor.results.hold_results = True
         late = order("ev-1")
         await h.deliver(late)
         assert await h.state("ev-1", late.command_id) == "sent"

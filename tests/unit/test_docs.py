@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from dercmd import topics
+from dercmd.dispatch import backends
 from dercmd.settings import Settings
 
 README = (Path(__file__).parents[2] / "README.md").read_text()
@@ -11,6 +12,15 @@ README = (Path(__file__).parents[2] / "README.md").read_text()
 def test_every_setting_is_in_the_readme() -> None:
     missing = [f"DERCMD_{name.upper()}" for name in Settings.model_fields if f"`DERCMD_{name.upper()}`" not in README]
     assert missing == []
+
+
+def test_every_backend_setting_is_in_the_readme() -> None:
+    names = [
+        f"{registration.settings.model_config['env_prefix']}{name.upper()}"
+        for registration in backends.registered().values()
+        for name in registration.settings.model_fields
+    ]
+    assert names and [n for n in names if f"`{n}`" not in README] == []
 
 
 def test_every_topic_and_model_version_is_in_the_readme() -> None:

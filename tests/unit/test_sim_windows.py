@@ -29,10 +29,11 @@ entities:
 
 
 @pytest.fixture
-async def sim(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+async def sim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[httpx.AsyncClient]:
     (tmp_path / "fleet.yaml").write_text(FLEET)
-    settings = Settings(fleet_file=str(tmp_path / "fleet.yaml"), native_window_token=NATIVE, vendor_cloud_token=VENDOR,
-                        sim_confirm_delay_ms=5, sim_report_interval_s=0)
+    monkeypatch.setenv("DERCMD_NATIVE_WINDOW_TOKEN", NATIVE)
+    monkeypatch.setenv("DERCMD_VENDOR_CLOUD_TOKEN", VENDOR)
+    settings = Settings(fleet_file=str(tmp_path / "fleet.yaml"), sim_confirm_delay_ms=5, sim_report_interval_s=0)
     app = create_app(settings, callback_transport=httpx.MockTransport(lambda request: httpx.Response(200, json={})))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://sim") as client:
         client.app = app  # type: ignore[attr-defined]
@@ -111,7 +112,7 @@ async def test_the_vendor_cloud_says_what_became_of_each_command(sim: httpx.Asyn
         return [(r.command_id, r.status) for r in VendorStatusAnswer.model_validate_json(answer.content).results]
 
     await batch("done")
-    vendor.faults.hold_results = True
+    vendor.results.hold_results = True
     await batch("held")
     async with asyncio.timeout(10):
         while (await status("done"))[0][1] != "SUCCEEDED":  # decided after the confirm delay

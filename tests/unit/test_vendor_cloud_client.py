@@ -66,7 +66,7 @@ async def test_an_answer_that_does_not_match_the_batch_is_an_error() -> None:
     vendor_cloud = client(lambda request: httpx.Response(200, json={"results": [{"commandId": "c1", "status": 202}]}))
     with pytest.raises(VendorCloudError) as caught:
         await vendor_cloud.send_commands(RESPONSE_URL, COMMANDS)
-    assert caught.value.status == 200 and not caught.value.retriable
+    assert caught.value.status == 200 and not caught.value.retriable and caught.value.unknown
 
 
 @pytest.mark.parametrize(
@@ -86,13 +86,23 @@ async def test_whole_request_failures(response: httpx.Response, retriable: bool,
     assert (caught.value.status, caught.value.retriable, caught.value.retry_after_s) == (response.status_code, retriable, retry_after_s)
 
 
-async def test_a_timeout_is_retriable_without_a_status() -> None:
+@pytest.mark.parametrize(
+    "error", [httpx.ReadTimeout("no answer"), httpx.RemoteProtocolError("server disconnected")], ids=["read timeout", "dropped"]
+)
+async def test_no_answer_after_sending_is_an_unknown_delivery_never_a_retriable_one(error: httpx.TransportError) -> None:
     def vendor(request: httpx.Request) -> httpx.Response:
-        raise httpx.ReadTimeout("no answer", request=request)
+        raise error
 
     with pytest.raises(VendorCloudError) as caught:
         await client(vendor).send_commands(RESPONSE_URL, COMMANDS)
-    assert caught.value.retriable and caught.value.status is None and "timeout" in str(caught.value)
+    assert caught.value.unknown and not caught.value.retriable and caught.value.status is None
+
+
+@pytest.mark.parametrize("status", [502, 504])
+async def test_a_gateway_that_gave_up_is_an_unknown_delivery(status: int) -> None:
+    with pytest.raises(VendorCloudError) as caught:
+        await client(lambda request: httpx.Response(status)).send_commands(RESPONSE_URL, COMMANDS)
+    assert caught.value.unknown
 
 
 async def test_a_connection_failure_is_retriable() -> None:
@@ -101,7 +111,7 @@ async def test_a_connection_failure_is_retriable() -> None:
 
     with pytest.raises(VendorCloudError) as caught:
         await client(vendor).send_commands(RESPONSE_URL, COMMANDS)
-    assert caught.value.retriable and caught.value.status is None
+    assert caught.value.retriable and not caught.value.unknown and caught.value.status is None
 
 
 def test_retry_after_in_seconds_or_as_a_date() -> None:

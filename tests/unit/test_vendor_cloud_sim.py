@@ -67,11 +67,12 @@ class Simulator:
 
 
 @pytest.fixture
-def simulator(tmp_path: Path) -> Iterator[Simulator]:
+def simulator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Simulator]:
+    monkeypatch.setenv("DERCMD_VENDOR_CLOUD_TOKEN", TOKEN)
     fleet = tmp_path / "fleet.yaml"
     fleet.write_text(FLEET)
     receiver = Receiver()
-    settings = Settings(fleet_file=str(fleet), vendor_cloud_token=TOKEN, sim_confirm_delay_ms=5)
+    settings = Settings(fleet_file=str(fleet), sim_confirm_delay_ms=5)
     app = create_app(settings, callback_transport=httpx.MockTransport(receiver.handle))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))

@@ -65,18 +65,22 @@ class ReportRequest(Wire):
 class DeviceApiError(Exception):
     """A whole call failed: there are no per-item results.
 
-    ``retriable`` says whether the same call may succeed later; ``retry_after_s`` is the
-    backend's Retry-After, when it sent one. After a timeout, a transport error or a malformed
-    answer some of what was sent may have reached the devices.
+    ``unknown``: the request left and no usable answer came (a read timeout, a dropped
+    connection, a gateway timeout, a malformed answer): some of what was sent may have reached
+    the devices. Otherwise nothing was acted on, and ``retriable`` says whether the same call
+    may succeed later (connection refused, 429, 5xx); ``retry_after_s`` is the backend's
+    Retry-After, when it sent one.
     """
 
     def __init__(
-        self, message: str, *, status: int | None = None, retriable: bool, retry_after_s: float | None = None
+        self, message: str, *, status: int | None = None, retriable: bool, retry_after_s: float | None = None,
+        unknown: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.retriable = retriable
         self.retry_after_s = retry_after_s
+        self.unknown = unknown
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
@@ -122,17 +126,18 @@ class JsonClient:
         try:
             return answer.model_validate_json(response.content)
         except ValidationError as exc:
-            raise self.error(f"malformed answer: {exc}", status=response.status_code, retriable=False) from exc
+            raise self.error(f"malformed answer: {exc}", status=response.status_code, retriable=False, unknown=True) from exc
 
     async def request(self, method: str, path: str, body: Wire, *, ok: int = 200) -> httpx.Response:
         """One call that answered ``ok``, or :attr:`error`."""
         try:
             response = await self._http.request(method, path, content=body.dump())
-        except httpx.TimeoutException as exc:
-            # The request may have reached the devices: the caller must not assume it did not.
-            raise self.error(f"timeout: {exc!r}", retriable=True) from exc
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            # No connection, so the request never left.
+            raise self.error(f"not sent: {exc!r}", retriable=True) from exc
         except httpx.TransportError as exc:
-            raise self.error(f"transport: {exc!r}", retriable=True) from exc
+            # Sent, or partly sent, and no answer: the request may have reached the devices.
+            raise self.error(f"no answer: {exc!r}", retriable=False, unknown=True) from exc
         status = response.status_code
         if status != ok:
             raise self.error(
@@ -140,6 +145,8 @@ class JsonClient:
                 status=status,
                 retriable=status == 429 or status >= 500,
                 retry_after_s=parse_retry_after(response.headers.get("Retry-After")),
+                # A gateway that gave up waiting: the backend behind it may have acted.
+                unknown=status in (502, 504),
             )
         return response
 
@@ -147,7 +154,8 @@ class JsonClient:
         """Per-item answers come one per item, in request order, or the call failed."""
         if list(answered) != list(asked):
             raise self.error(
-                f"answer does not match the batch: {len(answered)} results for {len(asked)} commands", status=200, retriable=False
+                f"answer does not match the batch: {len(answered)} results for {len(asked)} commands", status=200,
+                retriable=False, unknown=True,
             )
 
     # -- measurement reports -------------------------------------------------------------

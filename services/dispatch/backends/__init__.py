@@ -1,41 +1,59 @@
-"""Device backends: one module per backend, each registering itself by name.
-
-To add one, copy ``vendor_cloud.py``, implement :class:`DeviceBackend`, register it with
-``@register("<name>")`` and import the module below. Entities name their backend in the
-fleet file. Still to come: ``ocpp`` (OCPP 1.6J), ``sunspec-modbus`` (SunSpec over Modbus
-TCP) and ``ev-aggregator``; their entities fail with ``backend_not_available``.
+"""Device backends: one package per backend (``backends/<name>/``), each registering itself by
+name with :func:`register`; every package here is imported once, so dispatch's core knows none
+of them by name. To add one, copy ``vendor_cloud/``: implement :class:`DeviceBackend`, give it
+a :class:`BackendSettings` subclass (``DERCMD_<NAME>_*``), register the factory. Entities name
+their backend in the fleet file; an entity whose backend is not registered fails with
+``backend_not_available``.
 """
 
-from . import native_window, vendor_cloud  # noqa: F401  (register themselves)
+import importlib
+import pkgutil
+
 from .base import (
     Accepted,
+    BackendContext,
     BackendError,
+    BackendSettings,
     CommandOutcome,
     Confirmation,
     Delivery,
+    DeliveryUnknown,
     DeviceBackend,
+    DeviceResult,
     Finding,
+    NotDelivered,
     OutcomeQueries,
-    PermanentBackendError,
+    Query,
+    Refused,
+    Registration,
     ReportingBackend,
-    TransientBackendError,
     create,
     register,
     registered,
 )
 
+for _module in pkgutil.iter_modules(__path__):
+    if _module.ispkg:
+        importlib.import_module(f"{__name__}.{_module.name}")
+
 __all__ = [
     "Accepted",
+    "BackendContext",
     "BackendError",
+    "BackendSettings",
     "CommandOutcome",
     "Confirmation",
     "Delivery",
+    "DeliveryUnknown",
     "DeviceBackend",
+    "DeviceResult",
     "Finding",
+    "NotDelivered",
     "OutcomeQueries",
-    "PermanentBackendError",
+    "Query",
+    "Refused",
+    "Registration",
     "ReportingBackend",
-    "TransientBackendError",
     "create",
     "register",
     "registered",

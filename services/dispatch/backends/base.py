@@ -1,53 +1,79 @@
-"""The one interface every device backend implements, the errors it may raise, and the
-registry that names backends.
+"""The one interface every device backend implements, what dispatch offers it, the outcomes a
+delivery attempt has, and the registry that names backends.
 
-    BackendError                 a delivery attempt failed
-    ├── TransientBackendError    may succeed if tried again (timeout, 5xx, 429, connection)
-    └── PermanentBackendError    will not succeed as sent (refused, unknown device, bad auth)
+A delivery attempt ends in one of three ways besides :class:`Accepted`:
 
-Dispatch decides retry or fail from this tree only, never from a vendor's own exceptions:
-each backend translates its protocol client's errors at its edge.
+    BackendError
+    ├── NotDelivered      did not reach the device, safe to send again (connection refused,
+    │                     429, 5xx before the vendor acted, circuit open): dispatch retries it
+    │                     with backoff and jitter inside the command's deadline
+    ├── Refused           will never succeed as sent (unknown device, refused, bad auth):
+    │                     the command ends Failed
+    └── DeliveryUnknown   the request left and no answer came (a timeout, a dropped
+                          connection): the device may have it. It is never sent again
+                          blindly: dispatch asks the backend what became of it
+                          (:class:`OutcomeQueries`, which reads the device back where the
+                          protocol can) and goes on from the answer
 
-Besides delivering, a backend may offer what only some protocols can: saying what became of
-commands it was sent (:class:`OutcomeQueries`, for delivery checks) and measurement reports
-(:class:`ReportingBackend`). Dispatch asks ``isinstance`` once per backend.
+Dispatch decides from this tree only, never from a protocol client's own exceptions: each
+backend translates its client's errors at its edge.
+
+A backend is a package (``backends/<name>/``) that registers a factory once
+(:func:`register`); dispatch's core knows none of them by name. The factory gets a
+:class:`BackendContext` (dispatch's settings, fleet, Redis, and the way to report results) and
+reads its own settings (:class:`BackendSettings`, ``DERCMD_<NAME>_*``). A backend that receives
+callbacks offers an ``APIRouter`` as ``router``, mounted on dispatch's HTTP server.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from dercmd.events import CommandType, DispatchOrderV1
-from dercmd.fleet import Entity
+from dercmd.fleet import Entity, Fleet
 from dercmd.protocols.common import DeviceReport
 from dercmd.settings import Settings
 
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+    from fastapi import APIRouter
+
 
 class BackendError(Exception):
-    retriable = False
-
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason  # stable, short: goes into Failed.reason
         self.detail = detail
 
 
-class TransientBackendError(BackendError):
-    retriable = True
+class NotDelivered(BackendError):
+    """The command did not reach the device: sending it again is safe. ``retry_after_s``: the
+    backend asked for a pause (429 ``Retry-After``), which every replica honours."""
+
+    def __init__(self, reason: str, detail: str = "", *, retry_after_s: float | None = None) -> None:
+        super().__init__(reason, detail)
+        self.retry_after_s = retry_after_s
 
 
-class PermanentBackendError(BackendError):
-    retriable = False
+class Refused(BackendError):
+    """The backend or device refused the command for good."""
+
+
+class DeliveryUnknown(BackendError):
+    """The request left and no answer came: the device may or may not have the command."""
 
 
 class Confirmation(Enum):
     """How a backend learns that the device carried a command out."""
 
     SYNC = "sync"  # the accepted answer already means done: Succeeded follows Sent at once
-    ASYNC = "async"  # the result arrives later (a callback): dispatch waits for it
+    ASYNC = "async"  # the result arrives later (a callback, a poll): dispatch waits for it
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,11 +85,40 @@ class Accepted:
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """One command for one device. ``token`` is what an ASYNC backend hands back with the
-    result, so that dispatch knows the result is genuine and which command it is about."""
+    result (:meth:`BackendContext.entity_of`), so that dispatch knows the result is genuine and
+    which command it is about."""
 
     order: DispatchOrderV1
     entity: Entity
     token: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceResult:
+    """What a device did with a command, as its backend learned it asynchronously."""
+
+    entity_id: str
+    command_id: str
+    succeeded: bool
+    message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BackendContext:
+    """What dispatch offers a backend.
+
+    ``report``: results the backend learned asynchronously (a callback, a poll, a device's
+    own message); each goes through the command's delivery state, so only the first result of
+    a command counts. Returns each one's delivery state (``emit``, ``deferred``, ``done:...``,
+    ``missing``)."""
+
+    settings: Settings
+    fleet: Fleet
+    redis: aioredis.Redis
+    callback_base_url: str
+    token: Callable[[str, str], str]
+    entity_of: Callable[[str, str], str | None]
+    report: Callable[[Sequence[DeviceResult]], Awaitable[list[str]]]
 
 
 class DeviceBackend(Protocol):
@@ -71,12 +126,18 @@ class DeviceBackend(Protocol):
     takes one command at a time).
 
     ``send`` returns one answer per delivery, in order: :class:`Accepted`, or the
-    :class:`BackendError` that refused it. It raises a :class:`BackendError` when the call as
-    a whole failed (every delivery in it shares that fate)."""
+    :class:`BackendError` that says what happened to it. It raises a :class:`BackendError`
+    when the call as a whole failed (every delivery in it shares that fate).
+
+    ``router``: routes the backend receives callbacks on (None: none), mounted on dispatch's
+    HTTP server. ``start`` runs once before the first ``send``; ``aclose`` at stop."""
 
     name: str
     supported_types: frozenset[CommandType]
     max_batch: int
+    router: APIRouter | None
+
+    async def start(self) -> None: ...
 
     async def send(self, deliveries: Sequence[Delivery]) -> list[Accepted | BackendError]: ...
 
@@ -88,8 +149,8 @@ class Finding(Enum):
 
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
-    PENDING = "PENDING"  # accepted, no result yet
-    UNKNOWN = "UNKNOWN"  # the backend does not know the command
+    PENDING = "PENDING"  # the device has it, no result yet
+    UNKNOWN = "UNKNOWN"  # the backend (or device) never got it: safe to send again
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,13 +159,24 @@ class CommandOutcome:
     message: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Query:
+    """A command to ask a backend about. ``order``: the order as it was sent, where dispatch
+    has it (a delivery whose fate is unknown; not a delivery check, which knows only the id)."""
+
+    entity: Entity
+    command_id: str
+    order: DispatchOrderV1 | None = None
+
+
 @runtime_checkable
 class OutcomeQueries(Protocol):
-    """A backend that can say what became of commands it was sent: one :class:`CommandOutcome`
-    per ``(entity, command id)``, in order, however many are asked (it cuts them into calls
-    itself). Raises a :class:`BackendError` when it cannot say."""
+    """A backend that can say what became of commands it was sent (reading the device back
+    where the protocol can): one :class:`CommandOutcome` per query, in order, however many
+    are asked (it cuts them into calls itself). Used for a delivery whose fate is unknown and
+    for delivery checks. Raises a :class:`BackendError` when it cannot say."""
 
-    async def outcomes(self, commands: Sequence[tuple[Entity, str]]) -> list[CommandOutcome]: ...
+    async def outcomes(self, queries: Sequence[Query]) -> list[CommandOutcome]: ...
 
 
 @runtime_checkable
@@ -118,27 +190,47 @@ class ReportingBackend(Protocol):
     async def request_reports(self, entities: Sequence[Entity]) -> list[DeviceReport]: ...
 
 
-BackendFactory = Callable[[Settings], DeviceBackend]
+class BackendSettings(BaseSettings):
+    """A backend's own settings; a subclass sets ``env_prefix`` to ``DERCMD_<NAME>_``. Every
+    backend may be rate limited (``rate_per_s``: calls per second over all dispatch replicas,
+    0: unlimited, with bursts of ``burst`` calls)."""
 
-_REGISTRY: dict[str, BackendFactory] = {}
+    model_config = SettingsConfigDict(extra="ignore")
+
+    rate_per_s: float = Field(0.0, ge=0, description="Calls per second to this backend over all dispatch replicas (0: unlimited).")
+    burst: int = Field(10, ge=1, description="Calls that may go at once after a quiet spell, within the rate.")
 
 
-def register(name: str) -> Callable[[BackendFactory], BackendFactory]:
-    """Register a backend factory under ``name``; a name is registered once."""
+BackendFactory = Callable[[BackendContext], DeviceBackend]
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    name: str
+    create: BackendFactory
+    settings: type[BackendSettings]
+
+
+_REGISTRY: dict[str, Registration] = {}
+
+
+def register(name: str, settings: type[BackendSettings]) -> Callable[[BackendFactory], BackendFactory]:
+    """Register a backend factory under ``name`` with its settings class; a name is
+    registered once."""
 
     def decorator(factory: BackendFactory) -> BackendFactory:
         if name in _REGISTRY:
             raise ValueError(f"backend {name!r} is registered twice")
-        _REGISTRY[name] = factory
+        _REGISTRY[name] = Registration(name, factory, settings)
         return factory
 
     return decorator
 
 
-def registered() -> frozenset[str]:
-    return frozenset(_REGISTRY)
+def registered() -> dict[str, Registration]:
+    return dict(_REGISTRY)
 
 
-def create(name: str, settings: Settings) -> DeviceBackend | None:
-    factory = _REGISTRY.get(name)
-    return factory(settings) if factory else None
+def create(name: str, context: BackendContext) -> DeviceBackend | None:
+    registration = _REGISTRY.get(name)
+    return registration.create(context) if registration else None

@@ -1,6 +1,6 @@
 """What the backends on a bulk REST protocol (:mod:`dercmd.protocols.common`) share: the
-client's errors translated at this edge, and measurement reports, which every such protocol
-offers the same way."""
+client's errors translated at this edge into the three outcomes, and measurement reports,
+which every such protocol offers the same way."""
 
 from __future__ import annotations
 
@@ -10,13 +10,24 @@ from contextlib import contextmanager
 from dercmd.fleet import Entity
 from dercmd.protocols.common import MAX_REPORT_REQUEST, DeviceApiError, DeviceReport, JsonClient
 
-from .base import BackendError, PermanentBackendError, TransientBackendError
+from .base import BackendError, DeliveryUnknown, NotDelivered, Refused
 
 
-def translate(retriable: bool, detail: str) -> BackendError:
-    if retriable:
-        return TransientBackendError("backend_unavailable", detail)
-    return PermanentBackendError("backend_refused", detail)
+def translate(error: DeviceApiError) -> BackendError:
+    if error.unknown:
+        return DeliveryUnknown("delivery_unknown", str(error))
+    if error.retriable:
+        return NotDelivered("backend_unavailable", str(error), retry_after_s=error.retry_after_s)
+    return Refused("backend_refused", str(error))
+
+
+def item_error(status: int, message: str | None) -> BackendError:
+    """One command of a bulk call that was not accepted: a per-item 429 or 5xx was not acted
+    on (the protocols say so), anything else is a refusal."""
+    detail = f"HTTP {status}: {message or ''}"
+    if status == 429 or status >= 500:
+        return NotDelivered("backend_unavailable", detail)
+    return Refused("backend_refused", detail)
 
 
 @contextmanager
@@ -25,12 +36,17 @@ def translated() -> Iterator[None]:
     try:
         yield
     except DeviceApiError as exc:
-        raise translate(exc.retriable, str(exc)) from exc
+        raise translate(exc) from exc
 
 
 class BulkRestBackend:
+    router = None
+
     def __init__(self, client: JsonClient) -> None:
         self._client = client
+
+    async def start(self) -> None:
+        pass
 
     async def subscribe_reports(self, url: str, token: str) -> None:
         with translated():

@@ -4,18 +4,32 @@ assets, and the device returns to its default at the end on its own; a revert (a
 cancelled early) clears it. Each answer is the device's confirmation (Confirmation.SYNC): the
 device stores the command before it answers and there is no later result to wait for, so
 nothing of it can stay ``Sent``. It serves measurement reports; it cannot be asked about a
-command afterwards (nothing to ask: the answer was final)."""
+command afterwards, so a delivery whose answer was lost ends ``Failed: delivery_unknown``."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
 from dercmd.events import CommandType
 from dercmd.protocols.native_window import MAX_COMMANDS_PER_BATCH, NativeCommand, NativeWindowClient
 from dercmd.settings import Settings
 
-from .base import Accepted, BackendError, Confirmation, Delivery, register
-from .bulk_rest import BulkRestBackend, translate, translated
+from ..base import Accepted, BackendContext, BackendError, BackendSettings, Confirmation, Delivery, register
+from ..bulk_rest import BulkRestBackend, item_error, translated
+
+
+class NativeWindowSettings(BackendSettings):
+    model_config = SettingsConfigDict(env_prefix="DERCMD_NATIVE_WINDOW_", extra="ignore")
+
+    url: str = Field("", description="Base URL of the native-window backend; empty: the local simulator.")
+    token: str = Field("sim-native-window-secret", description="Bearer token dispatch presents to the native-window backend.")
+    timeout_s: float = Field(5.0, gt=0, description="Deadline of one call to the native-window backend, in seconds.")
+
+    def base_url(self, settings: Settings) -> str:
+        return self.url or f"http://{settings.bind_host}:{settings.simulator_port}/native-window"
 
 
 class NativeWindowBackend(BulkRestBackend):
@@ -44,14 +58,10 @@ class NativeWindowBackend(BulkRestBackend):
         ]
         with translated():
             results = await self._client.send_commands(commands)
-        return [
-            Accepted(Confirmation.SYNC) if r.stored else translate(r.retriable, f"HTTP {r.status}: {r.message or ''}")
-            for r in results
-        ]
+        return [Accepted(Confirmation.SYNC) if r.stored else item_error(r.status, r.message) for r in results]
 
 
-@register("native-window")
-def _create(settings: Settings) -> NativeWindowBackend:
-    return NativeWindowBackend(
-        NativeWindowClient(settings.native_window_base_url, settings.native_window_token, timeout_s=settings.native_window_timeout_s)
-    )
+@register("native-window", NativeWindowSettings)
+def _create(context: BackendContext) -> NativeWindowBackend:
+    settings = NativeWindowSettings()
+    return NativeWindowBackend(NativeWindowClient(settings.base_url(context.settings), settings.token, timeout_s=settings.timeout_s))

@@ -1,0 +1,120 @@
+"""Backend ``vendor-cloud``: a device maker's cloud REST API (see
+:mod:`dercmd.protocols.vendor_cloud`). Commands go in bulk, up to the protocol's batch size per
+call; each device's result arrives later, in batches, at ``/callbacks/vendor-cloud`` (this
+package's route on dispatch's server), each authenticated by the token dispatch gave with the
+command. The cloud keeps no windows: a windowed limit is sent as "limit now", and its revert
+comes as a command of its own. It answers what became of commands (an unknown delivery, a
+delivery check) and serves measurement reports."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import Field, ValidationError
+from pydantic_settings import SettingsConfigDict
+
+from dercmd.events import CommandType
+from dercmd.protocols.vendor_cloud import MAX_COMMANDS_PER_BATCH, VendorCloudClient, VendorCommand, VendorResults
+from dercmd.settings import Settings
+
+from ..base import (
+    Accepted,
+    BackendContext,
+    BackendError,
+    BackendSettings,
+    CommandOutcome,
+    Confirmation,
+    Delivery,
+    DeviceResult,
+    Finding,
+    Query,
+    register,
+)
+from ..bulk_rest import BulkRestBackend, item_error, translated
+
+#: Path on dispatch's server where the vendor cloud posts results.
+CALLBACK_PATH = "/callbacks/vendor-cloud"
+
+
+class VendorCloudSettings(BackendSettings):
+    model_config = SettingsConfigDict(env_prefix="DERCMD_VENDOR_CLOUD_", extra="ignore")
+
+    url: str = Field("", description="Base URL of the vendor cloud; empty: the local simulator.")
+    token: str = Field("sim-vendor-secret", description="Bearer token dispatch presents to the vendor cloud.")
+    timeout_s: float = Field(5.0, gt=0, description="Deadline of one call to the vendor cloud, in seconds.")
+
+    def base_url(self, settings: Settings) -> str:
+        return self.url or f"http://{settings.bind_host}:{settings.simulator_port}/vendor-cloud"
+
+
+class VendorCloudBackend(BulkRestBackend):
+    name = "vendor-cloud"
+    supported_types = frozenset(CommandType)
+    max_batch = MAX_COMMANDS_PER_BATCH
+
+    def __init__(self, client: VendorCloudClient, context: BackendContext) -> None:
+        super().__init__(client)
+        self._client: VendorCloudClient = client
+        self._response_url = context.callback_base_url.rstrip("/") + CALLBACK_PATH
+        self.router = _results_router(context)
+
+    async def send(self, deliveries: Sequence[Delivery]) -> list[Accepted | BackendError]:
+        commands = [
+            VendorCommand(
+                device_id=d.entity.device_id,
+                command_id=d.order.command_id,
+                type=d.order.type.value,
+                value=d.order.value,
+                percentage=d.order.percentage,
+                assets=list(d.order.asset_identifiers) if d.order.asset_identifiers is not None else None,
+                revert_of=d.order.revert_of,
+                response_token=d.token,
+            )
+            for d in deliveries
+        ]
+        with translated():
+            results = await self._client.send_commands(self._response_url, commands)
+        return [Accepted(Confirmation.ASYNC, r.request_id) if r.accepted else item_error(r.status, r.message) for r in results]
+
+    async def outcomes(self, queries: Sequence[Query]) -> list[CommandOutcome]:
+        out: list[CommandOutcome] = []
+        with translated():
+            for start in range(0, len(queries), MAX_COMMANDS_PER_BATCH):
+                ids = [q.command_id for q in queries[start : start + MAX_COMMANDS_PER_BATCH]]
+                out += [CommandOutcome(Finding(s.status), s.message) for s in await self._client.command_status(ids)]
+        return out
+
+
+def _results_router(context: BackendContext) -> APIRouter:
+    router = APIRouter()
+
+    @router.post(CALLBACK_PATH, include_in_schema=False)
+    async def vendor_cloud_results(request: Request) -> JSONResponse:
+        try:
+            body = VendorResults.model_validate_json(await request.body())
+        except ValidationError as exc:
+            return JSONResponse({"key": "invalid_result", "message": str(exc)[:2000]}, status_code=400)
+        genuine: list[DeviceResult] = []
+        answers: dict[int, str] = {}
+        for i, result in enumerate(body.results):
+            entity_id = context.entity_of(result.response_token, result.command_id)
+            if entity_id is None:
+                answers[i] = "invalid_signature"
+                continue
+            genuine.append(DeviceResult(entity_id, result.command_id, result.result == "SUCCEEDED", result.message))
+        if not genuine:
+            return JSONResponse({"key": "invalid_signature", "message": "no result carries a valid token"}, status_code=403)
+        states = iter(await context.report(genuine))
+        out = [{"commandId": r.command_id, "state": answers.get(i) or next(states)} for i, r in enumerate(body.results)]
+        return JSONResponse({"results": out})
+
+    return router
+
+
+@register("vendor-cloud", VendorCloudSettings)
+def _create(context: BackendContext) -> VendorCloudBackend:
+    settings = VendorCloudSettings()
+    client = VendorCloudClient(settings.base_url(context.settings), settings.token, timeout_s=settings.timeout_s)
+    return VendorCloudBackend(client, context)
