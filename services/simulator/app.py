@@ -16,11 +16,13 @@ from pydantic.alias_generators import to_camel
 from dercmd import metrics as metrics_lib
 from dercmd.events import utcnow
 from dercmd.fleet import Fleet
+from dercmd.dispatch.backends.ev_aggregator import EvAggregatorSettings
 from dercmd.dispatch.backends.native_window import NativeWindowSettings
 from dercmd.dispatch.backends.vendor_cloud import VendorCloudSettings
 from dercmd.settings import Settings
 
 from .backend import SimBackend
+from .ev_aggregator import EvAggregatorSim
 from .faults import FaultPlan, Faults
 from .native_window import NativeWindowSim
 from .recorder import Recorder
@@ -37,8 +39,9 @@ class FaultsBody(BaseModel):
 
 def create_app(settings: Settings, *, callback_transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
     """``callback_transport`` replaces the network under what the simulator POSTs back:
-    results and reports (tests). Each simulated backend takes the token its dispatch backend
-    presents from that backend's settings (``DERCMD_VENDOR_CLOUD_TOKEN``, ...)."""
+    results, webhooks and reports (tests). Each simulated backend takes the credentials its
+    dispatch backend presents from that backend's settings (``DERCMD_VENDOR_CLOUD_TOKEN``,
+    ``DERCMD_EV_AGGREGATOR_CLIENT_SECRET``, ...)."""
     fleet = Fleet.load(settings.fleet_file)
     recorder = Recorder()
     faults = Faults()
@@ -49,7 +52,12 @@ def create_app(settings: Settings, *, callback_transport: httpx.AsyncBaseTranspo
     )
     native_window = NativeWindowSim(fleet, recorder, NativeWindowSettings().token, interval_s, transport=callback_transport,
                                     faults=faults)
-    backends: tuple[SimBackend, ...] = (vendor_cloud, native_window)
+    ev_settings = EvAggregatorSettings()
+    ev_aggregator = EvAggregatorSim(
+        fleet, recorder, ev_settings.client_id, ev_settings.client_secret, settings.sim_confirm_delay_ms / 1000,
+        token_ttl_s=settings.sim_token_ttl_s, transport=callback_transport, faults=faults,
+    )
+    backends: tuple[SimBackend, ...] = (vendor_cloud, native_window, ev_aggregator)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -63,6 +71,7 @@ def create_app(settings: Settings, *, callback_transport: httpx.AsyncBaseTranspo
     app.state.faults = faults
     app.state.vendor_cloud = vendor_cloud
     app.state.native_window = native_window
+    app.state.ev_aggregator = ev_aggregator
     for backend in backends:
         app.include_router(backend.router)
 
