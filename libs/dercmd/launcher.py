@@ -90,6 +90,7 @@ def isolated_env(*, redis_url: str, database_url: str, fleet_file: str | Path, *
         "DERCMD_DISPATCH_CALLBACK_URL": "",
         "DERCMD_VENDOR_CLOUD_URL": "",
         "DERCMD_NATIVE_WINDOW_URL": "",
+        "DERCMD_EV_AGGREGATOR_URL": "",
     }
     return env | {f"DERCMD_{name.upper()}": value for name, value in settings.items()}
 
