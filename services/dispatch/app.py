@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 import time
 from collections import Counter, defaultdict
@@ -47,6 +45,7 @@ from dercmd.settings import Settings
 from . import backends, metrics
 from .delivery import Deliveries, Key, Outcome
 from .reports import REPORTS_PATH, Reports
+from .tokens import ResultTokens
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ class Dispatcher:
         self.clock = SharedClock(service.redis)
         self._backends: dict[str, backends.DeviceBackend] = {}
         self._calls: dict[str, asyncio.Semaphore] = {}
-        self._secret = service.settings.callback_secret.encode()
+        self.tokens = ResultTokens(service.settings.callback_secret)
         #: Per entity, the delivery work that last took one of its commands: a later command
         #: of the entity is sent only after it. Entries leave when their work is done.
         self._tails: dict[str, asyncio.Future[Any]] = {}
@@ -93,7 +92,7 @@ class Dispatcher:
         self.reports = Reports(service.publisher, fleet, service.settings)
         self.context = backends.BackendContext(
             settings=service.settings, fleet=fleet, redis=service.redis, callback_base_url=service.settings.callback_base_url,
-            token=self.token, entity_of=self.entity_of, report=self.on_results,
+            token=self.tokens.token, entity_of=self.tokens.entity_of, report=self.on_results,
         )
 
     def make_backends(self) -> list[backends.DeviceBackend]:
@@ -128,24 +127,6 @@ class Dispatcher:
         await self.reports.aclose()
         for backend in self._backends.values():
             await backend.aclose()
-
-    # -- callback tokens -----------------------------------------------------------------
-
-    def signature(self, entity_id: str, command_id: str) -> str:
-        message = f"{entity_id}/{command_id}".encode()
-        return hmac.new(self._secret, message, hashlib.sha256).hexdigest()[:32]
-
-    def token(self, entity_id: str, command_id: str) -> str:
-        """``<signature>:<entity id>``: proves a result came from the backend dispatch gave the
-        command to (nobody else can report one), and says which entity it is about."""
-        return f"{self.signature(entity_id, command_id)}:{entity_id}"
-
-    def entity_of(self, token: str, command_id: str) -> str | None:
-        """The entity a result's token names, if the token is genuine for this command."""
-        signature, _, entity_id = token.partition(":")
-        if entity_id and hmac.compare_digest(signature, self.signature(entity_id, command_id)):
-            return entity_id
-        return None
 
     # -- orders --------------------------------------------------------------------------
 
@@ -265,7 +246,7 @@ class Dispatcher:
     async def _send(self, backend: backends.DeviceBackend, orders: list[DispatchOrderV1]
                     ) -> tuple[list[tuple[DispatchOrderV1, backends.Accepted]], list[tuple[DispatchOrderV1, Outcome]]]:
         """One backend call: what it accepted, and what failed with why."""
-        chunk = [backends.Delivery(o, self._fleet.entities[o.entity_id], self.token(o.entity_id, o.command_id)) for o in orders]
+        chunk = [backends.Delivery(o, self._fleet.entities[o.entity_id], self.tokens.token(o.entity_id, o.command_id)) for o in orders]
         answers: list[backends.Accepted | backends.BackendError]
         started = time.perf_counter()
         try:
