@@ -15,9 +15,7 @@ The fault plans (:mod:`.faults`, ``PUT /sim/faults``) apply to action requests:
     5xx / 429          503 / 429 with Retry-After, before anything is made
     timeout_after_act  the action is made, the answer is held back ``hangS``
     drop_connection    the action is made, then the TCP connection is closed without an
-                       answer (uvicorn's transport, found through the ASGI ``receive``; where
-                       there is none, e.g. an in-process ASGI client, the answer is held back
-                       ``hangS`` instead, which the caller sees the same way: no answer)
+                       answer (uvicorn's transport, :func:`~.backend.drop_connection`)
     lose_callback      the action is made and answered and confirms, but its webhook is never
                        sent: only asking finds its state
 
@@ -47,7 +45,7 @@ from dercmd.fleet import Entity, Fleet
 from dercmd.protocols.ev_aggregator import ACTION_TYPES, SIGNATURE_HEADER, ActionRequest, WebhookSubscription, sign
 
 from . import metrics
-from .backend import SimBackend, dumps, json_response
+from .backend import SimBackend, before_answering, dumps, json_response
 from .faults import FaultKind, Faults
 from .recorder import Recorder
 
@@ -183,14 +181,9 @@ class EvAggregatorSim(SimBackend):
             action = self._create(entity, body.type, key, lose_callback=fault is not None and fault.kind is FaultKind.LOSE_CALLBACK)
         elif (action.vehicle_id, action.type) != (vehicle_id, body.type):
             return json_response({"message": f"Idempotency-Key {key} was used for another request"}, 422)
-        if fault is not None:
-            if fault.kind is FaultKind.LATENCY:
-                await asyncio.sleep(fault.latency_s)
-            elif fault.kind is FaultKind.TIMEOUT_AFTER_ACT:
-                await asyncio.sleep(fault.hang_s)
-            elif fault.kind is FaultKind.DROP_CONNECTION:
-                return await _drop(request, fault.hang_s)
-        return json_response(action.to_json(), 202)
+        if (dropped := await before_answering(request, fault)) is not None:
+            return dropped
+        return json_response(action.to_json(), 202)  # as it is by now: it may have been carried out
 
     async def get_action(self, request: Request) -> Response:
         if not self.authorized(request):
@@ -277,16 +270,3 @@ class EvAggregatorSim(SimBackend):
             self.unplugged.add(vehicle_id)
         return json_response({"vehicleId": vehicle_id, "pluggedIn": body.plugged_in})
 
-
-async def _drop(request: Request, hang_s: float) -> Response:
-    """Close the connection the request came on, without an answer."""
-    cycle = getattr(request.receive, "__self__", None)  # uvicorn's RequestResponseCycle
-    transport = getattr(cycle, "transport", None)
-    if not callable(getattr(transport, "close", None)):  # uvloop's transports are not asyncio.BaseTransport
-        log.warning("no connection to drop: the answer is held back instead")
-        await asyncio.sleep(hang_s)
-        return Response(status_code=504)
-    transport.close()
-    # Let uvicorn learn that the connection is gone: what is returned now is never written.
-    await asyncio.sleep(0.05)
-    return Response(status_code=204)

@@ -76,7 +76,11 @@ class Harness:
         return backends.Delivery(order, entity or self.fleet.entities[entity_id], token="unused")
 
     async def send(self, delivery: backends.Delivery) -> backends.Accepted | backends.BackendError:
-        [answer] = await self.backend.send([delivery])
+        """The answer, or the error of the call as a whole (what a one-command call not taken is)."""
+        try:
+            [answer] = await self.backend.send([delivery])
+        except backends.BackendError as exc:
+            return exc
         return answer
 
     async def faults(self, kind: str, **plan: Any) -> None:
@@ -314,3 +318,14 @@ async def test_a_webhook_is_taken_only_with_its_signature(harness: Harness) -> N
 async def test_an_unknown_command_is_unknown(harness: Harness) -> None:
     [outcome] = await harness.backend.outcomes([backends.Query(harness.fleet.entities["ev-3"], "never-sent")])
     assert outcome.finding is backends.Finding.UNKNOWN
+
+
+async def test_a_call_of_which_nothing_was_taken_fails_as_a_whole(harness: Harness) -> None:
+    """So that dispatch's circuit breaker counts it and its shared 429 pause applies."""
+    await harness.faults("429", retryAfterS=1.5)
+    with pytest.raises(backends.NotDelivered) as caught:
+        await harness.backend.send([harness.delivery()])
+    assert caught.value.retry_after_s == 1.5
+    await harness.faults("timeout_after_act", hangS=2 * TIMEOUT_S)
+    with pytest.raises(backends.DeliveryUnknown):
+        await harness.backend.send([harness.delivery()])

@@ -15,10 +15,14 @@ goes through the command's delivery state, so a second one changes nothing):
   ``DERCMD_EV_AGGREGATOR_POLL_INTERVAL_S``, under a lease so that replicas do not poll one
   action together. A webhook's result takes the action out of polling.
 
-Commands of one call go concurrently, one vehicle's in their order. A 404 (unknown vehicle),
-409 (refused) or 422 is Refused; a 429 (with its Retry-After), a 5xx or no connection is
-NotDelivered; a timeout or a dropped connection after sending is DeliveryUnknown, which the
-backend can resolve (:meth:`EvAggregatorBackend.outcomes`: the action by idempotency key).
+A call carries one command (the API takes one action per request), so dispatch's rate limit
+(``DERCMD_EV_AGGREGATOR_RATE_PER_S``) counts actions, and its call slots are the requests in
+flight. A 404 (unknown vehicle), 409 (refused) or 422 is Refused; a 429 (with its
+Retry-After), a 5xx or no connection is NotDelivered; a timeout or a dropped connection after
+sending is DeliveryUnknown, which the backend resolves (:meth:`EvAggregatorBackend.outcomes`:
+the action by its idempotency key; none means it was never made, and sending again with the
+same key cannot make a second). A call of which nothing was taken fails as a whole, so that
+dispatch's circuit breaker and shared 429 pause see it.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from ..base import (
     DeliveryUnknown,
     DeviceResult,
     Finding,
+    NotDelivered,
     Query,
     Refused,
     register,
@@ -70,8 +75,9 @@ log = logging.getLogger(__name__)
 NAME = "ev-aggregator"
 #: Path on dispatch's server where the aggregator posts its webhooks.
 CALLBACK_PATH = "/callbacks/ev-aggregator"
-#: Commands one call carries; they go concurrently (the client keeps 64 connections).
-MAX_BATCH = 50
+#: Commands one call carries: one action per request (several would go concurrently, one
+#: vehicle's in order, but dispatch's rate limit and circuit count calls).
+MAX_BATCH = 1
 #: The webhook subscription is put again this often (an aggregator that lost it gets it back).
 SUBSCRIBE_EVERY_S = 60.0
 #: Most actions one replica polls per tick, and at once.
@@ -156,7 +162,13 @@ class EvAggregatorBackend:
             await self.pending.add(wait)
         except Exception as exc:  # Redis: the webhook still comes, and the sweeper asks at the deadline
             log.warning("pending actions not recorded", extra={"backend": NAME, "error": repr(exc), "commands": len(wait)})
-        return [a for a in answers if a is not None]
+        done = [a for a in answers if a is not None]
+        kinds = {type(a) for a in done}
+        if len(kinds) == 1 and kinds <= {NotDelivered, DeliveryUnknown}:
+            # Nothing of the call was taken, the same way: it failed as a whole (the longest
+            # Retry-After asked for stands for all).
+            raise max(done, key=lambda a: getattr(a, "retry_after_s", None) or 0.0)  # type: ignore[arg-type]
+        return done
 
     async def _send_one(self, delivery: Delivery) -> Accepted | BackendError:
         action_type = ACTION_TYPES.get(delivery.order.type.value)
