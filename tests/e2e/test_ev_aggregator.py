@@ -11,6 +11,7 @@ import pytest
 
 from dercmd.launcher import Stack
 
+from ..conftest import wait_for
 from .conftest import Api, running_stack
 
 pytestmark = pytest.mark.e2e
@@ -45,3 +46,29 @@ def test_a_lost_webhook_is_made_up_by_polling_the_action(api: Api) -> None:
         api.sim.delete("/sim/faults")
     assert final["status"] == "Succeeded", final
     assert [c["commandId"] for c in api.received("ev-3")[before:]] == [command_id]
+
+
+@pytest.mark.parametrize("kind", ["drop_connection", "5xx"])
+def test_a_call_the_aggregator_fails_ends_succeeded_once(api: Api, kind: str) -> None:
+    """drop_connection: the action was made and the answer lost, so dispatch asks by the
+    command id and finds it; 5xx: nothing was made, so dispatch sends it again once the
+    aggregator answers (the same idempotency key either way)."""
+    before = len(api.received("ev-3"))
+    plan = api.sim.put("/sim/faults", json={"devices": ["ev-3"], "probability": 1, "kinds": [kind]})
+    assert plan.status_code == 200, plan.text
+    try:
+        command_id = api.post("ev-3", {"type": "StopCharging"}).json()["id"]
+        if kind == "5xx":
+            wait_for(lambda: _faults(api, "5xx") >= 2, deadline_s=10, what="dispatch to try again")
+    finally:
+        api.sim.delete("/sim/faults")
+    final = api.wait_terminal(command_id)
+    assert final["status"] == "Succeeded", final
+    assert [c["commandId"] for c in api.received("ev-3")[before:]] == [command_id]
+
+
+def _faults(api: Api, kind: str) -> float:
+    for line in api.sim.get("/metrics").text.splitlines():
+        if line.startswith(f'dercmd_simulator_faults_total{{kind="{kind}"}}'):
+            return float(line.split()[-1])
+    return 0.0
