@@ -83,6 +83,8 @@ SUBSCRIBE_EVERY_S = 60.0
 #: Most actions one replica polls per tick, and at once.
 POLL_BATCH = 200
 POLL_CONCURRENCY = 16
+#: Longest ``aclose`` waits for the background loops to end.
+CLOSE_WAIT_S = 5.0
 
 _FINDINGS = {"CONFIRMED": Finding.SUCCEEDED, "FAILED": Finding.FAILED, "PENDING": Finding.PENDING}
 
@@ -123,6 +125,7 @@ class EvAggregatorBackend:
             context.redis, first_poll_s=settings.poll_interval_s, give_up_s=context.settings.deadline_sent_s,
         )
         self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
         self.router = self._webhook_router()
 
     async def start(self) -> None:
@@ -135,9 +138,14 @@ class EvAggregatorBackend:
         ]
 
     async def aclose(self) -> None:
+        """Stop the loops. A cancel alone is not enough: one that lands inside an HTTP or Redis
+        call can come out as that call's error (seen in tests: the poller went on polling
+        after its cancel), so the loops also stop at ``_closed``, and the wait is bounded."""
+        self._closed = True
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=CLOSE_WAIT_S)
         await self._client.aclose()
 
     # -- sending -------------------------------------------------------------------------
@@ -263,7 +271,7 @@ class EvAggregatorBackend:
 
     async def _poll_forever(self) -> None:
         tick_s = min(max(self._settings.poll_interval_s / 2, 0.05), 1.0)
-        while True:
+        while not self._closed:
             try:
                 await self.poll_once()
             except asyncio.CancelledError:
@@ -274,7 +282,7 @@ class EvAggregatorBackend:
 
     async def _subscribe_forever(self) -> None:
         delay = 1.0
-        while True:
+        while not self._closed:
             try:
                 await self._client.subscribe_webhook(self._webhook_url, self._settings.webhook_secret)
             except Exception as exc:  # the aggregator, or a bug: either way, try again later
