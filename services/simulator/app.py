@@ -17,12 +17,14 @@ from dercmd import metrics as metrics_lib
 from dercmd.events import utcnow
 from dercmd.fleet import Fleet
 from dercmd.dispatch.backends.native_window import NativeWindowSettings
+from dercmd.dispatch.backends.ocpp import OcppSettings
 from dercmd.dispatch.backends.vendor_cloud import VendorCloudSettings
 from dercmd.settings import Settings
 
 from .backend import SimBackend
 from .faults import FaultPlan, Faults
 from .native_window import NativeWindowSim
+from .ocpp import OcppChargePoints, gateway_ws_url
 from .recorder import Recorder
 from .vendor_cloud import VendorCloudSim
 
@@ -50,11 +52,14 @@ def create_app(settings: Settings, *, callback_transport: httpx.AsyncBaseTranspo
     native_window = NativeWindowSim(fleet, recorder, NativeWindowSettings().token, interval_s, transport=callback_transport,
                                     faults=faults)
     backends: tuple[SimBackend, ...] = (vendor_cloud, native_window)
+    charge_points = OcppChargePoints(fleet, recorder, faults, gateway_ws_url(settings, OcppSettings()), settings.sim_confirm_delay_ms / 1000)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gc.freeze()  # the fleet lives as long as the process: no full GC passes over it
+        charge_points.start()
         yield
+        await charge_points.aclose()
         for backend in backends:
             await backend.aclose()
 
@@ -63,6 +68,7 @@ def create_app(settings: Settings, *, callback_transport: httpx.AsyncBaseTranspo
     app.state.faults = faults
     app.state.vendor_cloud = vendor_cloud
     app.state.native_window = native_window
+    app.state.charge_points = charge_points
     for backend in backends:
         app.include_router(backend.router)
 
