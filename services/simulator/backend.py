@@ -5,6 +5,7 @@ backend posts back, and the measurement-report endpoints of :mod:`dercmd.protoco
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, ClassVar, TypeVar
 
@@ -17,7 +18,7 @@ from dercmd.protocols.common import DeviceReports, ReportRequest, ReportSubscrip
 
 from . import metrics
 from .devices import SimDevice, measures
-from .faults import Faults
+from .faults import Fault, FaultKind, Faults
 from .recorder import Recorder
 from .reports import Reporter
 
@@ -30,6 +31,32 @@ def dumps(value: Any) -> str:
 
 def json_response(body: Any, status: int = 200) -> Response:
     return Response(dumps(body), status_code=status, media_type="application/json")
+
+
+def drop_connection(request: Request) -> None:
+    """Close the connection under ``request`` without answering (uvicorn's transport, reached
+    through the ASGI ``receive`` it hands the app): the caller sees the server disconnect."""
+    transport = getattr(getattr(request.receive, "__self__", None), "transport", None)
+    if transport is None:
+        raise RuntimeError("cannot reach the connection's transport to drop it")
+    transport.close()
+
+
+async def before_answering(request: Request, fault: Fault | None) -> Response | None:
+    """Apply a whole-call fault after the device acted: late, never, or no answer at all (the
+    response to return then is the one nobody will read)."""
+    if fault is None:
+        return None
+    if fault.kind is FaultKind.LATENCY:
+        await asyncio.sleep(fault.latency_s)
+        return None
+    if fault.kind is FaultKind.TIMEOUT_AFTER_ACT:
+        await asyncio.sleep(fault.hang_s)
+        return None
+    if fault.kind is FaultKind.DROP_CONNECTION:
+        drop_connection(request)
+        return Response(status_code=500)
+    return None
 
 
 class SimBackend:

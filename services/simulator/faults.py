@@ -11,10 +11,12 @@ which faults, one drawn at random per faulty call:
                        report later (a callback, a transaction message) never comes
 
 Each simulated backend applies the drawn fault in its own protocol's terms (an HTTP status, a
-closed WebSocket or TCP connection, a Modbus exception). A bulk call draws its whole-call
-faults once (with the plan of its first device) and ``5xx``, ``429`` and ``lose_callback`` per
-command. A later plan for the same devices replaces the earlier one; ``DELETE /sim/faults``
-clears every plan.
+closed WebSocket or TCP connection, a Modbus exception). A bulk call (many devices in one
+request) draws a call's fault once with its first device's plan, among ``latency``, ``429``,
+``timeout_after_act`` and ``drop_connection``, and then each command's, among ``5xx`` and
+``lose_callback``: a vendor rate-limits a client and times out as a whole, while one device of
+a batch can fail alone. A later plan for the same devices replaces the earlier one;
+``DELETE /sim/faults`` clears every plan.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ class FaultKind(StrEnum):
 
 #: Faults that come before the device acts: the command was not delivered.
 BEFORE_ACTING = frozenset({FaultKind.ERROR_5XX, FaultKind.RATE_LIMITED})
-#: Faults a bulk call suffers as a whole.
-WHOLE_CALL = frozenset({FaultKind.LATENCY, FaultKind.TIMEOUT_AFTER_ACT, FaultKind.DROP_CONNECTION})
+#: Faults a bulk call suffers as a whole, and those each of its commands may suffer alone.
+WHOLE_CALL = frozenset({FaultKind.LATENCY, FaultKind.RATE_LIMITED, FaultKind.TIMEOUT_AFTER_ACT, FaultKind.DROP_CONNECTION})
+PER_COMMAND = frozenset({FaultKind.ERROR_5XX, FaultKind.LOSE_CALLBACK})
 
 
 class FaultPlan(BaseModel):

@@ -10,7 +10,9 @@ it does not have (409). Fault injection (:class:`ResultFaults`, ``PUT /sim/vendo
 results held back (``PENDING`` until released, then reported at once) or lost (decided, so
 ``commands:status`` knows them, but never POSTed). A POST of results that fails is retried
 once, then counted in ``CALLBACK_ERRORS`` and logged: the results are lost, as they can be
-with a real vendor.
+with a real vendor. The per-device fault plans (:mod:`.faults`, ``PUT /sim/faults``) apply
+too: a whole call late, refused with 429 and ``Retry-After``, hanging or dropped after the
+devices acted; one command refused with 503 before its device acted, or its result lost.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ from dercmd.protocols.vendor_cloud import (
 )
 
 from . import metrics
-from .backend import SimBackend, dumps, json_response
-from .faults import Faults
+from .backend import SimBackend, before_answering, dumps, json_response
+from .faults import PER_COMMAND, FaultKind, Faults
 from .recorder import Recorder
 
 log = logging.getLogger(__name__)
@@ -119,13 +121,23 @@ class VendorCloudSim(SimBackend):
         batch = await self.read(request, VendorBatch)
         if isinstance(batch, Response):
             return batch
+        faulty = self.faults.active
+        call_fault = self.faults.draw_call([e.id for c in batch.commands if (e := self.devices.get(c.device_id))]) if faulty else None
+        if call_fault is not None and call_fault.kind is FaultKind.RATE_LIMITED:
+            return Response(dumps({"message": "rate limited"}), status_code=429, media_type="application/json",
+                            headers={"Retry-After": f"{call_fault.retry_after_s:g}"})
         received_at = utcnow()
         answers: list[dict[str, Any]] = []
         reports: list[dict[str, Any]] = []
+        lost: list[dict[str, Any]] = []
         for command in batch.commands:
             entity = self.devices.get(command.device_id)
             if entity is None:
                 answers.append({"commandId": command.command_id, "status": 404, "message": f"unknown device {command.device_id}"})
+                continue
+            fault = self.faults.draw(entity.id, PER_COMMAND) if faulty else None
+            if fault is not None and fault.kind is FaultKind.ERROR_5XX:
+                answers.append({"commandId": command.command_id, "status": 503, "message": "device unreachable (fault injected)"})
                 continue
             state = self.states.get(command.device_id)  # measuring devices only (none in an EV fleet)
             if state is not None:
@@ -138,20 +150,24 @@ class VendorCloudSim(SimBackend):
             self.recorder.record(entity.id, BACKEND, command.command_id, command.type, command.value, received_at,
                                  percentage=command.percentage, assets=command.assets, revert_of=command.revert_of)
             answers.append({"commandId": command.command_id, "status": 202, "requestId": request_id})
-            reports.append({
+            (lost if fault is not None and fault.kind is FaultKind.LOSE_CALLBACK else reports).append({
                 "requestId": request_id,
                 "commandId": command.command_id,
                 "deviceId": command.device_id,
                 "result": "SUCCEEDED",
                 "responseToken": command.response_token,
             })
+        self.received.inc(len(reports) + len(lost))
+        if lost:  # decided (commands:status knows them), never reported
+            self._decide(lost, asyncio.get_running_loop().time() + self._confirm_delay_s)
         if reports:
-            self.received.inc(len(reports))
             if self.results.hold_results:
                 self._held.append((batch.response_url, reports))
                 self._decide(reports, math.inf)
             else:
                 self._schedule(batch.response_url, reports, self._confirm_delay_s)
+        if (dropped := await before_answering(request, call_fault)) is not None:
+            return dropped
         return json_response({"results": answers})
 
     async def commands_status(self, request: Request) -> Response:
