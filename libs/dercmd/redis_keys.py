@@ -40,6 +40,12 @@ def ocpp_link(entity_id: str) -> str:
     return f"dercmd:{{{entity_id}}}:ocpp:link"
 
 
+def ocpp_seen(entity_id: str) -> str:
+    """String: when the charge point first connected. One never seen is not known to the
+    gateway (a command to it is refused); one seen and not connected now is offline."""
+    return f"dercmd:{{{entity_id}}}:ocpp:seen"
+
+
 def ocpp_transaction(entity_id: str) -> str:
     """Hash: the charge point's running transaction (``id``, ``idTag``); absent: none."""
     return f"dercmd:{{{entity_id}}}:ocpp:tx"
@@ -52,7 +58,9 @@ def ocpp_transaction_seq(entity_id: str) -> str:
 
 def ocpp_command(entity_id: str, command_id: str) -> str:
     """Hash: one command sent to the charge point: ``type``, ``idTag``, ``token``,
-    ``resultUrl``, ``state`` (sending, accepted, rejected, succeeded), ``txId``."""
+    ``resultUrl``, ``state``, ``txId``. ``state``: sending (the call left; after a call with
+    no answer it stays so), accepted, rejected, succeeded (its transaction message came, or
+    the charge point was read back), unsent or call_error (it did not act)."""
     return f"dercmd:{{{entity_id}}}:ocpp:cmd:{command_id}"
 
 

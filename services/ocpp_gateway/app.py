@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from dercmd.dispatch.backends.ocpp import OcppSettings
 from dercmd.fleet import Fleet
-from dercmd.protocols.ocpp import COMMANDS_PATH, WS_PATH, GatewayCommand
+from dercmd.protocols.ocpp import COMMANDS_PATH, OUTCOMES_PATH, WS_PATH, GatewayCommand, GatewayOutcomesQuery
 from dercmd.service import Service
 from dercmd.settings import Settings
 
@@ -40,6 +40,17 @@ def add_routes(app: FastAPI, gateway: Gateway) -> None:
         except ValidationError as exc:
             return JSONResponse({"key": "invalid_command", "message": str(exc)[:2000]}, status_code=400)
         status, answer = await gateway.command(charge_point_id, body)
+        return JSONResponse(answer.model_dump(by_alias=True, exclude_none=True), status_code=status)
+
+    @app.post(OUTCOMES_PATH.replace("{charge_point_id}", "{chargePointId}"), include_in_schema=False)
+    async def outcomes(request: Request, charge_point_id: str = Path(alias="chargePointId")) -> JSONResponse:
+        if not authorized(request):
+            return JSONResponse({"key": "unauthorized", "message": "not the gateway token"}, status_code=401)
+        try:
+            body = GatewayOutcomesQuery.model_validate_json(await request.body())
+        except ValidationError as exc:
+            return JSONResponse({"key": "invalid_query", "message": str(exc)[:2000]}, status_code=400)
+        status, answer = await gateway.read_back(charge_point_id, body.command_ids)
         return JSONResponse(answer.model_dump(by_alias=True, exclude_none=True), status_code=status)
 
     @app.get("/internal/v1/charge-points", include_in_schema=False)

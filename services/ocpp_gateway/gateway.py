@@ -37,20 +37,25 @@ from fastapi import WebSocket, WebSocketDisconnect
 from ocpp.exceptions import GenericError, InternalError, NotImplementedError, NotSupportedError, OCPPError
 from ocpp.routing import after, on
 from ocpp.v16 import ChargePoint, call, call_result
-from ocpp.v16.enums import Action, AuthorizationStatus, RegistrationStatus, RemoteStartStopStatus
+from ocpp.v16.enums import Action, AuthorizationStatus, MessageTrigger, RegistrationStatus, RemoteStartStopStatus, TriggerMessageStatus
 
 from dercmd import redis_keys
 from dercmd.dispatch.backends.ocpp import OcppSettings
 from dercmd.events import CommandType
 from dercmd.fleet import Entity, Fleet
 from dercmd.protocols.ocpp import (
+    CHARGING_STATUSES,
     CONNECTOR_ID,
+    IDLE_STATUSES,
     PROFILE_OF,
+    REMOTE_TRIGGER,
     SUBPROTOCOL,
     SUPPORTED_FEATURE_PROFILES,
     GatewayAnswer,
     GatewayCommand,
     GatewayError,
+    GatewayFinding,
+    GatewayFindings,
     OcppResult,
     OcppResults,
     message_id,
@@ -151,6 +156,8 @@ class Connection:
     profiles: frozenset[str] | None = None  # None: not declared yet
     booted: bool = False
     connectors: dict[int, str] = field(default_factory=dict)
+    #: Read-backs waiting for the charge point's next StatusNotification of a connector.
+    status_waiters: list[tuple[int, asyncio.Future[str]]] = field(default_factory=list)
     asking: asyncio.Task[None] | None = None
     charge_point: CentralChargePoint | None = None
 
@@ -189,6 +196,11 @@ class CentralChargePoint(ChargePoint):
     async def on_status_notification(self, connector_id: int, error_code: str, status: str, **_: Any) -> Any:
         metrics.RECEIVED.labels("StatusNotification").inc()
         self.connection.connectors[connector_id] = status
+        waiting = self.connection.status_waiters
+        self.connection.status_waiters = [(c, f) for c, f in waiting if c != connector_id and not f.done()]
+        for c, future in waiting:
+            if c == connector_id and not future.done():
+                future.set_result(status)
         self.gateway.ask_profiles(self.connection)
         return call_result.StatusNotification()
 
@@ -281,6 +293,7 @@ class Gateway:
         metrics.CONNECTED.inc()
         try:
             await self._take_link(connection)
+            await self._redis(lambda: self.redis.set(redis_keys.ocpp_seen(entity.id), _now(), nx=True))
             await connection.charge_point.start()
         except WebSocketDisconnect:
             pass
@@ -443,6 +456,54 @@ class Gateway:
 
     async def _set_state(self, record: str, before: str, after: str) -> None:
         await self._advance.run([record], [before, after])
+
+    async def read_back(self, charge_point_id: str, command_ids: list[str]) -> tuple[int, GatewayFindings | GatewayError]:
+        """Commands the charge point accepted with no transaction message yet: its connector,
+        read back with TriggerMessage(StatusNotification), says whether each took effect (a
+        start: a transaction runs; a stop: none does). The transaction message may still come,
+        or may have been lost; either way the command did what it asked."""
+        connection = self.connections.get(charge_point_id)
+        if connection is None or connection.closed.is_set():
+            return 404, GatewayError(key="not_connected", message=f"{charge_point_id} is not connected to {self.url}")
+        entity_id = connection.entity.id
+
+        async def read() -> list[Any]:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for command_id in command_ids:
+                    pipe.hmget(redis_keys.ocpp_command(entity_id, command_id), "type", "state")
+                return list(await pipe.execute())
+
+        records = [(_text(t) if t else None, _text(s) if s else None) for t, s in await self._redis(read)]
+        status: str | None = None
+        why = "the charge point cannot be read back (no RemoteTrigger profile)"
+        if any(state == "accepted" for _, state in records) and REMOTE_TRIGGER in (connection.profiles or ()):
+            status, why = await self._connector_status(connection)
+        findings: list[GatewayFinding] = []
+        for command_id, (type, state) in zip(command_ids, records, strict=True):
+            done = state == "succeeded" or (state == "accepted" and status is not None and (
+                (type == CommandType.START_CHARGING and status in CHARGING_STATUSES)
+                or (type == CommandType.STOP_CHARGING and status in IDLE_STATUSES)))
+            if done and state == "accepted":
+                await self._set_state(redis_keys.ocpp_command(entity_id, command_id), "accepted", "succeeded")
+            findings.append(GatewayFinding(command_id=command_id, finding="SUCCEEDED" if done else "PENDING",
+                                           message=f"connector {CONNECTOR_ID} {status}" if status else why))
+        return 200, GatewayFindings(findings=findings)
+
+    async def _connector_status(self, connection: Connection) -> tuple[str | None, str]:
+        """Connector 1's status as the charge point reports it when asked now."""
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        connection.status_waiters.append((CONNECTOR_ID, future))
+        try:
+            answer = await self.call(connection, call.TriggerMessage(requested_message=MessageTrigger.status_notification,
+                                                                     connector_id=CONNECTOR_ID))
+            if answer.status != TriggerMessageStatus.accepted:
+                return None, f"TriggerMessage {answer.status}"
+            async with asyncio.timeout(self.ocpp.call_timeout_s):
+                return await future, ""
+        except (OCPPError, NotSent, NoAnswer, TimeoutError) as exc:
+            return None, f"not read back: {exc!r}"
+        finally:
+            future.cancel()
 
     # -- transaction messages ------------------------------------------------------------
 

@@ -7,14 +7,21 @@ connector ``Available``, heartbeats at the interval the gateway gave, and answer
 
 - ``GetConfiguration(SupportedFeatureProfiles)``: the profiles its fleet entry declares
   (:func:`dercmd.protocols.ocpp.profiles_of`: StartCharging / StopCharging declared -> Core;
-  ``declaredTypes: []`` declares nothing; no ``declaredTypes`` at all: Core);
-- ``RemoteStartTransaction``: ``Accepted`` on an idle connector, then a StartTransaction with
-  the idTag ``confirm_delay_s`` later; ``Rejected`` while a transaction runs or starts;
+  ``declaredTypes: []`` declares nothing; no ``declaredTypes`` at all: Core), and
+  RemoteTrigger beside Core;
+- ``RemoteStartTransaction``: ``Accepted``, then a StartTransaction with the idTag
+  ``confirm_delay_s`` later (a transaction already running is stopped first, reason Other: the
+  newest command wins, as dercmd's slot rules have it);
 - ``RemoteStopTransaction``: ``Accepted`` for the running transaction, then its
-  StopTransaction; ``Rejected`` for any other.
+  StopTransaction; ``Rejected`` when none runs or for another transaction;
+- ``TriggerMessage(StatusNotification)``: ``Accepted``, then connector 1's status (Charging
+  from an accepted start until its stop, else Available), whether or not the transaction
+  messages got through.
 
-Transaction messages wait in an outbox, in order, until the gateway has answered them: one
-that could not be sent goes after the next boot (as OCPP asks of a charge point offline).
+Transaction messages (and triggered status) wait in an outbox, in order, until the gateway
+has answered them: one that could not be sent goes after the next boot (as OCPP asks of a
+charge point offline). A StopTransaction takes its transaction id when it is sent (its start's
+answer is in by then).
 
 Each command the charge point acted on is recorded once, under the CALL's message id, which
 the gateway makes the command's id (:func:`dercmd.protocols.ocpp.message_id`; a command id
@@ -49,13 +56,21 @@ import websockets
 from ocpp.exceptions import GenericError, InternalError, OCPPError
 from ocpp.routing import on
 from ocpp.v16 import ChargePoint, call, call_result
-from ocpp.v16.enums import Action, ChargePointErrorCode, ChargePointStatus, Reason, RemoteStartStopStatus
+from ocpp.v16.enums import (
+    Action,
+    ChargePointErrorCode,
+    ChargePointStatus,
+    MessageTrigger,
+    Reason,
+    RemoteStartStopStatus,
+    TriggerMessageStatus,
+)
 from websockets.typing import Subprotocol
 
 from dercmd.dispatch.backends.ocpp import OcppSettings
 from dercmd.events import CommandType, utcnow
 from dercmd.fleet import Entity, Fleet
-from dercmd.protocols.ocpp import CONNECTOR_ID, SUBPROTOCOL, SUPPORTED_FEATURE_PROFILES, WS_PATH, profiles_of
+from dercmd.protocols.ocpp import CONNECTOR_ID, REMOTE_TRIGGER, SUBPROTOCOL, SUPPORTED_FEATURE_PROFILES, WS_PATH, profiles_of
 from dercmd.settings import Settings
 
 from . import metrics
@@ -122,6 +137,13 @@ class _Link(ChargePoint):
     async def on_remote_stop(self, transaction_id: int, call_unique_id: str, **_: Any) -> Any:
         return await self.sim.remote_stop(self, transaction_id, call_unique_id)
 
+    @on(Action.trigger_message)
+    async def on_trigger_message(self, requested_message: str, connector_id: int | None = None, **_: Any) -> Any:
+        if requested_message != MessageTrigger.status_notification:
+            return call_result.TriggerMessage(status=TriggerMessageStatus.not_implemented)
+        self.sim.send_later(("status",))
+        return call_result.TriggerMessage(status=TriggerMessageStatus.accepted)
+
 
 class SimChargePoint:
     def __init__(self, entity: Entity, url: str, recorder: Recorder, faults: Faults, confirm_delay_s: float) -> None:
@@ -130,13 +152,15 @@ class SimChargePoint:
         self.recorder = recorder
         self.faults = faults
         self.confirm_delay_s = confirm_delay_s
-        self.profiles = profiles_of(entity.declared_types)
+        declared = profiles_of(entity.declared_types)
+        self.profiles = declared + [REMOTE_TRIGGER] if "Core" in declared else declared
         self.connected = asyncio.Event()
+        self.charging = False  # connector 1, as the charge point itself knows it
         self.transaction: int | None = None  # the running transaction's id, as the gateway gave it
-        self.starting: str | None = None  # the idTag of a start accepted, its StartTransaction not answered yet
-        self.stopping = False
+        self.ended: set[int] = set()  # transactions whose StopTransaction is on its way (or lost)
         self.meter_wh = 0
-        self._outbox: deque[Any] = deque()
+        #: ("start", idTag) | ("stop", transaction id or None: the running one, Reason) | ("status",)
+        self._outbox: deque[tuple[Any, ...]] = deque()
         self._wake = asyncio.Event()
         self._timers: set[asyncio.TimerHandle] = set()
 
@@ -168,9 +192,7 @@ class SimChargePoint:
             boot = await self._call(link, reader, call.BootNotification(
                 charge_point_model="dercmd-sim", charge_point_vendor=self.entity.vendor[:20]))
             interval = max(1, int(boot.interval))
-            status = ChargePointStatus.charging if self.transaction is not None else ChargePointStatus.available
-            await self._call(link, reader, call.StatusNotification(
-                connector_id=CONNECTOR_ID, error_code=ChargePointErrorCode.no_error, status=status, timestamp=_now()))
+            await self._call(link, reader, self._status())
             self.connected.set()
             while True:
                 await self._flush(link, reader)
@@ -200,10 +222,32 @@ class SimChargePoint:
             raise ConnectionError("connection closed during a call")
         return calling.result()
 
+    def _status(self) -> Any:
+        status = ChargePointStatus.charging if self.charging else ChargePointStatus.available
+        return call.StatusNotification(connector_id=CONNECTOR_ID, error_code=ChargePointErrorCode.no_error, status=status,
+                                       timestamp=_now())
+
+    def _message(self, item: tuple[Any, ...]) -> Any:
+        """The CALL an outbox entry is now (None: nothing left to say)."""
+        if item[0] == "start":
+            return call.StartTransaction(connector_id=CONNECTOR_ID, id_tag=item[1], meter_start=self.meter_wh, timestamp=_now())
+        if item[0] == "stop":
+            transaction = item[1]
+            if transaction is None:  # the running one: its start's answer came in meanwhile
+                transaction = self.transaction if self.transaction not in self.ended else None
+                if transaction is None:
+                    return None  # its start was never told (lost): neither is its stop
+                self.ended.add(transaction)
+            return call.StopTransaction(meter_stop=self.meter_wh, timestamp=_now(), transaction_id=transaction, reason=item[2])
+        return self._status()
+
     async def _flush(self, link: _Link, reader: asyncio.Future[None]) -> None:
-        """Send the transaction messages waiting, in order; each leaves the outbox once answered."""
+        """Send what waits in the outbox, in order; each entry leaves once answered."""
         while self._outbox:
-            message = self._outbox[0]
+            message = self._message(self._outbox[0])
+            if message is None:
+                self._outbox.popleft()
+                continue
             try:
                 answer = await self._call(link, reader, message)
             except OCPPError as exc:  # the gateway could not take it now: again in a moment
@@ -213,15 +257,13 @@ class SimChargePoint:
             self._outbox.popleft()
             if isinstance(message, call.StartTransaction):
                 self.transaction = int(answer.transaction_id)
-                self.starting = None
             elif isinstance(message, call.StopTransaction) and self.transaction == message.transaction_id:
                 self.transaction = None
-                self.stopping = False
 
-    def _send_later(self, message: Any) -> None:
+    def send_later(self, item: tuple[Any, ...]) -> None:
         def put() -> None:
             self._timers.discard(handle)
-            self._outbox.append(message)
+            self._outbox.append(item)
             self._wake.set()
 
         handle = asyncio.get_running_loop().call_later(self.confirm_delay_s, put)
@@ -235,31 +277,34 @@ class SimChargePoint:
 
     async def remote_start(self, link: _Link, id_tag: str, connector_id: int, message_id: str) -> Any:
         fault = self._draw()
-        if self.transaction is not None or self.starting is not None:
-            return call_result.RemoteStartTransaction(status=RemoteStartStopStatus.rejected)
         if fault is not None and fault.kind is FaultKind.LATENCY:
             await asyncio.sleep(fault.latency_s)
         self._record(message_id, CommandType.START_CHARGING)
-        lost = fault is not None and fault.kind is FaultKind.LOSE_CALLBACK
-        if not lost:
-            self.starting = id_tag
+        messages: list[tuple[Any, ...]] = []
+        if self.charging:  # the newest command wins: the running transaction ends first
+            messages.append(("stop", self._end(), Reason.other))
+        self.charging = True
         self.meter_wh += 1000
-        message = call.StartTransaction(connector_id=connector_id, id_tag=id_tag, meter_start=self.meter_wh, timestamp=_now())
-        return await self._acted(link, fault, message, call_result.RemoteStartTransaction(status=RemoteStartStopStatus.accepted))
+        messages.append(("start", id_tag))
+        return await self._acted(link, fault, messages, call_result.RemoteStartTransaction(status=RemoteStartStopStatus.accepted))
 
     async def remote_stop(self, link: _Link, transaction_id: int, message_id: str) -> Any:
         fault = self._draw()
-        if self.transaction is None or transaction_id != self.transaction or self.stopping:
+        if not self.charging or transaction_id != self.transaction or transaction_id in self.ended:
             return call_result.RemoteStopTransaction(status=RemoteStartStopStatus.rejected)
         if fault is not None and fault.kind is FaultKind.LATENCY:
             await asyncio.sleep(fault.latency_s)
         self._record(message_id, CommandType.STOP_CHARGING)
-        if fault is not None and fault.kind is FaultKind.LOSE_CALLBACK:
-            self.transaction = None  # stopped, and never says so
-        else:
-            self.stopping = True
-        message = call.StopTransaction(meter_stop=self.meter_wh, timestamp=_now(), transaction_id=transaction_id, reason=Reason.remote)
-        return await self._acted(link, fault, message, call_result.RemoteStopTransaction(status=RemoteStartStopStatus.accepted))
+        self.charging = False
+        self.meter_wh += 1000
+        messages = [("stop", self._end(), Reason.remote)]
+        return await self._acted(link, fault, messages, call_result.RemoteStopTransaction(status=RemoteStartStopStatus.accepted))
+
+    def _end(self) -> int | None:
+        """The running transaction ends (its id, None while its start is unanswered)."""
+        if self.transaction is not None:
+            self.ended.add(self.transaction)
+        return self.transaction
 
     def _draw(self) -> Fault | None:
         """The call's fault; one that comes before acting is raised as the CALLERROR."""
@@ -274,17 +319,18 @@ class SimChargePoint:
         metrics.RECEIVED.labels(NAME).inc()
         self.recorder.record(self.entity.id, NAME, message_id, type.value, None, utcnow())
 
-    async def _acted(self, link: _Link, fault: Fault | None, message: Any, answer: Any) -> Any:
-        """The charge point acted: its transaction message follows (unless lost), and the
+    async def _acted(self, link: _Link, fault: Fault | None, messages: list[tuple[Any, ...]], answer: Any) -> Any:
+        """The charge point acted: its transaction messages follow (unless lost), and the
         answer comes as the fault has it."""
         kind = fault.kind if fault is not None else None
         if kind is FaultKind.LOSE_CALLBACK:
             return answer
         if kind is FaultKind.DROP_CONNECTION:
-            self._outbox.append(message)  # sent after the next boot
+            self._outbox.extend(messages)  # sent after the next boot
             await link._connection.close()
             await asyncio.Event().wait()  # never answers; cancelled with the session
-        self._send_later(message)
+        for message in messages:
+            self.send_later(message)
         if kind is FaultKind.TIMEOUT_AFTER_ACT:
             assert fault is not None
             await asyncio.sleep(fault.hang_s)

@@ -22,6 +22,14 @@ replica that holds a charge point's connection over HTTP (the replica records it
            502 call_error               any other CALLERROR: it could not take the message
            504 no_answer | connection_closed   sent, and no answer came: it may have acted
 
+    POST {gateway}/internal/v1/charge-points/{chargePointId}/outcomes
+        body GatewayOutcomesQuery {"commandIds": [...]}: commands the charge point accepted
+        and sent no transaction message for yet
+        -> 200 GatewayFindings {"findings": [{"commandId", "finding", "message"?}, ...]}: the
+           gateway reads the charge point back (TriggerMessage(StatusNotification) on connector
+           1, where it declared RemoteTrigger): a start it accepted whose connector now charges,
+           or a stop whose connector no longer does, SUCCEEDED; else PENDING
+
 The result is the charge point's transaction message (StartTransaction for a start,
 StopTransaction for a stop); the gateway POSTs it to ``resultUrl`` as :class:`OcppResults`,
 each result with the ``token`` dispatch gave with the command.
@@ -44,6 +52,7 @@ SUBPROTOCOL = "ocpp1.6"
 #: Where a charge point connects on the gateway (followed by its id).
 WS_PATH = "/ocpp"
 COMMANDS_PATH = "/internal/v1/charge-points/{charge_point_id}/commands"
+OUTCOMES_PATH = "/internal/v1/charge-points/{charge_point_id}/outcomes"
 #: The only connector dercmd starts a transaction on.
 CONNECTOR_ID = 1
 #: OCPP 1.6's IdToken is CiString20; a CALL's message id at most 36 characters.
@@ -57,6 +66,12 @@ PROFILE_OF: dict[CommandType, str] = {
     CommandType.STOP_CHARGING: "Core",
 }
 SUPPORTED_FEATURE_PROFILES = "SupportedFeatureProfiles"
+#: The profile of TriggerMessage, by which the gateway reads a charge point's connector back.
+REMOTE_TRIGGER = "RemoteTrigger"
+#: Connector statuses of a running transaction.
+CHARGING_STATUSES = frozenset({"Charging", "SuspendedEV", "SuspendedEVSE"})
+#: Connector statuses with no transaction.
+IDLE_STATUSES = frozenset({"Available", "Preparing", "Finishing"})
 
 
 def id_tag(command_id: str) -> str:
@@ -102,6 +117,20 @@ class GatewayError(Wire):
     key: str
     message: str = ""
     retry_after_s: float | None = None
+
+
+class GatewayOutcomesQuery(Wire):
+    command_ids: list[str] = Field(min_length=1)
+
+
+class GatewayFinding(Wire):
+    command_id: str
+    finding: Literal["SUCCEEDED", "PENDING"]
+    message: str | None = None
+
+
+class GatewayFindings(Wire):
+    findings: list[GatewayFinding]
 
 
 class OcppResult(Wire):

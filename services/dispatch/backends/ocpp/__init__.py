@@ -9,10 +9,11 @@ RemoteStopTransaction of the transaction the charge point runs. The charge point
 ``Accepted`` makes the command Sent (:attr:`Confirmation.ASYNC`): its transaction message
 (StartTransaction carrying the idTag, StopTransaction of that transaction) is the result, which
 the gateway POSTs to ``/callbacks/ocpp`` (this package's route on dispatch's server) with the
-token dispatch gave. ``Rejected`` is a refusal; no connection anywhere, or a CALLERROR before
-the charge point acted, is not delivered; a call that got no answer is unknown, and
-:meth:`OcppBackend.outcomes` reads what the gateway recorded of the charge point's transaction
-messages since.
+token dispatch gave. ``Rejected`` is a refusal, and so is a charge point that never connected
+(unknown, as a vendor's 404); one that connected before and is not connected now, or a
+CALLERROR before the charge point acted, is not delivered; a call that got no answer is
+unknown, and :meth:`OcppBackend.outcomes` says what became of it from what the gateway recorded
+(and, for a command accepted without a transaction message, from the charge point read back).
 """
 
 from __future__ import annotations
@@ -28,7 +29,18 @@ from pydantic import Field, ValidationError
 from pydantic_settings import SettingsConfigDict
 
 from dercmd import redis_keys
-from dercmd.protocols.ocpp import COMMANDS_PATH, PROFILE_OF, GatewayAnswer, GatewayCommand, GatewayError, OcppResults, id_tag
+from dercmd.protocols.ocpp import (
+    COMMANDS_PATH,
+    OUTCOMES_PATH,
+    PROFILE_OF,
+    GatewayAnswer,
+    GatewayCommand,
+    GatewayError,
+    GatewayFindings,
+    GatewayOutcomesQuery,
+    OcppResults,
+    id_tag,
+)
 from dercmd.settings import Settings
 
 from ..base import (
@@ -68,6 +80,9 @@ class OcppSettings(BackendSettings):
     heartbeat_interval_s: int = Field(
         60, ge=1, description="Heartbeat interval the gateway gives charge points at boot; a connection's Redis record expires after three missed."
     )
+    reconnect_wait_s: float = Field(
+        2.0, ge=0, description="How long a delivery waits for a charge point seen before to be connected and booted (a reconnect after a dropped connection) before it counts as not delivered."
+    )
     gateway_url: str = Field(
         "", description="The URL at which dispatch reaches this gateway replica, recorded for each charge point it holds; empty: http://{bind_host}:{ocpp_gateway_port}."
     )
@@ -93,6 +108,7 @@ class OcppBackend:
     def __init__(self, context: BackendContext, settings: OcppSettings, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
         """``transport`` replaces the network under the calls to the gateway (tests)."""
         self._redis = context.redis
+        self._reconnect_wait_s = settings.reconnect_wait_s
         self._result_url = context.callback_base_url.rstrip("/") + CALLBACK_PATH
         self._http = httpx.AsyncClient(
             timeout=settings.http_timeout_s, transport=transport,
@@ -113,10 +129,11 @@ class OcppBackend:
             async with asyncio.timeout(redis_keys.CALL_TIMEOUT_S):
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for d in deliveries:
-                        pipe.hget(redis_keys.ocpp_link(d.entity.id), "url")
-                    urls = await pipe.execute()
+                        pipe.hget(redis_keys.ocpp_link(d.entity.id), "url").exists(redis_keys.ocpp_seen(d.entity.id))
+                    replies = await pipe.execute()
         except Exception as exc:  # nothing was sent
             raise NotDelivered("gateway_lookup_failed", repr(exc)) from exc
+        urls, seen = replies[0::2], replies[1::2]
         answers: list[Accepted | BackendError | None] = [None] * len(deliveries)
         by_entity: dict[str, list[int]] = defaultdict(list)
         for i, d in enumerate(deliveries):
@@ -124,18 +141,38 @@ class OcppBackend:
 
         async def one_charge_point(positions: list[int]) -> None:
             for i in positions:
-                url = urls[i]
-                answers[i] = await self._deliver(deliveries[i], url.decode() if isinstance(url, bytes) else url)
+                answers[i] = await self._deliver(deliveries[i], _text(urls[i]), bool(seen[i]))
 
         await asyncio.gather(*(one_charge_point(p) for p in by_entity.values()))
         return [a for a in answers if a is not None]
 
-    async def _deliver(self, delivery: Delivery, gateway: str | None) -> Accepted | BackendError:
+    async def _deliver(self, delivery: Delivery, gateway: str | None, seen: bool) -> Accepted | BackendError:
+        """One command. A charge point seen before that is reconnecting (no link yet, or not
+        booted on its new connection) is waited for a little: it usually is back within a
+        second, and the command goes then rather than after dispatch's backoff."""
         order = delivery.order
         if order.type not in self.supported_types:
             return Refused("command_not_supported", f"OCPP carries no {order.type}")
-        if not gateway:
-            return NotDelivered("not_connected", f"charge point {delivery.entity.device_id} is connected to no gateway")
+        if not gateway and not seen:
+            return Refused("unknown_device", f"charge point {delivery.entity.device_id} has never connected")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._reconnect_wait_s
+        while True:
+            answer: Accepted | BackendError = NotDelivered("not_connected", f"charge point {delivery.entity.device_id} is connected to no gateway")
+            if gateway:
+                answer = await self._post(delivery, gateway)
+            reconnecting = isinstance(answer, NotDelivered) and answer.reason in ("not_connected", "booting")
+            if not reconnecting or loop.time() >= deadline:
+                return answer
+            await asyncio.sleep(0.05)
+            try:
+                async with asyncio.timeout(redis_keys.CALL_TIMEOUT_S):
+                    gateway = _text(await self._redis.hget(redis_keys.ocpp_link(delivery.entity.id), "url"))
+            except Exception:
+                return answer
+
+    async def _post(self, delivery: Delivery, gateway: str) -> Accepted | BackendError:
+        order = delivery.order
         tag = id_tag(order.command_id)
         body = GatewayCommand(command_id=order.command_id, type=order.type, id_tag=tag, token=delivery.token, result_url=self._result_url)
         try:
@@ -151,20 +188,57 @@ class OcppBackend:
 
     async def outcomes(self, queries: Sequence[Query]) -> list[CommandOutcome]:
         """What the gateway recorded of each command: its transaction message came
-        (SUCCEEDED), the charge point accepted it and sent none yet (PENDING), rejected it
-        (FAILED), or nothing came of it (UNKNOWN: no record, or a call never answered)."""
+        (SUCCEEDED); it was sent and no answer came (PENDING: the charge point may have acted,
+        so it must not be sent again); the charge point rejected it (FAILED); it never left, or
+        the charge point answered a CALLERROR, or there is no record (UNKNOWN: safe to send).
+        One the charge point accepted without a transaction message yet is read back by the
+        gateway holding it (PENDING where it cannot say)."""
         out: list[CommandOutcome] = []
-        try:
-            for start in range(0, len(queries), OUTCOMES_PER_CALL):
+        for start in range(0, len(queries), OUTCOMES_PER_CALL):
+            chunk = queries[start : start + OUTCOMES_PER_CALL]
+            try:
                 async with asyncio.timeout(redis_keys.CALL_TIMEOUT_S):
                     async with self._redis.pipeline(transaction=False) as pipe:
-                        for q in queries[start : start + OUTCOMES_PER_CALL]:
+                        for q in chunk:
                             pipe.hget(redis_keys.ocpp_command(q.entity.id, q.command_id), "state")
-                        states = await pipe.execute()
-                out += [_outcome(s.decode() if isinstance(s, bytes) else s) for s in states]
-        except Exception as exc:
-            raise NotDelivered("outcome_lookup_failed", repr(exc)) from exc
+                            pipe.hget(redis_keys.ocpp_link(q.entity.id), "url")
+                        replies = await pipe.execute()
+            except Exception as exc:
+                raise NotDelivered("outcome_lookup_failed", repr(exc)) from exc
+            states, urls = [_text(r) for r in replies[0::2]], [_text(r) for r in replies[1::2]]
+            found = [_outcome(s) for s in states]
+            # Accepted, no transaction message: ask the charge point itself, one call per charge point.
+            asking: dict[tuple[str, str], list[int]] = defaultdict(list)
+            for i, (q, state, url) in enumerate(zip(chunk, states, urls, strict=True)):
+                if state == "accepted" and url:
+                    asking[(url, q.entity.device_id)].append(i)
+            read = await asyncio.gather(*(self._read_back(url, cp, [chunk[i].command_id for i in positions])
+                                          for (url, cp), positions in asking.items()))
+            for positions, findings in zip(asking.values(), read, strict=True):
+                for i, finding in zip(positions, findings, strict=True):
+                    if finding is not None:
+                        found[i] = finding
+            out += found
         return out
+
+    async def _read_back(self, gateway: str, charge_point_id: str, command_ids: list[str]) -> list[CommandOutcome | None]:
+        """The gateway's findings for one charge point's commands (None each where it cannot say)."""
+        try:
+            response = await self._http.post(
+                gateway + OUTCOMES_PATH.format(charge_point_id=charge_point_id),
+                content=GatewayOutcomesQuery(command_ids=command_ids).dump(), headers={"content-type": "application/json"},
+            )
+            if response.status_code == 200:
+                findings = GatewayFindings.model_validate_json(response.content).findings
+                if len(findings) == len(command_ids):
+                    return [CommandOutcome(Finding(f.finding), f.message) for f in findings]
+        except (httpx.HTTPError, ValidationError):
+            pass
+        return [None] * len(command_ids)
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _outcome(state: str | None) -> CommandOutcome:
@@ -172,6 +246,8 @@ def _outcome(state: str | None) -> CommandOutcome:
         return CommandOutcome(Finding.SUCCEEDED)
     if state == "accepted":
         return CommandOutcome(Finding.PENDING, "accepted, no transaction message yet")
+    if state == "sending":
+        return CommandOutcome(Finding.PENDING, "sent and never answered: the charge point may have it")
     if state == "rejected":
         return CommandOutcome(Finding.FAILED, "the charge point rejected it")
     return CommandOutcome(Finding.UNKNOWN, f"gateway record: {state or 'none'}")
