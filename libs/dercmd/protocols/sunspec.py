@@ -359,7 +359,7 @@ def _unit_keyword() -> str:
     return "device_id" if "device_id" in parameters else "slave"
 
 
-_UNIT = _unit_keyword()
+UNIT_KEYWORD = _unit_keyword()
 
 
 class ModbusConnection:
@@ -394,12 +394,12 @@ class ModbusConnection:
         self._lost.clear()
 
     async def read(self, unit: int, address: int, count: int) -> list[int]:
-        response = await self._request(self._client.read_holding_registers(address, count=count, **{_UNIT: unit}),
+        response = await self._request(self._client.read_holding_registers(address, count=count, **{UNIT_KEYWORD: unit}),
                                        f"read {count} at {address} of unit {unit}")
         return list(response.registers)
 
     async def write(self, unit: int, address: int, values: Sequence[int]) -> None:
-        await self._request(self._client.write_registers(address, list(values), **{_UNIT: unit}),
+        await self._request(self._client.write_registers(address, list(values), **{UNIT_KEYWORD: unit}),
                             f"write {len(values)} at {address} of unit {unit}")
 
     async def _request(self, call: Awaitable[object], what: str) -> object:
