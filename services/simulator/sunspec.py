@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import struct
 from datetime import timedelta
 
@@ -45,7 +44,6 @@ from .devices import NOMINAL_W, SimDevice, measures
 from .faults import FaultKind, Faults
 from .recorder import Recorder
 
-log = logging.getLogger(__name__)
 
 BACKEND = "sunspec-modbus"
 BASE = 40000
