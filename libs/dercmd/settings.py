@@ -74,6 +74,19 @@ class Settings(BaseSettings):
     dispatch_concurrency: int = Field(
         16, ge=1, description="dispatch: backend calls in flight at once, per backend (deliveries in flight <= this x the batch)."
     )
+    dispatch_retry_for_s: float = Field(
+        30.0, gt=0, description="dispatch: how long after a command was due it is sent again when the backend did not take it (never after a window's end); then Failed."
+    )
+    dispatch_retry_base_ms: int = Field(
+        200, ge=1, description="dispatch: first backoff before sending again, ms; it doubles per attempt (full jitter), up to the max."
+    )
+    dispatch_retry_max_ms: int = Field(5000, ge=1, description="dispatch: longest backoff between two attempts, ms.")
+    dispatch_breaker_failures: int = Field(
+        5, ge=1, description="dispatch: calls to one backend failing as a whole in a row that open its circuit (no calls for a while)."
+    )
+    dispatch_breaker_open_s: float = Field(
+        10.0, gt=0, description="dispatch: how long an open circuit stays open before one trial call."
+    )
     due_tick_ms: int = Field(
         50, ge=1, description="arbitration: how often each replica polls the due-index for scheduled starts and window ends, ms."
     )

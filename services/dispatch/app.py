@@ -21,12 +21,12 @@ Measurement reports (periodic, and the extra one after a window starts or ends) 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Sequence
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -45,6 +45,7 @@ from dercmd.settings import Settings
 from . import backends, metrics
 from .delivery import Deliveries, Key, Outcome
 from .reports import REPORTS_PATH, Reports
+from .resilience import CircuitBreaker, RateLimiter, RetryPolicy
 from .tokens import ResultTokens
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,9 @@ class Dispatcher:
         self.clock = SharedClock(service.redis)
         self._backends: dict[str, backends.DeviceBackend] = {}
         self._calls: dict[str, asyncio.Semaphore] = {}
+        self._guards: dict[str, _Guard] = {}
+        self._retry = RetryPolicy(service.settings.dispatch_retry_for_s, service.settings.dispatch_retry_base_ms / 1000,
+                                  service.settings.dispatch_retry_max_ms / 1000)
         self.tokens = ResultTokens(service.settings.callback_secret)
         #: Per entity, the delivery work that last took one of its commands: a later command
         #: of the entity is sent only after it. Entries leave when their work is done.
@@ -120,6 +124,11 @@ class Dispatcher:
                 return None
             self._backends[name] = backend
             self._calls[name] = asyncio.Semaphore(self._settings.dispatch_concurrency)
+            own = backends.registered()[name].settings()
+            self._guards[name] = _Guard(
+                RateLimiter(self.context.redis, name, own.rate_per_s, own.burst),
+                CircuitBreaker(name, self._settings.dispatch_breaker_failures, self._settings.dispatch_breaker_open_s),
+            )
         return self._backends[name]
 
     async def aclose(self) -> None:
@@ -190,6 +199,10 @@ class Dispatcher:
         take each as far as it goes: sent, concluded, or resumed from an earlier attempt. A
         task cancelled before this point leaves its orders unclaimed for the next attempt.
 
+        What the backend did not take is claimed and sent again after a backoff, until its
+        deadline; what it may have taken (no answer) is asked about, and sent again only if the
+        backend says it never got it. The entity's later commands wait for all of that.
+
         Only the claim and the backend call hold one of the backend's call slots: recording
         the outcomes (Redis, then the broker's acks) happens after, so the slots carry calls."""
         unique = _first_of_each(orders)
@@ -197,28 +210,76 @@ class Dispatcher:
             # The same order twice in one call (a redelivered copy): the first one speaks for both.
             metrics.ORDERS.labels("redelivered").inc(len(orders) - len(unique))
             orders = unique
-        try:
-            async with self._calls[backend.name] if backend is not None else contextlib.nullcontext():
-                accepted, failed, resumed = await self._claim_and_send(orders, backend)
-        finally:
+        attempt = 0
+        while orders:
+            try:
+                result = await self._attempt(orders, backend)
+            finally:
+                if sending is not None:
+                    sending.done()  # sent (or failed to): the others need not wait for it
             if sending is not None:
-                sending.done()  # sent (or failed to): the others need not wait for it
-        if sending is not None:
-            await sending.wait()
-            self._sending = {t: c for t, c in self._sending.items() if not c.finished}
-        # From here on every step is idempotent, so a failed dependency is simply retried:
-        # nothing may leave a delivered command without its outcome.
-        await retrying(lambda: self._record(accepted, failed, resumed), "dispatch results")
-        if accepted and backend is not None:
-            self.reports.delivered(backend.name, [o for o, _ in accepted])
+                await sending.wait()
+                self._sending = {t: c for t, c in self._sending.items() if not c.finished}
+                sending = None
+            # From here on every step is idempotent, so a failed dependency is simply retried:
+            # nothing may leave a delivered command without its outcome.
+            await retrying(lambda: self._record(result.accepted, result.failed, result.resumed), "dispatch results")
+            if result.accepted and backend is not None:
+                self.reports.delivered(backend.name, [o for o, _ in result.accepted])
+            if backend is None or not result.again:
+                return
+            orders = await self._again(backend, result.again, attempt)
+            attempt += 1
 
-    async def _claim_and_send(self, orders: list[DispatchOrderV1], backend: backends.DeviceBackend | None
-                              ) -> tuple[list[tuple[DispatchOrderV1, backends.Accepted]], list[tuple[DispatchOrderV1, Outcome]],
-                                         list[tuple[DispatchOrderV1, str]]]:
+    async def _attempt(self, orders: list[DispatchOrderV1], backend: backends.DeviceBackend | None) -> _Attempt:
+        """One claim and call, within the backend's rate limit, circuit and call slots."""
+        if backend is None:
+            return await self._claim_and_send(orders, None)
+        guard = self._guards[backend.name]
+        await guard.limiter.acquire()
+        if not guard.breaker.allow():
+            # Nothing is claimed: the orders wait for the circuit like any not delivered.
+            error = backends.NotDelivered("circuit_open", f"{backend.name} failed repeatedly; calls paused")
+            return _Attempt(again=[(o, error) for o in orders])
+        async with self._calls[backend.name]:
+            return await self._claim_and_send(orders, backend)
+
+    async def _again(self, backend: backends.DeviceBackend, again: list[tuple[DispatchOrderV1, backends.BackendError]],
+                     attempt: int) -> list[DispatchOrderV1]:
+        """The orders to send again, after the backoff; those past their deadline end Failed."""
+        now = self.clock.now()
+        retry_after = max((e.retry_after_s or 0.0 for _, e in again if isinstance(e, backends.NotDelivered)), default=0.0)
+        wait_s = self._retry.backoff_s(attempt, retry_after)
+        late = [(o, e) for o, e in again if self._retry.deadline(o) < now + timedelta(seconds=wait_s)]
+        if late:
+            await self._give_up(late)
+        late_ids = {o.command_id for o, _ in late}
+        keep = [o for o, _ in again if o.command_id not in late_ids]
+        for _, error in again:
+            metrics.RETRIES.labels(backend.name, error.reason).inc()
+        if keep:
+            log.info("sending again", extra={"backend": backend.name, "commands": len(keep), "wait_s": round(wait_s, 3),
+                                             "command_ids": [o.command_id for o in keep][:20]})
+            await asyncio.sleep(wait_s)
+        return keep
+
+    async def _give_up(self, late: list[tuple[DispatchOrderV1, backends.BackendError]]) -> None:
+        """Orders not delivered by their deadline end Failed. Each is claimed first (unless
+        a newer command made it stale), so that a redelivered copy finds it done and is never
+        sent after its Failed."""
+        claims = await retrying(lambda: self._deliveries.claim_many([(_key(o), o.fence, False) for o, _ in late]), "dispatch claims")
+        failed = [(o, Outcome(CommandStatus.FAILED, e.reason, f"not delivered by its deadline: {e.detail}"))
+                  for (o, e), claim in zip(late, claims, strict=True) if claim == "claimed"]
+        resumed = [(o, claim) for (o, _), claim in zip(late, claims, strict=True) if claim not in ("claimed", "stale")]
+        metrics.ORDERS.labels("failed").inc(len(failed))
+        await retrying(lambda: self._record([], failed, resumed), "dispatch results")
+
+    async def _claim_and_send(self, orders: list[DispatchOrderV1], backend: backends.DeviceBackend | None) -> _Attempt:
         claims = await retrying(lambda: self._deliveries.claim_many([(_key(o), o.fence, o.end_at is not None) for o in orders]),
                                 "dispatch claims")
         claimed: list[DispatchOrderV1] = []
-        resumed: list[tuple[DispatchOrderV1, str]] = []
+        result = _Attempt()
+        unknown: list[DispatchOrderV1] = []
         for order, claim in zip(orders, claims, strict=True):
             if claim == "stale":
                 # A newer command took the slot before this one was claimed; arbitration has
@@ -226,58 +287,128 @@ class Dispatcher:
                 metrics.ORDERS.labels("stale").inc()
             elif claim == "claimed":
                 claimed.append(order)
+            elif claim == "inflight" and backend is not None:
+                # An attempt died during the backend call (a crash, a stop): the device may or
+                # may not have it, so it is asked about, never sent blindly.
+                metrics.ORDERS.labels("redelivered").inc()
+                unknown.append(order)
             else:
                 # Seen before (redelivery): never call the backend again; carry on from what
                 # the recorded state proves.
                 metrics.ORDERS.labels("redelivered").inc()
-                resumed.append((order, claim))
-        accepted: list[tuple[DispatchOrderV1, backends.Accepted]] = []
-        failed: list[tuple[DispatchOrderV1, Outcome]] = []
+                result.resumed.append((order, claim))
         if backend is None:
             for order in claimed:
                 entity = self._fleet.entity(order.entity_id)
                 detail = f"no backend {entity.backend!r} in this deployment" if entity else "entity not in the fleet"
-                failed.append((order, Outcome(CommandStatus.FAILED, "backend_not_available", detail)))
-            metrics.ORDERS.labels("failed").inc(len(failed))
-        elif claimed:
-            accepted, failed = await self._send(backend, claimed)
-        return accepted, failed, resumed
+                result.failed.append((order, Outcome(CommandStatus.FAILED, "backend_not_available", detail)))
+            metrics.ORDERS.labels("failed").inc(len(result.failed))
+            return result
+        if claimed:
+            await self._send(backend, claimed, result)
+        if unknown:
+            await self._resolve(backend, [(o, backends.DeliveryUnknown("delivery_unknown", "dispatch stopped during the call"))
+                                          for o in unknown], result)
+        return result
 
-    async def _send(self, backend: backends.DeviceBackend, orders: list[DispatchOrderV1]
-                    ) -> tuple[list[tuple[DispatchOrderV1, backends.Accepted]], list[tuple[DispatchOrderV1, Outcome]]]:
-        """One backend call: what it accepted, and what failed with why."""
-        chunk = [backends.Delivery(o, self._fleet.entities[o.entity_id], self.tokens.token(o.entity_id, o.command_id)) for o in orders]
+    def _delivery(self, order: DispatchOrderV1) -> backends.Delivery:
+        return backends.Delivery(order, self._fleet.entities[order.entity_id], self.tokens.token(order.entity_id, order.command_id))
+
+    async def _send(self, backend: backends.DeviceBackend, orders: list[DispatchOrderV1], result: _Attempt) -> None:
+        """One backend call; its answers sorted into ``result``."""
+        chunk = [self._delivery(o) for o in orders]
         answers: list[backends.Accepted | backends.BackendError]
         started = time.perf_counter()
+        whole: backends.BackendError | None = None
         try:
             answers = await backend.send(chunk)
             if len(answers) != len(chunk):
                 raise RuntimeError(f"{backend.name} answered {len(answers)} of {len(chunk)} deliveries")
         except backends.BackendError as exc:
+            whole = exc
             answers = [exc] * len(chunk)
         except Exception as exc:  # a backend bug: whether the devices got them is unknown
             log.exception("backend failed unexpectedly", extra={"backend": backend.name, "deliveries": len(chunk)})
-            answers = [backends.DeliveryUnknown("delivery_unknown", repr(exc))] * len(chunk)
+            whole = backends.DeliveryUnknown("delivery_unknown", repr(exc))
+            answers = [whole] * len(chunk)
         finally:
             metrics.BACKEND_SECONDS.labels(backend.name).observe(time.perf_counter() - started)
-        accepted: list[tuple[DispatchOrderV1, backends.Accepted]] = []
-        failed: list[tuple[DispatchOrderV1, Outcome]] = []
+        guard = self._guards[backend.name]
+        guard.breaker.record(whole is None or isinstance(whole, backends.Refused))
+        if isinstance(whole, backends.NotDelivered) and whole.retry_after_s:
+            await retrying(lambda: guard.limiter.pause(whole.retry_after_s or 0.0), "dispatch rate limit")
+        not_delivered: list[tuple[DispatchOrderV1, backends.BackendError]] = []
+        unknown: list[tuple[DispatchOrderV1, backends.BackendError]] = []
         now = utcnow()
         for order, answer in zip(orders, answers, strict=True):
             if isinstance(answer, backends.Accepted):
-                accepted.append((order, answer))
+                result.accepted.append((order, answer))
                 metrics.ACCEPT_TO_SENT_SECONDS.observe((now - order.accepted_at).total_seconds())
+            elif isinstance(answer, backends.NotDelivered):
+                not_delivered.append((order, answer))
+            elif isinstance(answer, backends.DeliveryUnknown):
+                unknown.append((order, answer))
             else:
-                # Retries with backoff come with the retry policy; today one attempt decides.
-                failed.append((order, Outcome(CommandStatus.FAILED, answer.reason, answer.detail)))
+                result.failed.append((order, Outcome(CommandStatus.FAILED, answer.reason, answer.detail)))
                 log.warning("backend refused", extra={"command_id": order.command_id, "entity_id": order.entity_id,
                                                       "reason": answer.reason, "detail": answer.detail})
-        metrics.BACKEND_CALLS.labels(backend.name, "accepted").inc(len(accepted))
-        metrics.ORDERS.labels("sent").inc(len(accepted))
-        if failed:
-            metrics.BACKEND_CALLS.labels(backend.name, "error").inc(len(failed))
-            metrics.ORDERS.labels("failed").inc(len(failed))
-        return accepted, failed
+        for label, count in (("accepted", len(result.accepted)), ("not_delivered", len(not_delivered)),
+                             ("unknown", len(unknown)), ("refused", len(result.failed))):
+            if count:
+                metrics.BACKEND_CALLS.labels(backend.name, label).inc(count)
+        metrics.ORDERS.labels("sent").inc(len(result.accepted))
+        metrics.ORDERS.labels("failed").inc(len(result.failed))
+        if not_delivered:
+            await self._not_taken(not_delivered, result)
+        if unknown:
+            log.warning("delivery unknown", extra={"backend": backend.name, "error": unknown[0][1].detail,
+                                                   "command_ids": [o.command_id for o, _ in unknown][:20]})
+            await self._resolve(backend, unknown, result)
+
+    async def _not_taken(self, orders: list[tuple[DispatchOrderV1, backends.BackendError]], result: _Attempt) -> None:
+        """The backend did not take these: they may be claimed and sent again."""
+        states = await retrying(lambda: self._deliveries.retry_many([_key(o) for o, _ in orders]), "dispatch retries")
+        for (order, error), state in zip(orders, states, strict=True):
+            if state == "retry":
+                result.again.append((order, error))
+            else:  # a result came meanwhile (it was delivered after all): carry on from it
+                result.resumed.append((order, state))
+
+    async def _resolve(self, backend: backends.DeviceBackend, orders: list[tuple[DispatchOrderV1, backends.BackendError]],
+                       result: _Attempt) -> None:
+        """Deliveries whose fate is unknown: the backend is asked (it reads the device back where
+        its protocol can). Delivered: on as if it had answered; never received: sent again;
+        the backend cannot say: ``Failed: delivery_unknown`` (never sent blindly again)."""
+        findings: list[backends.CommandOutcome | None]
+        if isinstance(backend, backends.OutcomeQueries):
+            try:
+                asked = await backend.outcomes([backends.Query(self._fleet.entities[o.entity_id], o.command_id, o) for o, _ in orders])
+                if len(asked) != len(orders):
+                    raise RuntimeError(f"{backend.name} answered {len(asked)} of {len(orders)} queries")
+                findings = list(asked)
+            except Exception as exc:  # a BackendError, or a bug: either way it cannot say now
+                log.warning("outcome query failed", extra={"backend": backend.name, "error": repr(exc)})
+                findings = [None] * len(orders)
+        else:
+            findings = [None] * len(orders)
+        never: list[tuple[DispatchOrderV1, backends.BackendError]] = []
+        found: list[tuple[tuple[str, str], Outcome]] = []
+        for (order, error), finding in zip(orders, findings, strict=True):
+            if finding is None:
+                metrics.UNKNOWN_DELIVERIES.labels(backend.name, "unresolved").inc()
+                result.failed.append((order, Outcome(CommandStatus.FAILED, "delivery_unknown", error.detail)))
+            elif finding.finding is backends.Finding.UNKNOWN:
+                metrics.UNKNOWN_DELIVERIES.labels(backend.name, "never_received").inc()
+                never.append((order, backends.NotDelivered("delivery_unknown", f"{backend.name} never got it: {error.detail}")))
+            else:
+                metrics.UNKNOWN_DELIVERIES.labels(backend.name, "delivered").inc()
+                result.accepted.append((order, backends.Accepted(backends.Confirmation.ASYNC)))
+                if finding.finding is not backends.Finding.PENDING:
+                    found.append((_key(order), device_result(finding.finding is backends.Finding.SUCCEEDED, finding.message)))
+        if found:  # held as the result until Sent is out (the state is still inflight)
+            await retrying(lambda: self._deliveries.result_many(found), "dispatch results")
+        if never:
+            await self._not_taken(never, result)
 
     async def _record(self, accepted: list[tuple[DispatchOrderV1, backends.Accepted]],
                       failed: list[tuple[DispatchOrderV1, Outcome]], resumed: list[tuple[DispatchOrderV1, str]]) -> None:
@@ -298,8 +429,7 @@ class Dispatcher:
         repeat: Records = []
         for order, state in orders:
             if state == "inflight":
-                # An attempt died during the backend call: the device may or may not have it,
-                # and at most once forbids asking again.
+                # An attempt died during the backend call and no backend here can be asked.
                 conclude.append((order, Outcome(CommandStatus.FAILED, "delivery_unknown", "dispatch stopped during the backend call")))
             elif state == "accepted":
                 sent.append(_order_status(order, SENT))
@@ -438,6 +568,23 @@ def _count_check(check: DeliveryCheckV1, outcome: Outcome) -> None:
 
 
 O = TypeVar("O", DispatchOrderV1, DeliveryCheckV1)
+
+
+@dataclass(frozen=True, slots=True)
+class _Guard:
+    limiter: RateLimiter
+    breaker: CircuitBreaker
+
+
+@dataclass
+class _Attempt:
+    """Where one attempt left its orders: accepted by the backend, concluded, resumed from a
+    recorded state, or to be sent again (with the error that says why)."""
+
+    accepted: list[tuple[DispatchOrderV1, backends.Accepted]] = field(default_factory=list)
+    failed: list[tuple[DispatchOrderV1, Outcome]] = field(default_factory=list)
+    resumed: list[tuple[DispatchOrderV1, str]] = field(default_factory=list)
+    again: list[tuple[DispatchOrderV1, backends.BackendError]] = field(default_factory=list)
 
 
 class _Countdown:

@@ -17,18 +17,28 @@
 --   result   ARGV[2]=outcome (a callback)      -> "emit" (Sent is out: publish the result)
 --                                               | "deferred" (the sender publishes it after Sent)
 --                                               | the existing state
+--   retry    ARGV[2]=command id                -> "retry" if the state was "inflight" (the backend did
+--            not take it: it may be claimed again), else the state. The slot forgets that
+--            this command reached the device, and what the device holds is what it held before
 --   finish   ARGV[2]=outcome (after it is published) -> "done"
 --   peek                                       -> the state, changing nothing (a delivery check)
 -- States: inflight -> accepted -> sent -> done:<o>; a result during inflight/accepted is kept
--- as result:<o> until the sender has published Sent.
+-- as result:<o> until the sender has published Sent; inflight -> retry -> (claim) inflight
+-- for a command the backend did not take.
 local op = ARGV[1]
 local state = redis.call('GET', KEYS[2])
 if op == 'claim' then
-  if state then return state end
+  if state and state ~= 'retry' then return state end
   local active_fence = tonumber(redis.call('HGET', KEYS[1], 'active_fence')) or 0
   if tonumber(ARGV[2]) < active_fence then return 'stale' end
   redis.call('SET', KEYS[2], 'inflight', 'EX', tonumber(ARGV[3]))
   redis.call('HSET', KEYS[1], 'delivered', ARGV[4])
+  local held = redis.call('HGET', KEYS[1], 'held')
+  if held and held ~= ARGV[4] then
+    redis.call('HSET', KEYS[1], 'held_before', held)  -- restored if this one does not get through
+  elseif not held then
+    redis.call('HDEL', KEYS[1], 'held_before')
+  end
   if ARGV[5] == '1' then
     redis.call('HSET', KEYS[1], 'held', ARGV[4])
   else
@@ -54,6 +64,18 @@ elseif op == 'result' then
     return 'deferred'
   end
   return state
+elseif op == 'retry' then
+  if state ~= 'inflight' then return state end
+  redis.call('SET', KEYS[2], 'retry', 'KEEPTTL')
+  if redis.call('HGET', KEYS[1], 'delivered') == ARGV[2] then
+    redis.call('HDEL', KEYS[1], 'delivered')
+    local held = redis.call('HGET', KEYS[1], 'held')
+    if not held or held == ARGV[2] then
+      local before = redis.call('HGET', KEYS[1], 'held_before')
+      if before then redis.call('HSET', KEYS[1], 'held', before) else redis.call('HDEL', KEYS[1], 'held') end
+    end
+  end
+  return 'retry'
 elseif op == 'finish' then
   redis.call('SET', KEYS[2], 'done:' .. ARGV[2], 'KEEPTTL')
   return 'done'

@@ -64,6 +64,11 @@ class Deliveries:
         it; accepted -> sent: Sent is on the topic."""
         return await self._call_many([(key, ("advance", from_state, to_state)) for key in keys])
 
+    async def retry_many(self, keys: Sequence[Key]) -> list[str]:
+        """Commands the backend did not take (inflight -> retry): they may be claimed again; the
+        state found otherwise."""
+        return await self._call_many([(key, ("retry", key[1])) for key in keys])
+
     async def result_many(self, results: Sequence[tuple[Key, Outcome]]) -> list[str]:
         """A backend's asynchronous results: "emit" (Sent is out: publish it), "deferred" (the
         sender publishes it after Sent), "missing", or the state found."""

@@ -1,6 +1,6 @@
 """dispatch's metrics, all of them."""
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from dercmd.metrics import LATENCY_BUCKETS
 
@@ -44,4 +44,23 @@ REPORTS_REFUSED = Counter(
 )
 REPORT_SUBSCRIPTION_ERRORS = Counter(
     "dercmd_dispatch_report_subscription_errors_total", "Failed attempts to subscribe to a backend's reports, by backend.", ["backend"]
+)
+RETRIES = Counter(
+    "dercmd_dispatch_retries_total", "Deliveries sent again after the backend did not take them, by backend and reason.",
+    ["backend", "reason"],
+)
+UNKNOWN_DELIVERIES = Counter(
+    "dercmd_dispatch_unknown_deliveries_total",
+    "Deliveries whose fate was unknown (no answer after sending), by backend and how they were resolved: "
+    "delivered / never_received (sent again) / unresolved (Failed: delivery_unknown).",
+    ["backend", "resolution"],
+)
+RATE_LIMITED_SECONDS = Counter(
+    "dercmd_dispatch_rate_limited_seconds_total", "Time calls waited for a backend's rate limit or Retry-After, by backend.", ["backend"]
+)
+CIRCUIT_STATE = Gauge(
+    "dercmd_dispatch_circuit_state", "Circuit breaker per backend: 0 closed, 1 half-open, 2 open (this replica).", ["backend"]
+)
+CIRCUIT_TRANSITIONS = Counter(
+    "dercmd_dispatch_circuit_transitions_total", "Circuit breaker state changes, by backend and new state.", ["backend", "state"]
 )

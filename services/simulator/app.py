@@ -86,7 +86,7 @@ def create_app(settings: Settings, *, callback_transport: httpx.AsyncBaseTranspo
         raise HTTPException(404, f"no measuring device {entity_id}")
 
     @app.put("/sim/vendor-cloud/faults", tags=["sim"])
-    async def faults(body: FaultsBody) -> Any:
+    async def vendor_cloud_faults(body: FaultsBody) -> Any:
         """Hold the vendor cloud's results back (``commands:status`` says PENDING; setting it
         false again reports them at once) or lose them (decided, never POSTed)."""
         if body.lose_results is not None:

@@ -1,0 +1,148 @@
+"""What keeps dispatch from hammering a backend that cannot take more, and brings a command that
+was not delivered back for another attempt:
+
+- :class:`RateLimiter`: a token bucket per backend in Redis, so the rate holds over every
+  dispatch replica, and a pause every replica honours once a backend answered 429 with
+  ``Retry-After``.
+- :class:`CircuitBreaker`: per backend and replica; after ``failures`` calls in a row that
+  failed as a whole it opens (no calls for ``open_s``), then lets one trial call through
+  (half-open), and closes on its success. Its state is a metric.
+- :class:`RetryPolicy`: exponential backoff with full jitter, never past a command's deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from datetime import datetime, timedelta
+from enum import IntEnum
+
+import redis.asyncio as aioredis
+
+from dercmd.events import DispatchOrderV1
+from dercmd.scripts import Script
+
+from . import metrics
+
+# KEYS[1] the backend's bucket. ARGV[1] "take" | "pause", ARGV[2] rate per s, ARGV[3] burst,
+# ARGV[4] (pause) ms. -> ms to wait before calling (0: call now).
+_BUCKET = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local paused = tonumber(redis.call('HGET', KEYS[1], 'paused_until')) or 0
+if ARGV[1] == 'pause' then
+  local untill = now + tonumber(ARGV[4])
+  if untill > paused then redis.call('HSET', KEYS[1], 'paused_until', untill) end
+  redis.call('PEXPIRE', KEYS[1], math.max(60000, untill - now + 1000))
+  return 0
+end
+if now < paused then return paused - now end
+local rate = tonumber(ARGV[2])
+if rate <= 0 then return 0 end
+local burst = tonumber(ARGV[3])
+local tokens = tonumber(redis.call('HGET', KEYS[1], 'tokens')) or burst
+local at = tonumber(redis.call('HGET', KEYS[1], 'at')) or now
+tokens = math.min(burst, tokens + (now - at) * rate / 1000)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = math.ceil((1 - tokens) * 1000 / rate) end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', now)
+redis.call('PEXPIRE', KEYS[1], 60000)
+return wait
+"""
+
+
+def _bucket_key(backend: str) -> str:
+    return f"dercmd:rate:{{{backend}}}"
+
+
+class RateLimiter:
+    def __init__(self, redis: aioredis.Redis, backend: str, rate_per_s: float, burst: int) -> None:
+        self._script = Script(redis, _BUCKET)
+        self._key = _bucket_key(backend)
+        self._backend = backend
+        self._rate = rate_per_s
+        self._burst = burst
+
+    async def acquire(self) -> None:
+        """Wait until a call to the backend may go."""
+        while (wait_ms := int((await self._script.run_many([([self._key], ("take", self._rate, self._burst))]))[0])) > 0:
+            metrics.RATE_LIMITED_SECONDS.labels(self._backend).inc(wait_ms / 1000)
+            await asyncio.sleep(wait_ms / 1000)
+
+    async def pause(self, seconds: float) -> None:
+        """The backend asked every caller to wait (429 ``Retry-After``)."""
+        await self._script.run_many([([self._key], ("pause", self._rate, self._burst, int(seconds * 1000)))])
+
+
+class Circuit(IntEnum):
+    CLOSED = 0
+    HALF_OPEN = 1
+    OPEN = 2
+
+
+class CircuitBreaker:
+    def __init__(self, backend: str, failures: int, open_s: float) -> None:
+        self._backend = backend
+        self._threshold = failures
+        self._open_s = open_s
+        self._failures = 0
+        self._opened_at = 0.0
+        self._trial = False  # a half-open trial call is out
+        self.state = Circuit.CLOSED
+        metrics.CIRCUIT_STATE.labels(backend).set(0)
+
+    def _set(self, state: Circuit) -> None:
+        if state is not self.state:
+            metrics.CIRCUIT_TRANSITIONS.labels(self._backend, state.name.lower()).inc()
+        self.state = state
+        metrics.CIRCUIT_STATE.labels(self._backend).set(int(state))
+
+    def allow(self) -> bool:
+        """Whether a call may go now (an open circuit lets one trial through after ``open_s``)."""
+        if self.state is Circuit.OPEN and time.monotonic() - self._opened_at >= self._open_s:
+            self._set(Circuit.HALF_OPEN)
+            self._trial = False
+        if self.state is Circuit.HALF_OPEN:
+            if self._trial:
+                return False
+            self._trial = True
+            return True
+        return self.state is Circuit.CLOSED
+
+    def reopens_in(self) -> float:
+        return max(0.0, self._open_s - (time.monotonic() - self._opened_at)) if self.state is Circuit.OPEN else 0.0
+
+    def record(self, ok: bool) -> None:
+        """A call's fate: it reached the backend (``ok``, whatever the devices said) or failed as
+        a whole (no connection, 5xx, no answer)."""
+        if ok:
+            self._failures = 0
+            self._trial = False
+            self._set(Circuit.CLOSED)
+            return
+        self._failures += 1
+        if self.state is Circuit.HALF_OPEN or self._failures >= self._threshold:
+            self._opened_at = time.monotonic()
+            self._trial = False
+            self._set(Circuit.OPEN)
+
+
+class RetryPolicy:
+    def __init__(self, retry_for_s: float, base_s: float, max_s: float, rng: random.Random | None = None) -> None:
+        self._retry_for = timedelta(seconds=retry_for_s)
+        self._base_s = base_s
+        self._max_s = max_s
+        self._random = rng or random.Random()
+
+    def deadline(self, order: DispatchOrderV1) -> datetime:
+        """The last moment to try delivering: ``retry_for_s`` after it was due, and never after
+        its window's end."""
+        deadline = (order.not_before or order.ordered_at) + self._retry_for
+        return min(deadline, order.end_at) if order.end_at is not None else deadline
+
+    def backoff_s(self, attempt: int, retry_after_s: float | None = None) -> float:
+        """Wait before attempt ``attempt + 1``: full jitter over an exponential ceiling, at least
+        what the backend asked for."""
+        ceiling = min(self._max_s, self._base_s * 2**attempt)
+        return max(retry_after_s or 0.0, self._random.uniform(0, ceiling))
