@@ -24,6 +24,7 @@ from .backend import SimBackend
 from .faults import FaultPlan, Faults
 from .native_window import NativeWindowSim
 from .recorder import Recorder
+from .sunspec import SunSpecSim
 from .vendor_cloud import VendorCloudSim
 
 
@@ -49,11 +50,13 @@ def create_app(settings: Settings, *, callback_transport: httpx.AsyncBaseTranspo
     )
     native_window = NativeWindowSim(fleet, recorder, NativeWindowSettings().token, interval_s, transport=callback_transport,
                                     faults=faults)
-    backends: tuple[SimBackend, ...] = (vendor_cloud, native_window)
+    sunspec = SunSpecSim(fleet, recorder, faults, settings.bind_host, settings.sim_modbus_port)
+    backends: tuple[SimBackend | SunSpecSim, ...] = (vendor_cloud, native_window, sunspec)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gc.freeze()  # the fleet lives as long as the process: no full GC passes over it
+        await sunspec.start()
         yield
         for backend in backends:
             await backend.aclose()
@@ -63,6 +66,7 @@ def create_app(settings: Settings, *, callback_transport: httpx.AsyncBaseTranspo
     app.state.faults = faults
     app.state.vendor_cloud = vendor_cloud
     app.state.native_window = native_window
+    app.state.sunspec = sunspec
     for backend in backends:
         app.include_router(backend.router)
 
