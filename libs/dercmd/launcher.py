@@ -75,7 +75,7 @@ def isolated_env(*, redis_url: str, database_url: str, fleet_file: str | Path, *
     """``DERCMD_*`` settings for a stack beside any other on this machine: an embedded broker
     and every service on free ports, the given Redis database, ledger and fleet, and the local
     simulator as the vendor cloud. ``settings`` adds more (``cooldown_s="0"``, ...)."""
-    kafka, api, arbitration, dispatch, status, simulator, ocpp_gateway = (str(p) for p in free_ports(7))
+    kafka, api, arbitration, dispatch, status, simulator, modbus, ocpp_gateway = (str(p) for p in free_ports(8))
     env = {
         "DERCMD_KAFKA_BOOTSTRAP": "",  # the embedded broker, as under `make run`
         "DERCMD_EMBEDDED_KAFKA_PORT": kafka,
@@ -87,10 +87,13 @@ def isolated_env(*, redis_url: str, database_url: str, fleet_file: str | Path, *
         "DERCMD_DISPATCH_PORT": dispatch,
         "DERCMD_STATUS_PORT": status,
         "DERCMD_SIMULATOR_PORT": simulator,
+        "DERCMD_SIM_MODBUS_PORT": modbus,
         "DERCMD_OCPP_GATEWAY_PORT": ocpp_gateway,
         "DERCMD_DISPATCH_CALLBACK_URL": "",
         "DERCMD_VENDOR_CLOUD_URL": "",
         "DERCMD_NATIVE_WINDOW_URL": "",
+        "DERCMD_SUNSPEC_MODBUS_HOST": "",
+        "DERCMD_SUNSPEC_MODBUS_PORT": "0",
         "DERCMD_OCPP_GATEWAY_URL": "",
     }
     return env | {f"DERCMD_{name.upper()}": value for name, value in settings.items()}

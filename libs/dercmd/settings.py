@@ -45,6 +45,9 @@ class Settings(BaseSettings):
         "dercmd-dev-callback-secret",
         description="Key of the HMAC in the token dispatch hands a backend with each command, which authenticates its result (shared by all dispatch replicas; set your own).",
     )
+    sim_modbus_port: int = Field(
+        8502, description="simulator: Modbus TCP port of the simulated SunSpec inverters (every sunspec-modbus entity a unit id)."
+    )
     sim_confirm_delay_ms: int = Field(
         5, description="simulator: how long a simulated device takes to confirm a command, ms."
     )

@@ -26,6 +26,7 @@ from .faults import FaultPlan, Faults
 from .native_window import NativeWindowSim
 from .ocpp import OcppChargePoints, gateway_ws_url
 from .recorder import Recorder
+from .sunspec import SunSpecSim
 from .vendor_cloud import VendorCloudSim
 
 
@@ -51,12 +52,14 @@ def create_app(settings: Settings, *, callback_transport: httpx.AsyncBaseTranspo
     )
     native_window = NativeWindowSim(fleet, recorder, NativeWindowSettings().token, interval_s, transport=callback_transport,
                                     faults=faults)
-    backends: tuple[SimBackend, ...] = (vendor_cloud, native_window)
+    sunspec = SunSpecSim(fleet, recorder, faults, settings.bind_host, settings.sim_modbus_port)
+    backends: tuple[SimBackend | SunSpecSim, ...] = (vendor_cloud, native_window, sunspec)
     charge_points = OcppChargePoints(fleet, recorder, faults, gateway_ws_url(settings, OcppSettings()), settings.sim_confirm_delay_ms / 1000)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gc.freeze()  # the fleet lives as long as the process: no full GC passes over it
+        await sunspec.start()
         charge_points.start()
         yield
         await charge_points.aclose()
@@ -69,6 +72,7 @@ def create_app(settings: Settings, *, callback_transport: httpx.AsyncBaseTranspo
     app.state.vendor_cloud = vendor_cloud
     app.state.native_window = native_window
     app.state.charge_points = charge_points
+    app.state.sunspec = sunspec
     for backend in backends:
         app.include_router(backend.router)
 
@@ -88,7 +92,7 @@ def create_app(settings: Settings, *, callback_transport: httpx.AsyncBaseTranspo
         raise HTTPException(404, f"no measuring device {entity_id}")
 
     @app.put("/sim/vendor-cloud/faults", tags=["sim"])
-    async def faults(body: FaultsBody) -> Any:
+    async def vendor_cloud_faults(body: FaultsBody) -> Any:
         """Hold the vendor cloud's results back (``commands:status`` says PENDING; setting it
         false again reports them at once) or lose them (decided, never POSTed)."""
         if body.lose_results is not None:

@@ -14,6 +14,11 @@ Phases, in order:
    its revert.
 5. The bare relay (:mod:`.relay`), ``--relay aiokafka`` (default) or ``faust``.
 
+``--faults P``: the simulator injects faults (every kind of :mod:`dercmd.simulator.faults`) on
+a share P of calls from the start; the table then says how many commands a device got twice
+and how many ended with a status that disagrees with what the device got (Succeeded but never
+received, or Failed / Canceled although received).
+
 Every figure depends on this machine and whatever else runs on it: indicative only.
 """
 
@@ -56,6 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=10_000, help="window phase: inverters in one window (default 10,000; 0 skips)")
     p.add_argument("--window-lead", type=float, default=15, help="window phase: startAt this many s after the first request (default 15)")
     p.add_argument("--window-length", type=float, default=10, help="window phase: endAt - startAt, s (default 10)")
+    p.add_argument("--mix", type=fleetgen.parse_mix, default={},
+                   help="entities on other backends, e.g. 'ocpp=500,sunspec-modbus=200,ev-aggregator=500,native-window=500' (the rest: vendor-cloud)")
+    p.add_argument("--faults", type=float, default=0.0, help="share of simulator calls with an injected fault (default 0)")
     p.add_argument("--relay", choices=relay.KINDS, default="aiokafka", help="bare relay hops: aiokafka getmany or faust take()")
     p.add_argument("--relay-records", type=int, default=None, help="records through the relay (default: the burst size)")
     p.add_argument("--skip-relay", action="store_true")
@@ -90,6 +98,9 @@ def _stack(args: argparse.Namespace, work: Path) -> Stack:
         # window phase) would load the stack beside them. The extra report after a window's
         # start and end is still asked and published.
         sim_report_interval_s="0",
+        # Under injected faults, results the simulator lost are found by the sweeper's delivery
+        # checks: sooner than the default 2 minutes, so the run ends sooner.
+        **({"deadline_sent_s": "15", "sweep_interval_s": "2"} if args.faults > 0 else {}),
     )
     return Stack(env=env, log_dir=work / "logs")
 
@@ -131,6 +142,11 @@ async def _phases(stack: Stack, args: argparse.Namespace, ids: list[str], result
         mem = await redismem.measure(_db_url(args.redis_url, args.redis_mem_db), fleet, list(fleet.entities))
         results["redis"] = vars(mem)
 
+    if args.faults > 0:
+        async with httpx.AsyncClient(base_url=stack.url("simulator"), timeout=10) as http:
+            plan = {"probability": args.faults, "latencyMs": 500, "retryAfterS": 1, "hangS": 8}
+            (await http.put("/sim/faults", json=plan)).raise_for_status()
+        print(f"bench: the simulator injects faults on {args.faults:.0%} of calls", flush=True)
     watcher = StatusWatcher(bootstrap)
     await watcher.start()
     load: KafkaLoad | RestLoad = KafkaLoad(bootstrap) if args.mode == "kafka" else RestLoad(stack.url("intake"), args.concurrency)
@@ -163,25 +179,8 @@ async def _phases(stack: Stack, args: argparse.Namespace, ids: list[str], result
             # after the devices are done), so the figure is for the offered rate alone
             await _caught_up(stack, deadline_s=args.timeout)
             n = int(args.rate * args.latency_seconds)
-            commands = [(new_command_id("lat", i), ids[i % len(ids)]) for i in range(n)]
-            print(f"bench: latency, {args.rate:,.0f} commands/s for {args.latency_seconds:.0f} s ...", flush=True)
-            if isinstance(load, KafkaLoad):
-                offered_l = await load.paced(commands, args.rate, args.step_ms / 1000)
-            else:
-                offered_l = await load.paced([e for _, e in commands], args.rate, args.step_ms / 1000)
-            await watcher.wait_terminal(list(offered_l.produced_at), args.timeout)
-            latency = _summarise_commands(offered_l, watcher)
-            latency["rate_offered"] = args.rate
-            spread = max(offered_l.produced_at.values(), default=0) - min(offered_l.produced_at.values(), default=0)
-            latency["rate_achieved"] = (len(offered_l.produced_at) - 1) / spread if spread > 0 else None
-
-            got = await receipts(stack.url("simulator"))
-            first_receipt = {c: min(times) for c, times in got.items()}
-            to_device = _latencies(offered_l, first_receipt)
-            latency["to_device_s"] = {p: percentile(to_device, p) for p in (50, 95, 99)}
-            latency["device_receipts"] = len(to_device)
-            results["latency"] = latency
-            results["device_duplicates"] = sum(len(t) - 1 for t in got.values())
+            if n > 0:
+                await _latency(stack, args, ids, n, load, watcher, results)
 
             # -- window
             if args.window > 0:
@@ -190,8 +189,56 @@ async def _phases(stack: Stack, args: argparse.Namespace, ids: list[str], result
                 w = await window.run(stack.url("intake"), stack.url("simulator"), fleetgen.pv_ids(args.window),
                                      args.window_lead, args.window_length, deadline_s=args.timeout)
                 results["window"] = vars(w)
+            got = await receipts(stack.url("simulator"))
+            results["device_duplicates"] = sum(len(t) - 1 for t in got.values())
+            results["untruthful"] = _untruthful(watcher, got)
+            results["dispatch"] = await _dispatch_counts(stack)
     finally:
         await watcher.stop()
+
+
+def _untruthful(watcher: StatusWatcher, got: dict[str, list[float]]) -> dict[str, int]:
+    """Commands whose terminal status disagrees with what the devices got."""
+    succeeded_unreceived = sum(1 for c, (s, _) in watcher.terminal.items() if s == "Succeeded" and c not in got)
+    ended_but_received = sum(1 for c, (s, _) in watcher.terminal.items() if s in ("Failed", "Canceled") and c in got)
+    return {"succeeded_not_received": succeeded_unreceived, "failed_or_canceled_but_received": ended_but_received}
+
+
+async def _dispatch_counts(stack: Stack) -> dict[str, float]:
+    """What dispatch did beyond sending once: its retry, unknown-delivery and check counters."""
+    async with httpx.AsyncClient(timeout=5) as http:
+        text = (await http.get(f"{stack.url('dispatch')}/metrics")).text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        for family in ("dercmd_dispatch_retries_total", "dercmd_dispatch_unknown_deliveries_total",
+                       "dercmd_dispatch_delivery_checks_total", "dercmd_dispatch_circuit_transitions_total"):
+            if line.startswith(family + "{"):
+                labels = line[len(family) + 1 : line.index("}")]
+                key = family.removeprefix("dercmd_dispatch_").removesuffix("_total") + "{" + labels + "}"
+                out[key] = float(line.split()[-1])
+    return out
+
+
+async def _latency(stack: Stack, args: argparse.Namespace, ids: list[str], n: int, load: KafkaLoad | RestLoad,
+                   watcher: StatusWatcher, results: dict[str, Any]) -> None:
+    commands = [(new_command_id("lat", i), ids[i % len(ids)]) for i in range(n)]
+    print(f"bench: latency, {args.rate:,.0f} commands/s for {args.latency_seconds:.0f} s ...", flush=True)
+    if isinstance(load, KafkaLoad):
+        offered_l = await load.paced(commands, args.rate, args.step_ms / 1000)
+    else:
+        offered_l = await load.paced([e for _, e in commands], args.rate, args.step_ms / 1000)
+    await watcher.wait_terminal(list(offered_l.produced_at), args.timeout)
+    latency = _summarise_commands(offered_l, watcher)
+    latency["rate_offered"] = args.rate
+    spread = max(offered_l.produced_at.values(), default=0) - min(offered_l.produced_at.values(), default=0)
+    latency["rate_achieved"] = (len(offered_l.produced_at) - 1) / spread if spread > 0 else None
+
+    got = await receipts(stack.url("simulator"))
+    first_receipt = {c: min(times) for c, times in got.items()}
+    to_device = _latencies(offered_l, first_receipt)
+    latency["to_device_s"] = {p: percentile(to_device, p) for p in (50, 95, 99)}
+    latency["device_receipts"] = len(to_device)
+    results["latency"] = latency
 
 
 async def _caught_up(stack: Stack, deadline_s: float) -> None:
@@ -221,7 +268,7 @@ def _rows(results: dict[str, Any], args: argparse.Namespace) -> list[tuple[str, 
     rows = [
         ("machine", f"{m['nproc']} CPUs ({m['cpu']}), {m['ram_gb']} GB RAM, Python {m['python']}"),
         ("commit", m["commit"]),
-        ("mode / fleet / ledger", f"{args.mode}, {args.entities:,} entities on vendor-cloud, {(args.database_url or 'sqlite').split(':')[0]}"),
+        ("mode / fleet / ledger", f"{args.mode}, {args.entities:,} entities ({_fleet_mix(args)}), {(args.database_url or 'sqlite').split(':')[0]}"),
     ]
     if b := results.get("burst"):
         rows += [
@@ -257,6 +304,13 @@ def _rows(results: dict[str, Any], args: argparse.Namespace) -> list[tuple[str, 
         ]
     if "device_duplicates" in results:
         rows.append(("devices that got a command twice", f"{results['device_duplicates']:,}"))
+    if u := results.get("untruthful"):
+        rows.append(("status disagrees with the device: Succeeded unreceived / Failed or Canceled received",
+                     f"{u['succeeded_not_received']:,} / {u['failed_or_canceled_but_received']:,}"))
+    for key, value in sorted(results.get("dispatch", {}).items()):
+        rows.append((f"dispatch: {key}", f"{value:,.0f}"))
+    if args.faults > 0:
+        rows.append(("faults injected on calls", f"{args.faults:.0%} (latency, 5xx, 429, timeout after acting, dropped, lost result)"))
     if r := results.get("relay"):
         rows.append((f"bare relay ({r['kind']}, {r['hops']} hops): records/s",
                      f"{per_s(r['records_per_s'])} ({r['arrived']:,}/{r['records']:,} arrived, {r['duplicates']:,} duplicates)"))
@@ -270,6 +324,11 @@ def _rows(results: dict[str, Any], args: argparse.Namespace) -> list[tuple[str, 
     return rows
 
 
+def _fleet_mix(args: argparse.Namespace) -> str:
+    shares = {"vendor-cloud": args.entities - sum(args.mix.values())} | args.mix
+    return ", ".join(f"{name} {count:,}" for name, count in shares.items())
+
+
 def _terminate(*_: object) -> None:
     raise KeyboardInterrupt
 
@@ -281,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     results: dict[str, Any] = {"machine": machine(), "options": {k: str(v) for k, v in vars(args).items()}}
     print(f"bench: work dir {work} (fleet, ledger, logs)", flush=True)
-    ids = fleetgen.write(work / "fleet.yaml", args.entities, pv=args.window)
+    ids = fleetgen.write(work / "fleet.yaml", args.entities, pv=args.window, mix=args.mix)
     try:
         redis.Redis.from_url(args.redis_url).flushdb()
     except redis.ConnectionError:
