@@ -344,15 +344,23 @@ class OcppChargePoints:
         self.by_entity = {
             e.id: SimChargePoint(e, url, recorder, faults, confirm_delay_s) for e in fleet.entities.values() if e.backend == NAME
         }
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[str, asyncio.Task[None]] = {}
 
     def start(self) -> None:
-        self._tasks = [asyncio.ensure_future(cp.run()) for cp in self.by_entity.values()]
+        self._tasks = {entity_id: asyncio.ensure_future(cp.run()) for entity_id, cp in self.by_entity.items()}
+
+    async def stop(self, entity_id: str) -> None:
+        """Switch one charge point off (tests): its connection closes, it stays away."""
+        task = self._tasks.pop(entity_id, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self.by_entity[entity_id].close()
 
     async def aclose(self) -> None:
-        for task in self._tasks:
+        for task in self._tasks.values():
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         for cp in self.by_entity.values():
             cp.close()
 

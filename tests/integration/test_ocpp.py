@@ -31,7 +31,7 @@ from dercmd.ocpp_gateway.app import add_routes
 from dercmd.ocpp_gateway.gateway import Gateway
 from dercmd.settings import Settings
 from dercmd.simulator.faults import FaultKind, FaultPlan, Faults
-from dercmd.simulator.ocpp import OcppChargePoints
+from dercmd.simulator.ocpp import OcppChargePoints, SimChargePoint
 from dercmd.simulator.recorder import Recorder
 
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
@@ -59,6 +59,7 @@ class Rig:
     redis: aioredis.Redis
     reported: list[backends.DeviceResult] = field(default_factory=list)
     tokens: ResultTokens = field(default_factory=lambda: ResultTokens("test-secret"))
+    dispatch: FastAPI = field(default_factory=FastAPI)
 
     def delivery(self, entity_id: str, type: CommandType, command_id: str | None = None) -> backends.Delivery:
         command_id = command_id or f"{type.value[:5].lower()}-{uuid.uuid4().hex[:16]}"
@@ -143,7 +144,7 @@ async def rig(redis_url: str) -> AsyncIterator[Rig]:
     sim.by_entity["cp-mute"].profiles = []
     del sim.by_entity["cp-offline"]
     sim.start()
-    rig = Rig(backend, gateway, sim, recorder, faults, redis, reported, tokens)
+    rig = Rig(backend, gateway, sim, recorder, faults, redis, reported, tokens, dispatch)
     try:
         await asyncio.wait_for(sim.connected(), 10)
         for entity_id in sim.by_entity:
@@ -244,6 +245,39 @@ async def test_the_link_follows_the_connection(rig: Rig) -> None:
     await until(reconnected)
     assert (await rig.redis.hgetall(redis_keys.ocpp_link("cp-4")))[b"conn"].decode() == rig.gateway.connections["cp-4"].id
     await rig.start_charging("cp-4")
+
+
+async def test_dispatch_reaches_the_replica_that_holds_the_charge_point(rig: Rig) -> None:
+    """cp-1 moves from replica A to replica B (rebooted on the way): the link follows it, and
+    commands and results go through B; replica A answers for cp-1 no more."""
+    await rig.start_charging("cp-1")
+    port = free_port()
+    other = Gateway(Settings(ocpp_gateway_port=port), rig.gateway.ocpp, rig.redis, FLEET,
+                    transport=httpx.ASGITransport(app=rig.dispatch))
+    app = FastAPI()
+    add_routes(app, other)
+    server, serving = await serve(app, port)
+    moved = SimChargePoint(FLEET.entities["cp-1"], f"ws://127.0.0.1:{port}/ocpp", rig.recorder, rig.faults, 0.005)
+    running = None
+    try:
+        await rig.sim.stop("cp-1")
+        await until(lambda: "cp-1" not in rig.gateway.connections)
+        running = asyncio.ensure_future(moved.run())
+        await until(lambda: "cp-1" in other.connections and other.connections["cp-1"].profiles is not None)
+        assert (await rig.redis.hget(redis_keys.ocpp_link("cp-1"), "url")).decode() == other.url != rig.gateway.url
+        start = await rig.start_charging("cp-1")  # the rebooted charge point was idle
+        stop = rig.delivery("cp-1", CommandType.STOP_CHARGING)
+        assert isinstance((await rig.send(stop))[0], backends.Accepted)
+        assert (await rig.result_of(stop.order.command_id)).succeeded
+        assert rig.received("cp-1")[-2:] == [(start.order.command_id, "StartCharging"), (stop.order.command_id, "StopCharging")]
+    finally:
+        if running is not None:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+        moved.close()
+        await other.aclose()
+        server.should_exit = True
+        await serving
 
 
 def plan(rig: Rig, entity_id: str, kind: FaultKind, **extra: Any) -> None:
