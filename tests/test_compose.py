@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-DERCMD_SERVICES = ["intake", "arbitration", "dispatch", "status", "ocpp-gateway", "simulator"]
+DERCMD_SERVICES = ["intake", "arbitration", "dispatch", "status", "ocpp_gateway", "simulator"]
 ALL_SERVICES = ["kafka", "redis", "postgres", "prometheus", "grafana", *DERCMD_SERVICES]
 
 
