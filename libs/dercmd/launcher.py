@@ -95,6 +95,7 @@ def isolated_env(*, redis_url: str, database_url: str, fleet_file: str | Path, *
         "DERCMD_SUNSPEC_MODBUS_HOST": "",
         "DERCMD_SUNSPEC_MODBUS_PORT": "0",
         "DERCMD_OCPP_GATEWAY_URL": "",
+        "DERCMD_EV_AGGREGATOR_URL": "",
     }
     return env | {f"DERCMD_{name.upper()}": value for name, value in settings.items()}
 

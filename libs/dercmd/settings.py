@@ -127,6 +127,9 @@ class Settings(BaseSettings):
     sim_report_interval_s: float = Field(
         60.0, ge=0, description="simulator: interval of every measuring device's periodic measurement report, seconds (0: none)."
     )
+    sim_token_ttl_s: int = Field(
+        3600, ge=1, description="simulator: lifetime of the OAuth2 access tokens the simulated EV aggregator issues, seconds (short: clients renew often)."
+    )
 
 
 @lru_cache

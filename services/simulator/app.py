@@ -15,13 +15,15 @@ from pydantic.alias_generators import to_camel
 
 from dercmd import metrics as metrics_lib
 from dercmd.events import utcnow
-from dercmd.fleet import Fleet
+from dercmd.dispatch.backends.ev_aggregator import EvAggregatorSettings
 from dercmd.dispatch.backends.native_window import NativeWindowSettings
 from dercmd.dispatch.backends.ocpp import OcppSettings
 from dercmd.dispatch.backends.vendor_cloud import VendorCloudSettings
+from dercmd.fleet import Fleet
 from dercmd.settings import Settings
 
 from .backend import SimBackend
+from .ev_aggregator import EvAggregatorSim
 from .faults import FaultPlan, Faults
 from .native_window import NativeWindowSim
 from .ocpp import OcppChargePoints, gateway_ws_url
@@ -40,8 +42,9 @@ class FaultsBody(BaseModel):
 
 def create_app(settings: Settings, *, callback_transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
     """``callback_transport`` replaces the network under what the simulator POSTs back:
-    results and reports (tests). Each simulated backend takes the token its dispatch backend
-    presents from that backend's settings (``DERCMD_VENDOR_CLOUD_TOKEN``, ...)."""
+    results, webhooks and reports (tests). Each simulated backend takes the credentials its
+    dispatch backend presents from that backend's settings (``DERCMD_VENDOR_CLOUD_TOKEN``,
+    ``DERCMD_EV_AGGREGATOR_CLIENT_SECRET``, ...)."""
     fleet = Fleet.load(settings.fleet_file)
     recorder = Recorder()
     faults = Faults()
@@ -53,8 +56,13 @@ def create_app(settings: Settings, *, callback_transport: httpx.AsyncBaseTranspo
     native_window = NativeWindowSim(fleet, recorder, NativeWindowSettings().token, interval_s, transport=callback_transport,
                                     faults=faults)
     sunspec = SunSpecSim(fleet, recorder, faults, settings.bind_host, settings.sim_modbus_port)
-    backends: tuple[SimBackend | SunSpecSim, ...] = (vendor_cloud, native_window, sunspec)
     charge_points = OcppChargePoints(fleet, recorder, faults, gateway_ws_url(settings, OcppSettings()), settings.sim_confirm_delay_ms / 1000)
+    ev_settings = EvAggregatorSettings()
+    ev_aggregator = EvAggregatorSim(
+        fleet, recorder, ev_settings.client_id, ev_settings.client_secret, settings.sim_confirm_delay_ms / 1000,
+        token_ttl_s=settings.sim_token_ttl_s, transport=callback_transport, faults=faults,
+    )
+    backends: tuple[SimBackend | SunSpecSim, ...] = (vendor_cloud, native_window, ev_aggregator, sunspec)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -73,6 +81,7 @@ def create_app(settings: Settings, *, callback_transport: httpx.AsyncBaseTranspo
     app.state.native_window = native_window
     app.state.charge_points = charge_points
     app.state.sunspec = sunspec
+    app.state.ev_aggregator = ev_aggregator
     for backend in backends:
         app.include_router(backend.router)
 

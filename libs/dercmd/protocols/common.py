@@ -24,7 +24,7 @@ due, so that a caller can tell whether asking for an extra one is worth it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal, TypeVar
@@ -37,6 +37,7 @@ MAX_REPORTS_PER_POST = 500
 MAX_REPORT_REQUEST = 1000
 
 W = TypeVar("W", bound="Wire")
+M = TypeVar("M", bound=BaseModel)
 
 
 class Wire(BaseModel):
@@ -127,15 +128,18 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
 
 
 class JsonClient:
-    """One backend's bulk REST API, over a pool of keep-alive connections, bearer-authenticated.
-    Subclasses name their error class; every failed call raises it."""
+    """One backend's REST API, over a pool of keep-alive connections, bearer-authenticated with
+    a fixed ``token`` (None: the subclass authenticates each call itself, e.g. with OAuth2
+    access tokens). Subclasses name their error class; every failed call raises it."""
 
     error: type[DeviceApiError] = DeviceApiError
 
-    def __init__(self, base_url: str, token: str, *, timeout_s: float = 5.0, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self, base_url: str, token: str | None, *, timeout_s: float = 5.0, transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
-            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+            headers={"Authorization": f"Bearer {token}"} if token is not None else {},
             timeout=timeout_s,
             transport=transport,
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
@@ -146,16 +150,31 @@ class JsonClient:
 
     async def call(self, path: str, body: Wire, answer: type[W]) -> W:
         """POST ``body``; the answer read as ``answer``."""
-        response = await self.request("POST", path, body)
+        return self.read(await self.request("POST", path, body), answer)
+
+    def read(self, response: httpx.Response, answer: type[M]) -> M:
+        """An answer's body as ``answer``; a body that is not one means nobody can say what
+        the call did (``unknown``)."""
         try:
             return answer.model_validate_json(response.content)
         except ValidationError as exc:
             raise self.error(f"malformed answer: {exc}", status=response.status_code, retriable=False, unknown=True) from exc
 
-    async def request(self, method: str, path: str, body: Wire, *, ok: int = 200) -> httpx.Response:
-        """One call that answered ``ok``, or :attr:`error`."""
+    async def request(
+        self, method: str, path: str, body: Wire | None = None, *, ok: int = 200, params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None, form: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        """One call that answered ``ok``, or :attr:`error`. ``body`` goes as JSON, ``form`` as
+        ``application/x-www-form-urlencoded`` (an OAuth2 token request); ``headers`` add to the
+        client's."""
+        request_headers = dict(headers or {})
+        if body is not None:
+            request_headers["Content-Type"] = "application/json"
         try:
-            response = await self._http.request(method, path, content=body.dump())
+            response = await self._http.request(
+                method, path, content=body.dump() if body is not None else None, data=form, params=params,
+                headers=request_headers,
+            )
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             # No connection, so the request never left.
             raise self.error(f"not sent: {exc!r}", retriable=True) from exc
