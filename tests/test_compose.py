@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-DERCMD_SERVICES = ["intake", "arbitration", "dispatch", "status", "simulator"]
+DERCMD_SERVICES = ["intake", "arbitration", "dispatch", "status", "ocpp_gateway", "simulator"]
 ALL_SERVICES = ["kafka", "redis", "postgres", "prometheus", "grafana", *DERCMD_SERVICES]
 
 
@@ -37,10 +37,14 @@ def test_prometheus_scrapes_every_dercmd_service() -> None:
 
 
 def test_compose_sets_only_settings_that_exist() -> None:
+    from dercmd.dispatch import backends
     from dercmd.settings import Settings
 
     services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
-    known = {f"DERCMD_{name.upper()}" for name in Settings.model_fields}
+    known = {f"DERCMD_{name.upper()}" for name in Settings.model_fields} | {
+        f"{r.settings.model_config.get('env_prefix', '')}{name.upper()}"
+        for r in backends.registered().values() for name in r.settings.model_fields
+    }
     for name in DERCMD_SERVICES:
         env = services[name]["environment"]
         unknown = {key for key in env if key.startswith("DERCMD_")} - known

@@ -32,7 +32,7 @@ import redis
 from .kafka import ensure_topics
 from .settings import Settings
 
-SERVICES = ("simulator", "status", "dispatch", "arbitration", "intake")
+SERVICES = ("simulator", "status", "dispatch", "ocpp_gateway", "arbitration", "intake")
 
 
 class LaunchError(RuntimeError):
@@ -75,7 +75,7 @@ def isolated_env(*, redis_url: str, database_url: str, fleet_file: str | Path, *
     """``DERCMD_*`` settings for a stack beside any other on this machine: an embedded broker
     and every service on free ports, the given Redis database, ledger and fleet, and the local
     simulator as the vendor cloud. ``settings`` adds more (``cooldown_s="0"``, ...)."""
-    kafka, api, arbitration, dispatch, status, simulator = (str(p) for p in free_ports(6))
+    kafka, api, arbitration, dispatch, status, simulator, modbus, ocpp_gateway = (str(p) for p in free_ports(8))
     env = {
         "DERCMD_KAFKA_BOOTSTRAP": "",  # the embedded broker, as under `make run`
         "DERCMD_EMBEDDED_KAFKA_PORT": kafka,
@@ -87,9 +87,14 @@ def isolated_env(*, redis_url: str, database_url: str, fleet_file: str | Path, *
         "DERCMD_DISPATCH_PORT": dispatch,
         "DERCMD_STATUS_PORT": status,
         "DERCMD_SIMULATOR_PORT": simulator,
+        "DERCMD_SIM_MODBUS_PORT": modbus,
+        "DERCMD_OCPP_GATEWAY_PORT": ocpp_gateway,
         "DERCMD_DISPATCH_CALLBACK_URL": "",
         "DERCMD_VENDOR_CLOUD_URL": "",
         "DERCMD_NATIVE_WINDOW_URL": "",
+        "DERCMD_SUNSPEC_MODBUS_HOST": "",
+        "DERCMD_SUNSPEC_MODBUS_PORT": "0",
+        "DERCMD_OCPP_GATEWAY_URL": "",
         "DERCMD_EV_AGGREGATOR_URL": "",
     }
     return env | {f"DERCMD_{name.upper()}": value for name, value in settings.items()}
@@ -115,6 +120,7 @@ def service_port(settings: Settings, service: str) -> int:
         "dispatch": settings.dispatch_port,
         "status": settings.status_port,
         "simulator": settings.simulator_port,
+        "ocpp_gateway": settings.ocpp_gateway_port,
     }[service]
 
 
@@ -213,7 +219,8 @@ class Stack:
         group); its process name, e.g. ``arbitration@8091``. Waits until it is healthy, which
         for a consumer means the group gave it partitions."""
         name = f"{service}@{port}"
-        setting = {"intake": "API", "arbitration": "ARBITRATION", "dispatch": "DISPATCH", "status": "STATUS"}[service]
+        setting = {"intake": "API", "arbitration": "ARBITRATION", "dispatch": "DISPATCH", "status": "STATUS",
+                   "ocpp_gateway": "OCPP_GATEWAY"}[service]
         self._spawn(name, [sys.executable, "-m", f"dercmd.{service}"], env={f"DERCMD_{setting}_PORT": str(port)})
         self.wait_healthy(name, url=f"http://{self.settings.bind_host}:{port}")
         return name
@@ -296,6 +303,7 @@ dercmd is running (Ctrl-C stops everything it started)
   Metrics        {api}/metrics  {stack.url('arbitration')}/metrics  {stack.url('dispatch')}/metrics
                  {stack.url('status')}/metrics  {stack.url('simulator')}/metrics
   Simulator      {stack.url('simulator')}/sim/devices/ev-1/received
+  OCPP gateway   ws://{s.bind_host}:{s.ocpp_gateway_port}/ocpp/<chargePointId> (subprotocol ocpp1.6)
 
 Send a command:
   curl -s -X POST {api}/v1/entities/ev-1/commands \\

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     dispatch_port: int = Field(8082, description="dispatch: /metrics, /health, vendor callbacks.")
     status_port: int = Field(8083, description="status: /metrics, /health.")
     simulator_port: int = Field(8090, description="simulator: vendor-cloud API, /sim/devices/{id}/received.")
+    ocpp_gateway_port: int = Field(
+        8084, description="ocpp_gateway: OCPP 1.6J charge points connect to ws://host:port/ocpp/{chargePointId}; dispatch's calls, /metrics, /health."
+    )
     dispatch_callback_url: str = Field(
         "",
         description="URL at which vendor backends reach dispatch (any replica takes any result; behind a load balancer, its address); empty: http://{bind_host}:{dispatch_port}.",
@@ -41,6 +44,9 @@ class Settings(BaseSettings):
     callback_secret: str = Field(
         "dercmd-dev-callback-secret",
         description="Key of the HMAC in the token dispatch hands a backend with each command, which authenticates its result (shared by all dispatch replicas; set your own).",
+    )
+    sim_modbus_port: int = Field(
+        8502, description="simulator: Modbus TCP port of the simulated SunSpec inverters (every sunspec-modbus entity a unit id)."
     )
     sim_confirm_delay_ms: int = Field(
         5, description="simulator: how long a simulated device takes to confirm a command, ms."

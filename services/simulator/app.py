@@ -15,17 +15,20 @@ from pydantic.alias_generators import to_camel
 
 from dercmd import metrics as metrics_lib
 from dercmd.events import utcnow
-from dercmd.fleet import Fleet
 from dercmd.dispatch.backends.ev_aggregator import EvAggregatorSettings
 from dercmd.dispatch.backends.native_window import NativeWindowSettings
+from dercmd.dispatch.backends.ocpp import OcppSettings
 from dercmd.dispatch.backends.vendor_cloud import VendorCloudSettings
+from dercmd.fleet import Fleet
 from dercmd.settings import Settings
 
 from .backend import SimBackend
 from .ev_aggregator import EvAggregatorSim
 from .faults import FaultPlan, Faults
 from .native_window import NativeWindowSim
+from .ocpp import OcppChargePoints, gateway_ws_url
 from .recorder import Recorder
+from .sunspec import SunSpecSim
 from .vendor_cloud import VendorCloudSim
 
 
@@ -52,17 +55,22 @@ def create_app(settings: Settings, *, callback_transport: httpx.AsyncBaseTranspo
     )
     native_window = NativeWindowSim(fleet, recorder, NativeWindowSettings().token, interval_s, transport=callback_transport,
                                     faults=faults)
+    sunspec = SunSpecSim(fleet, recorder, faults, settings.bind_host, settings.sim_modbus_port)
+    charge_points = OcppChargePoints(fleet, recorder, faults, gateway_ws_url(settings, OcppSettings()), settings.sim_confirm_delay_ms / 1000)
     ev_settings = EvAggregatorSettings()
     ev_aggregator = EvAggregatorSim(
         fleet, recorder, ev_settings.client_id, ev_settings.client_secret, settings.sim_confirm_delay_ms / 1000,
         token_ttl_s=settings.sim_token_ttl_s, transport=callback_transport, faults=faults,
     )
-    backends: tuple[SimBackend, ...] = (vendor_cloud, native_window, ev_aggregator)
+    backends: tuple[SimBackend | SunSpecSim, ...] = (vendor_cloud, native_window, ev_aggregator, sunspec)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gc.freeze()  # the fleet lives as long as the process: no full GC passes over it
+        await sunspec.start()
+        charge_points.start()
         yield
+        await charge_points.aclose()
         for backend in backends:
             await backend.aclose()
 
@@ -71,6 +79,8 @@ def create_app(settings: Settings, *, callback_transport: httpx.AsyncBaseTranspo
     app.state.faults = faults
     app.state.vendor_cloud = vendor_cloud
     app.state.native_window = native_window
+    app.state.charge_points = charge_points
+    app.state.sunspec = sunspec
     app.state.ev_aggregator = ev_aggregator
     for backend in backends:
         app.include_router(backend.router)

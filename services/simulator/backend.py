@@ -42,6 +42,11 @@ def drop_connection(request: Request) -> None:
     transport.close()
 
 
+def rate_limited(fault: Fault) -> Response:
+    return Response(dumps({"message": "rate limited (fault injected)"}), status_code=429, media_type="application/json",
+                    headers={"Retry-After": f"{fault.retry_after_s:g}"})
+
+
 async def before_answering(request: Request, fault: Fault | None) -> Response | None:
     """Apply a whole-call fault after the device acted: late, never, or no answer at all (the
     response to return then is the one nobody will read)."""

@@ -4,7 +4,10 @@ each command is stored on the device at once and answered 201, which is its conf
 (nothing comes later). A window limits the listed assets from ``startAt`` and lapses at
 ``endAt`` on its own: what the device reports follows it without anyone sending a revert.
 
-A device refuses (409) a command for an asset it does not have, or a window already over.
+A device refuses (409) a command for an asset it does not have, or a window already over. It
+says which commands it stored (``commands:status``: SUCCEEDED, or UNKNOWN). The per-device
+fault plans (:mod:`.faults`) apply as to the vendor cloud, but for ``lose_callback``: the
+answer is the confirmation, there is nothing later to lose.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ from fastapi import Request, Response
 
 from dercmd.events import utcnow
 from dercmd.fleet import Fleet
+from dercmd.protocols.common import StatusAnswer, StatusQuery
 from dercmd.protocols.native_window import NativeBatch, NativeBatchAnswer
 
-from .backend import SimBackend, json_response
-from .faults import Faults
+from .backend import SimBackend, before_answering, json_response, rate_limited
+from .faults import PER_COMMAND, FaultKind, Faults
 from .recorder import Recorder
 
 BACKEND = "native-window"
@@ -33,6 +37,11 @@ class NativeWindowSim(SimBackend):
         transport: httpx.AsyncBaseTransport | None = None, faults: Faults | None = None,
     ) -> None:
         super().__init__(fleet, recorder, token, report_interval_s, transport=transport, faults=faults)
+        self._stored: set[str] = set()
+        self.router.add_api_route(
+            "/commands:status", self.commands_status, methods=["POST"], response_model=None,
+            responses={200: {"model": StatusAnswer}, 400: {}, 401: {}}, summary="Which of up to 1000 commands a device stored",
+        )
         self.router.add_api_route(
             "/commands:batch",
             self.commands_batch,
@@ -47,12 +56,19 @@ class NativeWindowSim(SimBackend):
         batch = await self.read(request, NativeBatch)
         if isinstance(batch, Response):
             return batch
+        faulty = self.faults.active
+        call_fault = self.faults.draw_call([e.id for c in batch.commands if (e := self.devices.get(c.device_id))]) if faulty else None
+        if call_fault is not None and call_fault.kind is FaultKind.RATE_LIMITED:
+            return rate_limited(call_fault)
         now = utcnow()
         answers: list[dict[str, Any]] = []
         for command in batch.commands:
             entity = self.devices.get(command.device_id)
             if entity is None:
                 answers.append({"commandId": command.command_id, "status": 404, "message": f"unknown device {command.device_id}"})
+                continue
+            if faulty and (fault := self.faults.draw(entity.id, PER_COMMAND)) and fault.kind is FaultKind.ERROR_5XX:
+                answers.append({"commandId": command.command_id, "status": 503, "message": "device unreachable (fault injected)"})
                 continue
             state = self.states.get(command.device_id)
             if state is not None:
@@ -67,5 +83,15 @@ class NativeWindowSim(SimBackend):
                 start_at=command.start_at, end_at=command.end_at, assets=command.asset_identifiers, revert_of=command.revert_of,
             )
             self.received.inc()
+            self._stored.add(command.command_id)
             answers.append({"commandId": command.command_id, "status": 201})
+        if (dropped := await before_answering(request, call_fault)) is not None:
+            return dropped
         return json_response({"results": answers})
+
+    async def commands_status(self, request: Request) -> Response:
+        query = await self.read(request, StatusQuery)
+        if isinstance(query, Response):
+            return query
+        return json_response({"results": [{"commandId": c, "status": "SUCCEEDED" if c in self._stored else "UNKNOWN"}
+                                          for c in query.command_ids]})

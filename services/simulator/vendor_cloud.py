@@ -32,16 +32,15 @@ from fastapi import Request, Response
 
 from dercmd.events import utcnow
 from dercmd.fleet import Fleet
+from dercmd.protocols.common import StatusAnswer, StatusQuery
 from dercmd.protocols.vendor_cloud import (
     MAX_RESULTS_PER_POST,
     VendorBatch,
     VendorBatchAnswer,
-    VendorStatusAnswer,
-    VendorStatusQuery,
 )
 
 from . import metrics
-from .backend import SimBackend, before_answering, dumps, json_response
+from .backend import SimBackend, before_answering, dumps, json_response, rate_limited
 from .faults import PER_COMMAND, FaultKind, Faults
 from .recorder import Recorder
 
@@ -103,8 +102,8 @@ class VendorCloudSim(SimBackend):
             self.commands_status,
             methods=["POST"],
             response_model=None,
-            responses={200: {"model": VendorStatusAnswer}, 400: {}, 401: {}},
-            summary="What became of up to 1000 commands (body: VendorStatusQuery)",
+            responses={200: {"model": StatusAnswer}, 400: {}, 401: {}},
+            summary="What became of up to 1000 commands (body: StatusQuery)",
         )
 
     async def aclose(self) -> None:
@@ -124,8 +123,7 @@ class VendorCloudSim(SimBackend):
         faulty = self.faults.active
         call_fault = self.faults.draw_call([e.id for c in batch.commands if (e := self.devices.get(c.device_id))]) if faulty else None
         if call_fault is not None and call_fault.kind is FaultKind.RATE_LIMITED:
-            return Response(dumps({"message": "rate limited"}), status_code=429, media_type="application/json",
-                            headers={"Retry-After": f"{call_fault.retry_after_s:g}"})
+            return rate_limited(call_fault)
         received_at = utcnow()
         answers: list[dict[str, Any]] = []
         reports: list[dict[str, Any]] = []
@@ -171,7 +169,7 @@ class VendorCloudSim(SimBackend):
         return json_response({"results": answers})
 
     async def commands_status(self, request: Request) -> Response:
-        query = await self.read(request, VendorStatusQuery)
+        query = await self.read(request, StatusQuery)
         if isinstance(query, Response):
             return query
         now = asyncio.get_running_loop().time()

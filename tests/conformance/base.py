@@ -74,6 +74,15 @@ class Results:
         return self.by_command[command_id][0]
 
 
+def recorded(sim: FastAPI) -> Callable[[str], Awaitable[list[str]]]:
+    """``World.received`` for a simulator app running in this process: its recorder's receipts."""
+
+    async def received(entity_id: str) -> list[str]:
+        return [r.command_id for r in sim.state.recorder.received(entity_id)]
+
+    return received
+
+
 def context(settings: Settings, fleet: Fleet, redis: Any, callback_base_url: str, results: Results) -> backends.BackendContext:
     """What dispatch would offer the backend, with results going to ``results``."""
     tokens = ResultTokens(SECRET)

@@ -17,7 +17,7 @@ from dercmd.protocols.vendor_cloud import VendorCloudClient
 from dercmd.settings import Settings
 from dercmd.simulator.app import create_app
 
-from .base import BackendConformance, Case, Results, World, context, served
+from .base import BackendConformance, Case, Results, World, context, recorded, served
 
 TOKEN = "conformance-vendor-token"
 FLEET = {"entities": {"pv-c": {"kind": "PV", "vendor": "sma", "backend": "vendor-cloud"},
@@ -49,12 +49,9 @@ class TestVendorCloudConformance(BackendConformance):
                     backend=backend, faults=sim.state.faults, results=results, cases=cases,
                     faulty=Case(pv, CommandType.LIMIT_FEED_IN, 2000),
                     stranger=Entity(kind=EntityKind.PV, vendor="sma", backend="vendor-cloud", id="not-in-the-cloud"),
-                    received=lambda entity_id: _received(sim, entity_id),
+                    received=recorded(sim),
                 )
             finally:
                 await backend.aclose()
                 await redis.aclose()
 
-
-async def _received(sim: FastAPI, entity_id: str) -> list[str]:
-    return [r.command_id for r in sim.state.recorder.received(entity_id)]

@@ -43,3 +43,12 @@ def test_percentile_is_nearest_rank() -> None:
     values = list(range(1, 101))
     assert (percentile(values, 50), percentile(values, 99), percentile(values, 100)) == (50, 99, 100)
     assert percentile([], 50) is None
+
+
+def test_a_mixed_fleet_puts_each_share_on_its_backend_and_each_entity_supports_what_it_is_sent(tmp_path: Path) -> None:
+    mix = fleetgen.parse_mix("ocpp=5,sunspec-modbus=4,ev-aggregator=3,native-window=2")
+    ids = fleetgen.write(tmp_path / "fleet.yaml", 50, mix=mix)
+    fleet = Fleet.load(tmp_path / "fleet.yaml")
+    backends = [fleet.entities[i].backend for i in ids]
+    assert {name: backends.count(name) for name in mix} == mix and backends.count("vendor-cloud") == 36
+    assert all(fleet.supports(fleet.entities[i], CommandType(fleetgen.command_type(i))) for i in ids)

@@ -15,7 +15,7 @@ import pytest
 from dercmd.events import utcnow
 from dercmd.protocols.common import DeviceReports
 from dercmd.protocols.native_window import NativeBatchAnswer
-from dercmd.protocols.vendor_cloud import VendorStatusAnswer
+from dercmd.protocols.common import StatusAnswer
 from dercmd.settings import Settings
 from dercmd.simulator.app import create_app
 
@@ -109,7 +109,7 @@ async def test_the_vendor_cloud_says_what_became_of_each_command(sim: httpx.Asyn
 
     async def status(*ids: str) -> list[tuple[str, str]]:
         answer = await sim.post("/vendor-cloud/v1/commands:status", json={"commandIds": list(ids)}, headers=headers)
-        return [(r.command_id, r.status) for r in VendorStatusAnswer.model_validate_json(answer.content).results]
+        return [(r.command_id, r.status) for r in StatusAnswer.model_validate_json(answer.content).results]
 
     await batch("done")
     vendor.results.hold_results = True

@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=10_000, help="window phase: inverters in one window (default 10,000; 0 skips)")
     p.add_argument("--window-lead", type=float, default=15, help="window phase: startAt this many s after the first request (default 15)")
     p.add_argument("--window-length", type=float, default=10, help="window phase: endAt - startAt, s (default 10)")
+    p.add_argument("--mix", type=fleetgen.parse_mix, default={},
+                   help="entities on other backends, e.g. 'ocpp=500,sunspec-modbus=200,ev-aggregator=500,native-window=500' (the rest: vendor-cloud)")
     p.add_argument("--faults", type=float, default=0.0, help="share of simulator calls with an injected fault (default 0)")
     p.add_argument("--relay", choices=relay.KINDS, default="aiokafka", help="bare relay hops: aiokafka getmany or faust take()")
     p.add_argument("--relay-records", type=int, default=None, help="records through the relay (default: the burst size)")
@@ -266,7 +268,7 @@ def _rows(results: dict[str, Any], args: argparse.Namespace) -> list[tuple[str, 
     rows = [
         ("machine", f"{m['nproc']} CPUs ({m['cpu']}), {m['ram_gb']} GB RAM, Python {m['python']}"),
         ("commit", m["commit"]),
-        ("mode / fleet / ledger", f"{args.mode}, {args.entities:,} entities on vendor-cloud, {(args.database_url or 'sqlite').split(':')[0]}"),
+        ("mode / fleet / ledger", f"{args.mode}, {args.entities:,} entities ({_fleet_mix(args)}), {(args.database_url or 'sqlite').split(':')[0]}"),
     ]
     if b := results.get("burst"):
         rows += [
@@ -322,6 +324,11 @@ def _rows(results: dict[str, Any], args: argparse.Namespace) -> list[tuple[str, 
     return rows
 
 
+def _fleet_mix(args: argparse.Namespace) -> str:
+    shares = {"vendor-cloud": args.entities - sum(args.mix.values())} | args.mix
+    return ", ".join(f"{name} {count:,}" for name, count in shares.items())
+
+
 def _terminate(*_: object) -> None:
     raise KeyboardInterrupt
 
@@ -333,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     results: dict[str, Any] = {"machine": machine(), "options": {k: str(v) for k, v in vars(args).items()}}
     print(f"bench: work dir {work} (fleet, ledger, logs)", flush=True)
-    ids = fleetgen.write(work / "fleet.yaml", args.entities, pv=args.window)
+    ids = fleetgen.write(work / "fleet.yaml", args.entities, pv=args.window, mix=args.mix)
     try:
         redis.Redis.from_url(args.redis_url).flushdb()
     except redis.ConnectionError:

@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from dercmd import topics
 
-from .fleetgen import COMMAND_TYPE, TOKEN
+from .fleetgen import TOKEN, command_type
 
 TERMINAL = frozenset({"Succeeded", "Failed", "Canceled", "Rejected"})
 
@@ -37,7 +37,7 @@ def new_command_id(prefix: str, i: int) -> str:
 
 def request_record(command_id: str, entity_id: str) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
     """A ``dercmd.commands.requests`` record as a user's client produces it: key, value, headers."""
-    value = json.dumps({"id": command_id, "entityId": entity_id, "type": COMMAND_TYPE}).encode()
+    value = json.dumps({"id": command_id, "entityId": entity_id, "type": command_type(entity_id)}).encode()
     headers = [
         ("ce_specversion", b"1.0"),
         ("ce_id", command_id.encode()),
@@ -149,7 +149,7 @@ class RestLoad:
         async with self._slots:
             started = time.time()
             try:
-                async with self._http.post(f"{self._api_url}/v1/entities/{entity_id}/commands", json={"type": COMMAND_TYPE}) as response:
+                async with self._http.post(f"{self._api_url}/v1/entities/{entity_id}/commands", json={"type": command_type(entity_id)}) as response:
                     status, body = response.status, await response.read()
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 offered.post_errors[type(exc).__name__] += 1

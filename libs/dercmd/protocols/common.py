@@ -11,6 +11,13 @@ reports (BRIEF 2.2), which every such backend offers the same way:
     POST {base}/v1/reports:request        body ReportRequest {"deviceIds": [...]}     1..1000 ids
         -> 200 DeviceReports: a report now from each known device that measures (others are left out)
 
+and what became of commands sent earlier, which resolves a call that got no answer:
+
+    POST {base}/v1/commands:status   body StatusQuery {"commandIds": [...]}   1..1000 ids
+        -> 200 StatusAnswer {"results": [{"commandId", "status", "message"?}, ...]}, in request
+           order: SUCCEEDED / FAILED (the device's result), PENDING (the device has it, no
+           result yet), UNKNOWN (never seen: it did not reach the device)
+
 A :class:`DeviceReport` carries ``nextReportAt``, when the device's next periodic report is
 due, so that a caller can tell whether asking for an extra one is worth it.
 """
@@ -20,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -61,6 +68,23 @@ class ReportSubscription(Wire):
 
 class ReportRequest(Wire):
     device_ids: list[str] = Field(min_length=1, max_length=MAX_REPORT_REQUEST)
+
+
+MAX_STATUS_QUERY = 1000
+
+
+class StatusQuery(Wire):
+    command_ids: list[str] = Field(min_length=1, max_length=MAX_STATUS_QUERY)
+
+
+class CommandStatus(Wire):
+    command_id: str
+    status: Literal["SUCCEEDED", "FAILED", "PENDING", "UNKNOWN"]
+    message: str | None = None
+
+
+class StatusAnswer(Wire):
+    results: list[CommandStatus]
 
 
 class DeviceApiError(Exception):
@@ -176,6 +200,12 @@ class JsonClient:
                 f"answer does not match the batch: {len(answered)} results for {len(asked)} commands", status=200,
                 retriable=False, unknown=True,
             )
+
+    async def command_status(self, command_ids: Sequence[str]) -> list[CommandStatus]:
+        """What became of 1..1000 commands sent earlier, one status per id in the order given."""
+        answer = await self.call("/v1/commands:status", StatusQuery(command_ids=list(command_ids)), StatusAnswer)
+        self.check_order([r.command_id for r in answer.results], command_ids)
+        return answer.results
 
     # -- measurement reports -------------------------------------------------------------
 

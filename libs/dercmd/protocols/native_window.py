@@ -9,6 +9,8 @@ on its own when the window ends, so nobody has to send it a revert.
            out: the answer is the confirmation, nothing comes later), 404 unknown device,
            409 refused (an asset the device does not have, a window already over, ...)
         whole-request errors: 401 bad token, 400 malformed body, 429 rate limited (Retry-After), 5xx
+    POST {base}/v1/commands:status   (:mod:`dercmd.protocols.common`): SUCCEEDED for a command a
+        device stored, UNKNOWN for one it never got
     and the measurement reports of :mod:`dercmd.protocols.common` (subscription, request).
 
 A ``LimitProductionPower`` command carries ``percentage`` (0..100), optionally a window

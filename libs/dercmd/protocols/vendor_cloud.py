@@ -11,10 +11,8 @@ result delivered later to a ``responseUrl`` the caller chose (as OCPI commands d
     later, for every accepted command:
         POST {responseUrl}  body VendorResults {"results": [VendorResult, ...]}
         The vendor groups results that are ready together into one POST (up to 500 each).
-    POST {base}/v1/commands:status   body VendorStatusQuery {"commandIds": [...]}   1..1000 ids
-        -> 200 VendorStatusAnswer {"results": [{"commandId", "status", "message"?}, ...]}, in
-           request order: SUCCEEDED / FAILED (the device's result, whether or not its POST to
-           the responseUrl got through), PENDING (accepted, no result yet), UNKNOWN (never seen)
+    POST {base}/v1/commands:status   (:mod:`dercmd.protocols.common`): SUCCEEDED / FAILED is the
+        device's result, whether or not its POST to the responseUrl got through
     and the measurement reports of :mod:`dercmd.protocols.common` (subscription, request).
 
 A ``LimitProductionPower`` command carries ``percentage`` (0..100) and, for a device with
@@ -45,12 +43,9 @@ __all__ = [
     "VendorCloudClient",
     "VendorCloudError",
     "VendorCommand",
-    "VendorCommandStatus",
     "VendorItemResult",
     "VendorResult",
     "VendorResults",
-    "VendorStatusAnswer",
-    "VendorStatusQuery",
     "parse_retry_after",
 ]
 
@@ -112,20 +107,6 @@ class VendorResults(Wire):
     results: list[VendorResult]
 
 
-class VendorStatusQuery(Wire):
-    command_ids: list[str] = Field(min_length=1, max_length=MAX_COMMANDS_PER_BATCH)
-
-
-class VendorCommandStatus(Wire):
-    command_id: str
-    status: Literal["SUCCEEDED", "FAILED", "PENDING", "UNKNOWN"]
-    message: str | None = None
-
-
-class VendorStatusAnswer(Wire):
-    results: list[VendorCommandStatus]
-
-
 class VendorCloudError(DeviceApiError):
     """A whole vendor-cloud call failed (see :class:`~dercmd.protocols.common.DeviceApiError`)."""
 
@@ -146,10 +127,3 @@ class VendorCloudClient(JsonClient):
         answer = await self.call("/v1/commands:batch", body, VendorBatchAnswer)
         self.check_order([r.command_id for r in answer.results], [c.command_id for c in commands])
         return answer.results
-
-    async def command_status(self, command_ids: Sequence[str]) -> list[VendorCommandStatus]:
-        """What became of 1..1000 commands sent earlier, one status per id in the order given."""
-        answer = await self.call("/v1/commands:status", VendorStatusQuery(command_ids=list(command_ids)), VendorStatusAnswer)
-        self.check_order([r.command_id for r in answer.results], command_ids)
-        return answer.results
-

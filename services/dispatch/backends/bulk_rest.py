@@ -1,6 +1,6 @@
 """What the backends on a bulk REST protocol (:mod:`dercmd.protocols.common`) share: the
-client's errors translated at this edge into the three outcomes, and measurement reports,
-which every such protocol offers the same way."""
+client's errors translated at this edge into the three outcomes, and what every such protocol
+offers the same way: what became of commands (``commands:status``) and measurement reports."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from dercmd.fleet import Entity
-from dercmd.protocols.common import MAX_REPORT_REQUEST, DeviceApiError, DeviceReport, JsonClient
+from dercmd.protocols.common import MAX_REPORT_REQUEST, MAX_STATUS_QUERY, DeviceApiError, DeviceReport, JsonClient
 
-from .base import BackendError, DeliveryUnknown, NotDelivered, Refused
+from .base import BackendError, CommandOutcome, DeliveryUnknown, Finding, NotDelivered, Query, Refused
 
 
 def translate(error: DeviceApiError) -> BackendError:
@@ -47,6 +47,14 @@ class BulkRestBackend:
 
     async def start(self) -> None:
         pass
+
+    async def outcomes(self, queries: Sequence[Query]) -> list[CommandOutcome]:
+        out: list[CommandOutcome] = []
+        with translated():
+            for start in range(0, len(queries), MAX_STATUS_QUERY):
+                ids = [q.command_id for q in queries[start : start + MAX_STATUS_QUERY]]
+                out += [CommandOutcome(Finding(s.status), s.message) for s in await self._client.command_status(ids)]
+        return out
 
     async def subscribe_reports(self, url: str, token: str) -> None:
         with translated():

@@ -3,8 +3,8 @@
 assets, and the device returns to its default at the end on its own; a revert (a window
 cancelled early) clears it. Each answer is the device's confirmation (Confirmation.SYNC): the
 device stores the command before it answers and there is no later result to wait for, so
-nothing of it can stay ``Sent``. It serves measurement reports; it cannot be asked about a
-command afterwards, so a delivery whose answer was lost ends ``Failed: delivery_unknown``."""
+nothing of it can stay ``Sent``. It says whether a device stored a command (an answer that was
+lost), and serves measurement reports."""
 
 from __future__ import annotations
 

@@ -24,12 +24,9 @@ from ..base import (
     BackendContext,
     BackendError,
     BackendSettings,
-    CommandOutcome,
     Confirmation,
     Delivery,
     DeviceResult,
-    Finding,
-    Query,
     register,
 )
 from ..bulk_rest import BulkRestBackend, item_error, translated
@@ -77,14 +74,6 @@ class VendorCloudBackend(BulkRestBackend):
         with translated():
             results = await self._client.send_commands(self._response_url, commands)
         return [Accepted(Confirmation.ASYNC, r.request_id) if r.accepted else item_error(r.status, r.message) for r in results]
-
-    async def outcomes(self, queries: Sequence[Query]) -> list[CommandOutcome]:
-        out: list[CommandOutcome] = []
-        with translated():
-            for start in range(0, len(queries), MAX_COMMANDS_PER_BATCH):
-                ids = [q.command_id for q in queries[start : start + MAX_COMMANDS_PER_BATCH]]
-                out += [CommandOutcome(Finding(s.status), s.message) for s in await self._client.command_status(ids)]
-        return out
 
 
 def _results_router(context: BackendContext) -> APIRouter:

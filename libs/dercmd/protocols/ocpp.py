@@ -1,0 +1,144 @@
+"""OCPP 1.6J as dercmd uses it: what the OCPP gateway (the central system the charge points
+hold a WebSocket to) and dispatch's ``ocpp`` backend say to each other, and the few rules
+both sides and the simulated charge points share.
+
+Charge points connect to ``ws://<gateway>/ocpp/<chargePointId>`` with the subprotocol
+``ocpp1.6``; the charge point id is the entity's device id. dispatch reaches the gateway
+replica that holds a charge point's connection over HTTP (the replica records itself in Redis,
+:mod:`dercmd.redis_keys`):
+
+    POST {gateway}/internal/v1/charge-points/{chargePointId}/commands
+        Authorization: Bearer <DERCMD_OCPP_GATEWAY_TOKEN>
+        body GatewayCommand {"commandId", "type", "idTag", "token", "resultUrl"}
+        -> 200 GatewayAnswer {"status": "Accepted" | "Rejected"}: the charge point's answer
+           to RemoteStartTransaction / RemoteStopTransaction
+        -> 404 not_connected            no connection to it here: nothing was sent
+           409 no_transaction           StopCharging while no transaction runs: nothing sent
+           422 command_not_supported    the charge point did not declare the feature profile
+                                        (or answered NotSupported / NotImplemented)
+           503 booting | busy | call_error   not sent, or the charge point answered a
+                                        CALLERROR before acting (InternalError, GenericError;
+                                        ``retryAfterS`` when it asked for a pause)
+           502 call_error               any other CALLERROR: it could not take the message
+           504 no_answer | connection_closed   sent, and no answer came: it may have acted
+
+    POST {gateway}/internal/v1/charge-points/{chargePointId}/outcomes
+        body GatewayOutcomesQuery {"commandIds": [...]}: commands the charge point accepted
+        and sent no transaction message for yet
+        -> 200 GatewayFindings {"findings": [{"commandId", "finding", "message"?}, ...]}: the
+           gateway reads the charge point back (TriggerMessage(StatusNotification) on connector
+           1, where it declared RemoteTrigger): a start it accepted whose connector now charges,
+           or a stop whose connector no longer does, SUCCEEDED; else PENDING
+
+The result is the charge point's transaction message (StartTransaction for a start,
+StopTransaction for a stop); the gateway POSTs it to ``resultUrl`` as :class:`OcppResults`,
+each result with the ``token`` dispatch gave with the command.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from typing import Literal
+
+from pydantic import Field
+
+from dercmd.events import CommandType
+
+from .common import Wire
+
+#: The WebSocket subprotocol of OCPP 1.6J.
+SUBPROTOCOL = "ocpp1.6"
+#: Where a charge point connects on the gateway (followed by its id).
+WS_PATH = "/ocpp"
+COMMANDS_PATH = "/internal/v1/charge-points/{charge_point_id}/commands"
+OUTCOMES_PATH = "/internal/v1/charge-points/{charge_point_id}/outcomes"
+#: The only connector dercmd starts a transaction on.
+CONNECTOR_ID = 1
+#: OCPP 1.6's IdToken is CiString20; a CALL's message id at most 36 characters.
+MAX_ID_TAG = 20
+MAX_MESSAGE_ID = 36
+
+#: The feature profile a command type needs the charge point to have declared in its
+#: ``SupportedFeatureProfiles`` configuration key. RemoteStart/StopTransaction are Core.
+PROFILE_OF: dict[CommandType, str] = {
+    CommandType.START_CHARGING: "Core",
+    CommandType.STOP_CHARGING: "Core",
+}
+SUPPORTED_FEATURE_PROFILES = "SupportedFeatureProfiles"
+#: The profile of TriggerMessage, by which the gateway reads a charge point's connector back.
+REMOTE_TRIGGER = "RemoteTrigger"
+#: Connector statuses of a running transaction.
+CHARGING_STATUSES = frozenset({"Charging", "SuspendedEV", "SuspendedEVSE"})
+#: Connector statuses with no transaction.
+IDLE_STATUSES = frozenset({"Available", "Preparing", "Finishing"})
+
+
+def id_tag(command_id: str) -> str:
+    """The idTag a StartCharging is sent with: derived from the command, so the charge
+    point's StartTransaction (which carries the idTag) names the command it answers, within
+    OCPP's 20 characters."""
+    return "dc" + hashlib.sha256(command_id.encode()).hexdigest()[: MAX_ID_TAG - 2]
+
+
+def message_id(command_id: str) -> str:
+    """The CALL's message id: the command id itself where it fits OCPP's 36 characters, so
+    the charge point (the simulator's record) knows which command it got; else a digest."""
+    if len(command_id) <= MAX_MESSAGE_ID:
+        return command_id
+    return "h-" + hashlib.sha256(command_id.encode()).hexdigest()[: MAX_MESSAGE_ID - 2]
+
+
+def profiles_of(declared: Iterable[CommandType] | None) -> list[str]:
+    """The feature profiles a charge point that can do ``declared`` reports (None: it
+    declared nothing in particular, a plain OCPP 1.6 charge point: Core)."""
+    if declared is None:
+        return ["Core"]
+    return sorted({PROFILE_OF[t] for t in declared if t in PROFILE_OF})
+
+
+def parse_profiles(value: str) -> frozenset[str]:
+    return frozenset(p.strip() for p in value.split(",") if p.strip())
+
+
+class GatewayCommand(Wire):
+    command_id: str
+    type: CommandType
+    id_tag: str = Field(max_length=MAX_ID_TAG)
+    token: str
+    result_url: str
+
+
+class GatewayAnswer(Wire):
+    status: Literal["Accepted", "Rejected"]
+
+
+class GatewayError(Wire):
+    key: str
+    message: str = ""
+    retry_after_s: float | None = None
+
+
+class GatewayOutcomesQuery(Wire):
+    command_ids: list[str] = Field(min_length=1)
+
+
+class GatewayFinding(Wire):
+    command_id: str
+    finding: Literal["SUCCEEDED", "PENDING"]
+    message: str | None = None
+
+
+class GatewayFindings(Wire):
+    findings: list[GatewayFinding]
+
+
+class OcppResult(Wire):
+    command_id: str
+    token: str
+    succeeded: bool
+    message: str | None = None
+
+
+class OcppResults(Wire):
+    results: list[OcppResult] = Field(min_length=1)

@@ -1,0 +1,488 @@
+"""SunSpec over Modbus TCP: a PV inverter's registers, as the SunSpec information models lay them
+out, read and written with pymodbus's asyncio TCP client.
+
+A SunSpec device holds the marker ``SunS`` (0x5375 0x6E53) at a base address (40000, else 0,
+else 50000), then a chain of models, each ``ID``, ``L`` (its length in registers after those
+two) and ``L`` registers, ending with ID 0xFFFF. What dercmd uses of it:
+
+    model 1      common: manufacturer, model, serial number
+    model 120    nameplate: ``WRtg`` (continuous power output, W) with ``WRtg_SF``
+    model 123    immediate controls: ``Conn_WinTms``, ``Conn_RvrtTms``, ``Conn`` (0 disconnect,
+                 1 connect), ``WMaxLimPct`` (% of WMax, scaled by ``WMaxLimPct_SF``),
+                 ``WMaxLimPct_WinTms``, ``WMaxLimPct_RvrtTms`` (the device drops the limit by
+                 itself after this many seconds; 0: never), ``WMaxLimPct_RmpTms``,
+                 ``WMaxLim_Ena`` (0 disabled, 1 enabled): the first eight points of the model,
+                 which one command rewrites together
+    model 64990  dercmd's command tag (a vendor model; SunSpec leaves 64000.. to vendors):
+                 ``CmdId`` (string, 32 registers: the id of the command whose values the
+                 controls hold), ``CmdTyp`` (index + 1 in :data:`TAG_TYPES`, 0: none),
+                 ``CmdVal`` (uint32: the command's value or percentage, 0xFFFFFFFF: none)
+
+The tag is how a reader tells whether *its* command was carried out (a setpoint alone cannot
+say whose it is). A device that places the tag model right before model 123 gets the tag and
+the controls in one write request (:attr:`DeviceMap.block`), so the device takes both or
+neither; the header registers of model 123 inside that range are written with the values they
+hold. A device without the tag gets the controls alone, and only the values can be read back.
+
+Errors, as a caller must take them (:class:`SunSpecError`):
+
+    Unreachable         no connection (refused, connect timeout): nothing was sent
+    ExceptionAnswer     the device answered with a Modbus exception: the request was not
+                        carried out. ``busy`` (0x05 ACKNOWLEDGE, 0x06 DEVICE_BUSY, 0x0B gateway
+                        target failed to respond) is worth trying again; 0x0A (the gateway has
+                        no path to that unit: no such device behind it), 0x01-0x03 (function,
+                        address or value refused) and 0x04 (device failure) are not
+    NoAnswer            the request left and no answer came (timeout, connection dropped): a
+                        write may have been carried out
+    NotSunSpec          no marker, or a model dercmd needs is missing
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+
+from pymodbus.client import AsyncModbusTcpClient
+
+MARKER = (0x5375, 0x6E53)  # "SunS"
+BASES = (40000, 0, 50000)
+END = 0xFFFF
+COMMON, NAMEPLATE, CONTROLS, TAG = 1, 120, 123, 64990
+COMMON_LENGTH, NAMEPLATE_LENGTH, CONTROLS_LENGTH = 66, 26, 24
+#: Points of model 123 a command rewrites: Conn_WinTms .. WMaxLim_Ena.
+CONTROL_POINTS = 8
+#: Offset of WMaxLimPct_SF in model 123's body.
+PCT_SF_OFFSET = 21
+TAG_ID_REGISTERS = 32
+TAG_LENGTH = TAG_ID_REGISTERS + 3
+TAG_TYPES = ("Reset", "Disconnect", "LimitFeedIn", "StopFeedIn", "LimitProductionPower")
+NO_VALUE = 0xFFFFFFFF
+#: "Not implemented" of a sunssf (int16) point.
+SF_NOT_IMPLEMENTED = -0x8000
+#: Most registers one read may take (Modbus: 125).
+MAX_READ = 125
+#: Unit ids a Modbus TCP gateway addresses devices by.
+UNITS = range(1, 248)
+
+ILLEGAL_FUNCTION, ILLEGAL_ADDRESS, ILLEGAL_VALUE, DEVICE_FAILURE = 0x01, 0x02, 0x03, 0x04
+ACKNOWLEDGE, DEVICE_BUSY, GATEWAY_PATH_UNAVAILABLE, GATEWAY_NO_RESPONSE = 0x05, 0x06, 0x0A, 0x0B
+BUSY_CODES = frozenset({ACKNOWLEDGE, DEVICE_BUSY, GATEWAY_NO_RESPONSE})
+
+
+class SunSpecError(Exception):
+    pass
+
+
+class Unreachable(SunSpecError):
+    """No connection: nothing was sent."""
+
+
+class ExceptionAnswer(SunSpecError):
+    """A Modbus exception response: the request was not carried out."""
+
+    def __init__(self, code: int, what: str) -> None:
+        super().__init__(f"Modbus exception 0x{code:02X} to {what}")
+        self.code = code
+
+    @property
+    def busy(self) -> bool:
+        return self.code in BUSY_CODES
+
+
+class NoAnswer(SunSpecError):
+    """The request left and no answer came: a write may have been carried out."""
+
+
+class NotSunSpec(SunSpecError):
+    """No SunSpec marker, or a model dercmd needs is missing."""
+
+
+# -- registers ---------------------------------------------------------------------------
+
+
+def signed(register: int) -> int:
+    return register - 0x10000 if register & 0x8000 else register
+
+
+def unsigned(value: int) -> int:
+    return value & 0xFFFF
+
+
+def encode_string(text: str, registers: int) -> list[int]:
+    raw = text.encode("utf-8")[: registers * 2].ljust(registers * 2, b"\0")
+    return [raw[i] << 8 | raw[i + 1] for i in range(0, len(raw), 2)]
+
+
+def decode_string(registers: Sequence[int]) -> str:
+    raw = b"".join(r.to_bytes(2, "big") for r in registers)
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace").strip()
+
+
+@dataclass(frozen=True, slots=True)
+class Controls:
+    """The first eight points of model 123, as registers (``wmaxlim_pct`` still scaled by the
+    model's ``WMaxLimPct_SF``)."""
+
+    conn_win_tms: int = 0
+    conn_rvrt_tms: int = 0
+    conn: int = 1
+    wmaxlim_pct: int = 0
+    wmaxlim_pct_win_tms: int = 0
+    wmaxlim_pct_rvrt_tms: int = 0
+    wmaxlim_pct_rmp_tms: int = 0
+    wmaxlim_ena: int = 0
+
+    def registers(self) -> list[int]:
+        return [self.conn_win_tms, self.conn_rvrt_tms, self.conn, self.wmaxlim_pct, self.wmaxlim_pct_win_tms,
+                self.wmaxlim_pct_rvrt_tms, self.wmaxlim_pct_rmp_tms, self.wmaxlim_ena]
+
+    @classmethod
+    def of(cls, registers: Sequence[int]) -> Controls:
+        return cls(*registers[:CONTROL_POINTS])
+
+
+@dataclass(frozen=True, slots=True)
+class CommandTag:
+    """dercmd's vendor model 64990: whose values the controls hold."""
+
+    command_id: str = ""
+    type: str | None = None
+    value: int | None = None
+
+    def registers(self) -> list[int]:
+        code = TAG_TYPES.index(self.type) + 1 if self.type in TAG_TYPES else 0
+        value = NO_VALUE if self.value is None else self.value & 0xFFFFFFFF
+        return [*encode_string(self.command_id, TAG_ID_REGISTERS), code, value >> 16, value & 0xFFFF]
+
+    @classmethod
+    def of(cls, registers: Sequence[int]) -> CommandTag:
+        code = registers[TAG_ID_REGISTERS]
+        value = registers[TAG_ID_REGISTERS + 1] << 16 | registers[TAG_ID_REGISTERS + 2]
+        return cls(decode_string(registers[:TAG_ID_REGISTERS]), TAG_TYPES[code - 1] if 0 < code <= len(TAG_TYPES) else None,
+                   None if value == NO_VALUE else value)
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    id: int
+    address: int  # of its ID register
+    length: int
+
+    @property
+    def body(self) -> int:
+        return self.address + 2
+
+    @property
+    def end(self) -> int:
+        return self.body + self.length
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceMap:
+    """What discovery found on one device: its models (the first of each id) and the figures
+    a command needs."""
+
+    base: int
+    models: tuple[Model, ...]
+    manufacturer: str = ""
+    model_name: str = ""
+    serial: str = ""
+    rated_w: int | None = None  # WRtg x 10^WRtg_SF; None: no nameplate
+    pct_sf: int = 0  # WMaxLimPct_SF
+
+    def find(self, model_id: int) -> Model | None:
+        return next((m for m in self.models if m.id == model_id), None)
+
+    @property
+    def controls(self) -> Model:
+        model = self.find(CONTROLS)
+        if model is None:
+            raise NotSunSpec("no immediate controls model (123)")
+        return model
+
+    @property
+    def tagged(self) -> bool:
+        """Whether the tag model sits right before model 123: tag and controls in one write."""
+        tag = self.find(TAG)
+        return tag is not None and tag.length >= TAG_LENGTH and tag.end == self.controls.address
+
+    @property
+    def block(self) -> tuple[int, int]:
+        """``(address, count)`` of what one command writes: tag, model 123's header and its
+        eight control points when :attr:`tagged`, else the control points alone."""
+        controls = self.controls
+        if self.tagged:
+            tag = self.find(TAG)
+            assert tag is not None
+            return tag.body, tag.length + 2 + CONTROL_POINTS
+        return controls.body, CONTROL_POINTS
+
+    def encode(self, tag: CommandTag | None, controls: Controls) -> list[int]:
+        """The registers of :attr:`block` holding ``tag`` (when tagged) and ``controls``."""
+        if not self.tagged:
+            return controls.registers()
+        tag_model = self.find(TAG)
+        assert tag_model is not None
+        tag_registers = (tag or CommandTag()).registers()
+        padding = [0] * (tag_model.length - len(tag_registers))
+        return [*tag_registers, *padding, CONTROLS, self.controls.length, *controls.registers()]
+
+    def decode(self, registers: Sequence[int]) -> tuple[CommandTag | None, Controls]:
+        if not self.tagged:
+            return None, Controls.of(registers)
+        tag_model = self.find(TAG)
+        assert tag_model is not None
+        return CommandTag.of(registers[:TAG_LENGTH]), Controls.of(registers[tag_model.length + 2 :])
+
+
+def scaled(value: int, sf: int) -> float:
+    return value * 10.0**sf
+
+
+Reader = Callable[[int, int], Awaitable[list[int]]]
+
+
+async def find_base(read: Reader) -> int:
+    """The base address whose first two registers are ``SunS``. A base the device refuses to
+    read (an exception answer, other than busy) is simply not it."""
+    for base in BASES:
+        try:
+            if tuple(await read(base, 2)) == MARKER:
+                return base
+        except ExceptionAnswer as exc:
+            if exc.busy:
+                raise
+    raise NotSunSpec(f"no SunS marker at {', '.join(map(str, BASES))}")
+
+
+async def walk(read: Reader, base: int, limit: int = 200) -> list[Model]:
+    """The model chain after the marker, up to the end model (ID 0xFFFF)."""
+    models: list[Model] = []
+    address = base + 2
+    for _ in range(limit):
+        model_id, length = await read(address, 2)
+        if model_id == END:
+            return models
+        models.append(Model(model_id, address, length))
+        address += 2 + length
+        if address > 0xFFFF:
+            break
+    raise NotSunSpec(f"model chain from {base} does not end")
+
+
+async def read_long(read: Reader, address: int, count: int) -> list[int]:
+    out: list[int] = []
+    while count > 0:
+        step = min(count, MAX_READ)
+        out += await read(address, step)
+        address, count = address + step, count - step
+    return out
+
+
+async def discover(read: Reader) -> DeviceMap:
+    """Find the marker, walk the chain, and read the common, nameplate and controls models."""
+    base = await find_base(read)
+    models = await walk(read, base)
+    device = DeviceMap(base, tuple(models))
+    if (common := device.find(COMMON)) is not None and common.length >= 64:
+        body = await read_long(read, common.body, 64)
+        device = replace(device, manufacturer=decode_string(body[0:16]), model_name=decode_string(body[16:32]),
+                         serial=decode_string(body[48:64]))
+    if (nameplate := device.find(NAMEPLATE)) is not None:
+        _typ, wrtg, wrtg_sf = await read(nameplate.body, 3)
+        if wrtg != 0xFFFF and signed(wrtg_sf) != SF_NOT_IMPLEMENTED:
+            device = replace(device, rated_w=round(scaled(wrtg, signed(wrtg_sf))))
+    controls = device.controls
+    if controls.length <= PCT_SF_OFFSET:
+        raise NotSunSpec(f"model 123 of length {controls.length}")
+    [pct_sf] = await read(controls.body + PCT_SF_OFFSET, 1)
+    sf = signed(pct_sf)
+    return replace(device, pct_sf=0 if sf == SF_NOT_IMPLEMENTED else sf)
+
+
+# -- addressing --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Address:
+    """Where a device answers: a Modbus TCP server and the unit id behind it. ``host`` empty:
+    the backend's default server."""
+
+    host: str
+    port: int
+    unit: int
+
+
+def parse_address(text: str | None) -> Address | None:
+    """``vendorDeviceId`` as an address: ``"<unit>"`` (on the default server) or
+    ``"<host>:<port>/<unit>"``; None when it is neither (a name)."""
+    if not text:
+        return None
+    where, slash, unit = text.rpartition("/")
+    if not unit.isdigit() or int(unit) not in UNITS:
+        return None
+    if not slash:
+        return Address("", 0, int(unit))
+    host, colon, port = where.rpartition(":")
+    if not colon or not host or not port.isdigit():
+        return None
+    return Address(host, int(port), int(unit))
+
+
+def assign_units(entities: Iterable[tuple[str, str | None]]) -> dict[str, Address]:
+    """The address of every SunSpec entity, given as ``(entity id, vendorDeviceId)``: its
+    vendorDeviceId where that is an address, else the free unit ids of the default server in
+    the order of the entity ids (sorted): the simulator and the backend compute the same.
+    Entities beyond the 247th unit get none."""
+    pairs = sorted(entities)
+    out: dict[str, Address] = {}
+    for entity_id, vendor_id in pairs:
+        if (address := parse_address(vendor_id)) is not None:
+            out[entity_id] = address
+    taken = {a.unit for a in out.values() if not a.host}
+    free = iter(u for u in UNITS if u not in taken)
+    for entity_id, _ in pairs:
+        if entity_id not in out and (unit := next(free, None)) is not None:
+            out[entity_id] = Address("", 0, unit)
+    return out
+
+
+# -- the client --------------------------------------------------------------------------
+
+
+def _unit_keyword() -> str:
+    """pymodbus names the unit id ``device_id`` since 3.9, ``slave`` before."""
+    parameters = inspect.signature(AsyncModbusTcpClient.read_holding_registers).parameters
+    return "device_id" if "device_id" in parameters else "slave"
+
+
+UNIT_KEYWORD = _unit_keyword()
+
+
+class ModbusConnection:
+    """One TCP connection to a Modbus server, one request at a time. pymodbus retries nothing
+    here (``retries=0``: a write sent twice would be carried out twice) and does not reconnect
+    by itself; a connection that failed a request is closed and not used again, so a late
+    answer can never be taken for the next request's."""
+
+    def __init__(self, host: str, port: int, timeout_s: float) -> None:
+        self.host, self.port, self.timeout_s = host, port, timeout_s
+        self.broken = False
+        self._lost = asyncio.Event()
+        options: dict[str, object] = {"port": port, "timeout": timeout_s, "retries": 0, "reconnect_delay": 0}
+        if "trace_connect" in inspect.signature(AsyncModbusTcpClient.__init__).parameters:
+            options["trace_connect"] = self._connection_changed
+        self._client = AsyncModbusTcpClient(host, **options)  # type: ignore[arg-type]
+
+    def _connection_changed(self, connected: bool) -> None:
+        if not connected:
+            self._lost.set()
+
+    async def connect(self) -> None:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                connected = await self._client.connect()
+        except (TimeoutError, OSError) as exc:
+            self.close()
+            raise Unreachable(f"{self.host}:{self.port}: {exc!r}") from exc
+        if not connected:
+            self.close()
+            raise Unreachable(f"{self.host}:{self.port}: connection refused or timed out")
+        self._lost.clear()
+
+    async def read(self, unit: int, address: int, count: int) -> list[int]:
+        response = await self._request(self._client.read_holding_registers(address, count=count, **{UNIT_KEYWORD: unit}),
+                                       f"read {count} at {address} of unit {unit}")
+        return list(response.registers)
+
+    async def write(self, unit: int, address: int, values: Sequence[int]) -> None:
+        await self._request(self._client.write_registers(address, list(values), **{UNIT_KEYWORD: unit}),
+                            f"write {len(values)} at {address} of unit {unit}")
+
+    async def _request(self, call: Awaitable[object], what: str) -> object:
+        if self.broken:
+            raise Unreachable(f"{self.host}:{self.port}: connection closed")
+        request = asyncio.ensure_future(call)
+        lost = asyncio.ensure_future(self._lost.wait())
+        try:
+            done, _ = await asyncio.wait({request, lost}, timeout=self.timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+        if request not in done:
+            request.cancel()
+            with contextlib.suppress(BaseException):
+                await request
+            self.close()
+            raise NoAnswer(f"{what}: {'connection lost' if self._lost.is_set() else 'no answer in time'}")
+        try:
+            response = request.result()
+        except Exception as exc:  # pymodbus: ModbusIOException, ConnectionException
+            self.close()
+            raise NoAnswer(f"{what}: {exc!r}") from exc
+        if response.isError():  # type: ignore[attr-defined]
+            raise ExceptionAnswer(int(getattr(response, "exception_code", 0)), what)
+        return response
+
+    def close(self) -> None:
+        self.broken = True
+        self._client.close()
+
+
+@dataclass
+class ConnectionPool:
+    """Up to ``size`` connections to one server, each lent to one caller at a time."""
+
+    host: str
+    port: int
+    timeout_s: float
+    size: int = 4
+    _idle: list[ModbusConnection] = field(default_factory=list)
+    _slots: asyncio.Semaphore | None = None
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[ModbusConnection]:
+        """A connection for a sequence of requests; one that failed is closed, not returned."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.size)
+        async with self._slots:
+            connection = self._idle.pop() if self._idle else None
+            if connection is None or connection.broken:
+                connection = ModbusConnection(self.host, self.port, self.timeout_s)
+                await connection.connect()
+            try:
+                yield connection
+            except BaseException:
+                connection.close()
+                raise
+            if connection.broken:
+                return
+            self._idle.append(connection)
+
+    def close(self) -> None:
+        for connection in self._idle:
+            connection.close()
+        self._idle.clear()
+
+
+class SunSpecClient:
+    """One SunSpec device (a unit behind a Modbus TCP server) over a lent connection."""
+
+    def __init__(self, connection: ModbusConnection, unit: int) -> None:
+        self.connection, self.unit = connection, unit
+
+    async def read(self, address: int, count: int) -> list[int]:
+        return await self.connection.read(self.unit, address, count)
+
+    async def discover(self) -> DeviceMap:
+        return await discover(self.read)
+
+    async def read_block(self, device: DeviceMap) -> tuple[CommandTag | None, Controls]:
+        address, count = device.block
+        return device.decode(await self.read(address, count))
+
+    async def write_block(self, device: DeviceMap, tag: CommandTag | None, controls: Controls) -> None:
+        address, _count = device.block
+        await self.connection.write(self.unit, address, device.encode(tag, controls))

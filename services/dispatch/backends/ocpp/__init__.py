@@ -1,0 +1,310 @@
+"""Backend ``ocpp``: charge points speaking OCPP 1.6J to dercmd's OCPP gateway
+(:mod:`dercmd.ocpp_gateway`; the exchange is :mod:`dercmd.protocols.ocpp`).
+
+A charge point holds one WebSocket to one gateway replica, which records itself in Redis
+(``redis_keys.ocpp_link``). For each command this backend reads that record and asks that
+replica over HTTP to make the OCPP call on the open connection: StartCharging is
+RemoteStartTransaction on connector 1 with an idTag derived from the command, StopCharging is
+RemoteStopTransaction of the transaction the charge point runs. The charge point's
+``Accepted`` makes the command Sent (:attr:`Confirmation.ASYNC`): its transaction message
+(StartTransaction carrying the idTag, StopTransaction of that transaction) is the result, which
+the gateway POSTs to ``/callbacks/ocpp`` (this package's route on dispatch's server) with the
+token dispatch gave. ``Rejected`` is a refusal, and so is a charge point that never connected
+(unknown, as a vendor's 404); one that connected before and is not connected now, or a
+CALLERROR before the charge point acted, is not delivered; a call that got no answer is
+unknown, and :meth:`OcppBackend.outcomes` says what became of it from what the gateway recorded
+(and, for a command accepted without a transaction message, from the charge point read back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Sequence
+
+import httpx
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import Field, ValidationError
+from pydantic_settings import SettingsConfigDict
+
+from dercmd import redis_keys
+from dercmd.protocols.ocpp import (
+    COMMANDS_PATH,
+    OUTCOMES_PATH,
+    PROFILE_OF,
+    GatewayAnswer,
+    GatewayCommand,
+    GatewayError,
+    GatewayFindings,
+    GatewayOutcomesQuery,
+    OcppResults,
+    id_tag,
+)
+from dercmd.settings import Settings
+
+from ..base import (
+    Accepted,
+    BackendContext,
+    BackendError,
+    BackendSettings,
+    CommandOutcome,
+    Confirmation,
+    Delivery,
+    DeliveryUnknown,
+    DeviceResult,
+    Finding,
+    NotDelivered,
+    Query,
+    Refused,
+    register,
+)
+
+#: Path on dispatch's server where the gateway posts charge points' results.
+CALLBACK_PATH = "/callbacks/ocpp"
+#: Commands whose outcome is read in one Redis round trip.
+OUTCOMES_PER_CALL = 500
+
+
+class OcppSettings(BackendSettings):
+    """Read by dispatch's backend and by the gateway alike."""
+
+    model_config = SettingsConfigDict(env_prefix="DERCMD_OCPP_", extra="ignore")
+
+    gateway_token: str = Field(
+        "dercmd-dev-ocpp-gateway-secret", description="Bearer token dispatch presents to the OCPP gateway's internal API (set your own)."
+    )
+    call_timeout_s: float = Field(
+        10.0, gt=0, description="How long the gateway waits for a charge point's answer to a call (and for its turn on the connection)."
+    )
+    heartbeat_interval_s: int = Field(
+        60, ge=1, description="Heartbeat interval the gateway gives charge points at boot; a connection's Redis record expires after three missed."
+    )
+    reconnect_wait_s: float = Field(
+        2.0, ge=0, description="How long a delivery waits for a charge point seen before to be connected and booted (a reconnect after a dropped connection) before it counts as not delivered."
+    )
+    gateway_url: str = Field(
+        "", description="The URL at which dispatch reaches this gateway replica, recorded for each charge point it holds; empty: http://{bind_host}:{ocpp_gateway_port}."
+    )
+
+    def own_url(self, settings: Settings) -> str:
+        return (self.gateway_url or f"http://{settings.bind_host}:{settings.ocpp_gateway_port}").rstrip("/")
+
+    @property
+    def link_ttl_s(self) -> int:
+        return 3 * self.heartbeat_interval_s
+
+    @property
+    def http_timeout_s(self) -> float:
+        """The gateway may wait for its turn on the connection and then for the answer."""
+        return 2 * self.call_timeout_s + 2
+
+
+class OcppBackend:
+    name = "ocpp"
+    supported_types = frozenset(PROFILE_OF)
+    max_batch = 100
+
+    def __init__(self, context: BackendContext, settings: OcppSettings, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        """``transport`` replaces the network under the calls to the gateway (tests)."""
+        self._redis = context.redis
+        self._reconnect_wait_s = settings.reconnect_wait_s
+        self._result_url = context.callback_base_url.rstrip("/") + CALLBACK_PATH
+        self._http = httpx.AsyncClient(
+            timeout=settings.http_timeout_s, transport=transport,
+            headers={"authorization": f"Bearer {settings.gateway_token}"},
+            limits=httpx.Limits(max_connections=self.max_batch, max_keepalive_connections=self.max_batch),
+        )
+        self.router = _results_router(context)
+
+    async def start(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def send(self, deliveries: Sequence[Delivery]) -> list[Accepted | BackendError]:
+        """Each charge point's commands in order, the charge points at once."""
+        try:
+            async with asyncio.timeout(redis_keys.CALL_TIMEOUT_S):
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for d in deliveries:
+                        pipe.hget(redis_keys.ocpp_link(d.entity.id), "url").exists(redis_keys.ocpp_seen(d.entity.id))
+                    replies = await pipe.execute()
+        except Exception as exc:  # nothing was sent
+            raise NotDelivered("gateway_lookup_failed", repr(exc)) from exc
+        urls, seen = replies[0::2], replies[1::2]
+        answers: list[Accepted | BackendError | None] = [None] * len(deliveries)
+        by_entity: dict[str, list[int]] = defaultdict(list)
+        for i, d in enumerate(deliveries):
+            by_entity[d.entity.id].append(i)
+
+        async def one_charge_point(positions: list[int]) -> None:
+            for i in positions:
+                answers[i] = await self._deliver(deliveries[i], _text(urls[i]), bool(seen[i]))
+
+        await asyncio.gather(*(one_charge_point(p) for p in by_entity.values()))
+        return [a for a in answers if a is not None]
+
+    async def _deliver(self, delivery: Delivery, gateway: str | None, seen: bool) -> Accepted | BackendError:
+        """One command. A charge point seen before that is reconnecting (no link yet, or not
+        booted on its new connection) is waited for a little: it usually is back within a
+        second, and the command goes then rather than after dispatch's backoff."""
+        order = delivery.order
+        if order.type not in self.supported_types:
+            return Refused("command_not_supported", f"OCPP carries no {order.type}")
+        if not gateway and not seen:
+            return Refused("unknown_device", f"charge point {delivery.entity.device_id} has never connected")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._reconnect_wait_s
+        while True:
+            answer: Accepted | BackendError = NotDelivered("not_connected", f"charge point {delivery.entity.device_id} is connected to no gateway")
+            if gateway:
+                answer = await self._post(delivery, gateway)
+            reconnecting = isinstance(answer, NotDelivered) and answer.reason in ("not_connected", "booting")
+            if not reconnecting or loop.time() >= deadline:
+                return answer
+            await asyncio.sleep(0.05)
+            try:
+                async with asyncio.timeout(redis_keys.CALL_TIMEOUT_S):
+                    gateway = _text(await self._redis.hget(redis_keys.ocpp_link(delivery.entity.id), "url"))
+            except Exception:
+                return answer
+
+    async def _post(self, delivery: Delivery, gateway: str) -> Accepted | BackendError:
+        order = delivery.order
+        tag = id_tag(order.command_id)
+        body = GatewayCommand(command_id=order.command_id, type=order.type, id_tag=tag, token=delivery.token, result_url=self._result_url)
+        try:
+            response = await self._http.post(
+                gateway + COMMANDS_PATH.format(charge_point_id=delivery.entity.device_id), content=body.dump(),
+                headers={"content-type": "application/json"},
+            )
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # the request never left
+            return NotDelivered("not_connected", f"gateway {gateway}: {exc!r}")
+        except httpx.HTTPError as exc:  # it left: the charge point may have the command
+            return DeliveryUnknown("delivery_unknown", f"gateway {gateway}: {exc!r}")
+        return _answer(response, tag)
+
+    async def outcomes(self, queries: Sequence[Query]) -> list[CommandOutcome]:
+        """What the gateway recorded of each command: its transaction message came
+        (SUCCEEDED); it was sent and no answer came (PENDING: the charge point may have acted,
+        so it must not be sent again); the charge point rejected it (FAILED); it never left, or
+        the charge point answered a CALLERROR, or there is no record (UNKNOWN: safe to send).
+        One the charge point accepted without a transaction message yet is read back by the
+        gateway holding it (PENDING where it cannot say)."""
+        out: list[CommandOutcome] = []
+        for start in range(0, len(queries), OUTCOMES_PER_CALL):
+            chunk = queries[start : start + OUTCOMES_PER_CALL]
+            try:
+                async with asyncio.timeout(redis_keys.CALL_TIMEOUT_S):
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for q in chunk:
+                            pipe.hget(redis_keys.ocpp_command(q.entity.id, q.command_id), "state")
+                            pipe.hget(redis_keys.ocpp_link(q.entity.id), "url")
+                        replies = await pipe.execute()
+            except Exception as exc:
+                raise NotDelivered("outcome_lookup_failed", repr(exc)) from exc
+            states, urls = [_text(r) for r in replies[0::2]], [_text(r) for r in replies[1::2]]
+            found = [_outcome(s) for s in states]
+            # Accepted, no transaction message: ask the charge point itself, one call per charge point.
+            asking: dict[tuple[str, str], list[int]] = defaultdict(list)
+            for i, (q, state, url) in enumerate(zip(chunk, states, urls, strict=True)):
+                if state == "accepted" and url:
+                    asking[(url, q.entity.device_id)].append(i)
+            read = await asyncio.gather(*(self._read_back(url, cp, [chunk[i].command_id for i in positions])
+                                          for (url, cp), positions in asking.items()))
+            for positions, findings in zip(asking.values(), read, strict=True):
+                for i, finding in zip(positions, findings, strict=True):
+                    if finding is not None:
+                        found[i] = finding
+            out += found
+        return out
+
+    async def _read_back(self, gateway: str, charge_point_id: str, command_ids: list[str]) -> list[CommandOutcome | None]:
+        """The gateway's findings for one charge point's commands (None each where it cannot say)."""
+        try:
+            response = await self._http.post(
+                gateway + OUTCOMES_PATH.format(charge_point_id=charge_point_id),
+                content=GatewayOutcomesQuery(command_ids=command_ids).dump(), headers={"content-type": "application/json"},
+            )
+            if response.status_code == 200:
+                findings = GatewayFindings.model_validate_json(response.content).findings
+                if len(findings) == len(command_ids):
+                    return [CommandOutcome(Finding(f.finding), f.message) for f in findings]
+        except (httpx.HTTPError, ValidationError):
+            pass
+        return [None] * len(command_ids)
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _outcome(state: str | None) -> CommandOutcome:
+    if state == "succeeded":
+        return CommandOutcome(Finding.SUCCEEDED)
+    if state == "accepted":
+        return CommandOutcome(Finding.PENDING, "accepted, no transaction message yet")
+    if state == "sending":
+        return CommandOutcome(Finding.PENDING, "sent and never answered: the charge point may have it")
+    if state == "rejected":
+        return CommandOutcome(Finding.FAILED, "the charge point rejected it")
+    return CommandOutcome(Finding.UNKNOWN, f"gateway record: {state or 'none'}")
+
+
+def _answer(response: httpx.Response, tag: str) -> Accepted | BackendError:
+    """The gateway's answer as the outcome dispatch decides from."""
+    if response.status_code == 200:
+        try:
+            answer = GatewayAnswer.model_validate_json(response.content)
+        except ValidationError as exc:
+            return DeliveryUnknown("delivery_unknown", f"unreadable gateway answer: {exc}")
+        if answer.status == "Accepted":
+            return Accepted(Confirmation.ASYNC, tag)
+        return Refused("rejected", "the charge point rejected the command")
+    try:
+        error = GatewayError.model_validate_json(response.content)
+    except ValidationError:
+        error = GatewayError(key=f"http_{response.status_code}", message=response.text[:500])
+    status = response.status_code
+    if status in (404, 503):
+        return NotDelivered(error.key, error.message, retry_after_s=error.retry_after_s)
+    if status == 409 or status == 422 or status == 502 or status == 401:
+        return Refused(error.key if status != 401 else "backend_refused", error.message)
+    # 504 (sent, no answer), or anything unexpected: the charge point may have it.
+    return DeliveryUnknown("delivery_unknown", f"HTTP {status} {error.key}: {error.message}")
+
+
+def _results_router(context: BackendContext) -> APIRouter:
+    router = APIRouter()
+
+    @router.post(CALLBACK_PATH, include_in_schema=False)
+    async def ocpp_results(request: Request) -> JSONResponse:
+        try:
+            body = OcppResults.model_validate_json(await request.body())
+        except ValidationError as exc:
+            return JSONResponse({"key": "invalid_result", "message": str(exc)[:2000]}, status_code=400)
+        genuine: list[DeviceResult] = []
+        answers: dict[int, str] = {}
+        for i, result in enumerate(body.results):
+            entity_id = context.entity_of(result.token, result.command_id)
+            if entity_id is None:
+                answers[i] = "invalid_signature"
+                continue
+            genuine.append(DeviceResult(entity_id, result.command_id, result.succeeded, result.message))
+        if not genuine:
+            return JSONResponse({"key": "invalid_signature", "message": "no result carries a valid token"}, status_code=403)
+        states = iter(await context.report(genuine))
+        out = [{"commandId": r.command_id, "state": answers.get(i) or next(states)} for i, r in enumerate(body.results)]
+        return JSONResponse({"results": out})
+
+    return router
+
+
+@register("ocpp", OcppSettings)
+def _create(context: BackendContext) -> OcppBackend:
+    return OcppBackend(context, OcppSettings())
+
+
+__all__ = ["CALLBACK_PATH", "OcppBackend", "OcppSettings"]

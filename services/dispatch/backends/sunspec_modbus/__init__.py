@@ -1,0 +1,234 @@
+"""Backend ``sunspec-modbus``: PV inverters on SunSpec over Modbus TCP (see
+:mod:`dercmd.protocols.sunspec`), one unit id per device behind a Modbus TCP server.
+
+An entity's address is its ``vendorDeviceId`` when that is ``<unit>`` (on the default server,
+``DERCMD_SUNSPEC_MODBUS_HOST``/``_PORT``, the simulator's when empty) or
+``<host>:<port>/<unit>``; else the free unit ids of the default server in the order of the
+fleet's sunspec-modbus entity ids, as the simulator assigns them.
+
+A command is three requests on one pooled connection: read the controls (and dercmd's command
+tag), write them with the command's values (:mod:`.mapping`) and its tag in one request, read
+them back. The read-back is the confirmation (Confirmation.SYNC): the device holds the values
+and, where it has the tag model, the command's id. Outcomes:
+
+    not sent (no connection; any failure before the write; the write answered busy)
+                                                 NotDelivered
+    an exception answer to the write (other than busy), no such unit (0x0A), not SunSpec,
+    a command the registers cannot express, values not held after the write
+                                                 Refused
+    no answer to the write or to the read-back (timeout, dropped connection)
+                                                 DeliveryUnknown
+
+What became of a command (:meth:`SunSpecModbusBackend.outcomes`) is read from the device: the
+tag naming it means SUCCEEDED, anything else UNKNOWN (it was never applied, or a later command
+of dercmd's replaced it). A device without the tag model can be asked only with the order at
+hand (it holds the order's values, or not). Deliveries to different units go concurrently (up
+to ``DERCMD_SUNSPEC_MODBUS_CONNECTIONS`` per server); one unit's in order, one at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from dercmd.events import CommandType, utcnow
+from dercmd.fleet import Entity, Fleet
+from dercmd.protocols import sunspec as ss
+from dercmd.settings import Settings
+
+from ..base import (
+    Accepted,
+    BackendContext,
+    BackendError,
+    BackendSettings,
+    CommandOutcome,
+    Confirmation,
+    Delivery,
+    DeliveryUnknown,
+    Finding,
+    NotDelivered,
+    Query,
+    Refused,
+    register,
+)
+from .mapping import Unmappable, controls_for, holds, tag_for
+
+NAME = "sunspec-modbus"
+#: Deliveries one call takes (each unit's in order, different units at once).
+MAX_BATCH = 64
+PV_TYPES = frozenset({CommandType.RESET, CommandType.DISCONNECT, CommandType.LIMIT_FEED_IN, CommandType.STOP_FEED_IN,
+                      CommandType.LIMIT_PRODUCTION_POWER})
+T = TypeVar("T")
+
+
+class SunSpecModbusSettings(BackendSettings):
+    model_config = SettingsConfigDict(env_prefix="DERCMD_SUNSPEC_MODBUS_", extra="ignore")
+
+    host: str = Field("", description="Modbus TCP server of units addressed without a host; empty: the local simulator (DERCMD_BIND_HOST).")
+    port: int = Field(0, ge=0, description="Its port; 0: the simulator's (DERCMD_SIM_MODBUS_PORT).")
+    timeout_s: float = Field(2.0, gt=0, description="Deadline of one Modbus request (and of connecting), in seconds.")
+    connections: int = Field(8, ge=1, description="Connections dispatch holds open to one Modbus TCP server (units served at once).")
+
+    def server(self, settings: Settings) -> tuple[str, int]:
+        return self.host or settings.bind_host, self.port or settings.sim_modbus_port
+
+
+class _Phase:
+    """How far a delivery got, which decides what an error means."""
+
+    BEFORE, WRITE, AFTER = "before", "write", "after"
+
+
+class SunSpecModbusBackend:
+    name = NAME
+    supported_types = PV_TYPES
+    max_batch = MAX_BATCH
+    router = None
+
+    def __init__(self, fleet: Fleet, server: tuple[str, int], *, timeout_s: float = 2.0, connections: int = 8) -> None:
+        self._server = server
+        self._timeout_s, self._connections = timeout_s, connections
+        entities = [e for e in fleet.entities.values() if e.backend == NAME]
+        self._addresses = {entity_id: self._resolve(a) for entity_id, a in
+                           ss.assign_units((e.id, e.vendor_device_id) for e in entities).items()}
+        self._pools: dict[tuple[str, int], ss.ConnectionPool] = {}
+        self._maps: dict[ss.Address, ss.DeviceMap] = {}
+
+    def _resolve(self, address: ss.Address) -> ss.Address:
+        return address if address.host else ss.Address(self._server[0], self._server[1], address.unit)
+
+    def address(self, entity: Entity) -> ss.Address | None:
+        if (known := self._addresses.get(entity.id)) is not None:
+            return known
+        parsed = ss.parse_address(entity.vendor_device_id)
+        return self._resolve(parsed) if parsed is not None else None
+
+    async def start(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
+
+    # -- sending ---------------------------------------------------------------------
+
+    async def send(self, deliveries: Sequence[Delivery]) -> list[Accepted | BackendError]:
+        return await self._per_unit([(d.entity, d) for d in deliveries], self._deliver)
+
+    async def _deliver(self, address: ss.Address | None, d: Delivery) -> Accepted | BackendError:
+        if address is None:
+            return Refused("unknown_device", f"{d.entity.id} has no Modbus unit (vendorDeviceId or one of 247 free units)")
+        phase = _Phase.BEFORE
+        try:
+            async with self._pool(address).connection() as connection:
+                client = ss.SunSpecClient(connection, address.unit)
+                device = await self._device(client, address)
+                _tag, current = await client.read_block(device)
+                target = controls_for(d.order, current, device, utcnow())
+                tag = tag_for(d.order) if device.tagged else None
+                phase = _Phase.WRITE
+                await client.write_block(device, tag, target)
+                phase = _Phase.AFTER
+                held_tag, held = await client.read_block(device)
+        except Unmappable as exc:
+            return Refused(exc.reason, exc.detail)
+        except ss.SunSpecError as exc:
+            self._maps.pop(address, None)
+            return _translate(exc, phase)
+        if not holds(target, held) or (tag is not None and held_tag != tag):
+            return Refused("not_applied", f"unit {address.unit} holds {held} {held_tag or ''} after writing {target} {tag or ''}")
+        return Accepted(Confirmation.SYNC)
+
+    # -- asking ----------------------------------------------------------------------
+
+    async def outcomes(self, queries: Sequence[Query]) -> list[CommandOutcome]:
+        answers = await self._per_unit([(q.entity, q) for q in queries], self._outcome)
+        for answer in answers:
+            if isinstance(answer, BackendError):
+                raise answer
+        return [a for a in answers if isinstance(a, CommandOutcome)]
+
+    async def _outcome(self, address: ss.Address | None, q: Query) -> CommandOutcome | BackendError:
+        if address is None:
+            return CommandOutcome(Finding.UNKNOWN, f"{q.entity.id} has no Modbus unit")
+        try:
+            async with self._pool(address).connection() as connection:
+                client = ss.SunSpecClient(connection, address.unit)
+                device = await self._device(client, address)
+                tag, held = await client.read_block(device)
+                if tag is None:
+                    if q.order is None:
+                        return Refused("cannot_tell", f"unit {address.unit} has no command tag (model {ss.TAG}) and the order is not at hand")
+                    target = controls_for(q.order, held, device, q.order.ordered_at)
+                    found = holds(target, held)
+                else:
+                    found = tag.command_id == q.command_id
+        except Unmappable:
+            return CommandOutcome(Finding.UNKNOWN, "the order cannot be expressed in this device's registers")
+        except ss.SunSpecError as exc:
+            self._maps.pop(address, None)
+            return NotDelivered("backend_unavailable", f"asking unit {address.unit}: {exc}")
+        if found:
+            return CommandOutcome(Finding.SUCCEEDED)
+        return CommandOutcome(Finding.UNKNOWN, f"unit {address.unit} holds command {tag.command_id!r}" if tag else "values not held")
+
+    # -- plumbing --------------------------------------------------------------------
+
+    async def _per_unit(self, items: Sequence[tuple[Entity, T]],
+                        act: Callable[[ss.Address | None, T], Awaitable[Accepted | CommandOutcome | BackendError]]
+                        ) -> list[Accepted | CommandOutcome | BackendError]:
+        """``act`` on every item, one unit's in order and different units' at once; answers in
+        the items' order."""
+        by_unit: dict[ss.Address | None, list[int]] = defaultdict(list)
+        for i, (entity, _) in enumerate(items):
+            by_unit[self.address(entity)].append(i)
+        answers: list[Accepted | CommandOutcome | BackendError | None] = [None] * len(items)
+
+        async def one_unit(address: ss.Address | None, positions: list[int]) -> None:
+            for i in positions:
+                answers[i] = await act(address, items[i][1])
+
+        await asyncio.gather(*(one_unit(a, p) for a, p in by_unit.items()))
+        return [a for a in answers if a is not None]
+
+    def _pool(self, address: ss.Address) -> ss.ConnectionPool:
+        key = (address.host, address.port)
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = ss.ConnectionPool(address.host, address.port, self._timeout_s, self._connections)
+        return pool
+
+    async def _device(self, client: ss.SunSpecClient, address: ss.Address) -> ss.DeviceMap:
+        """The device's model map, discovered once and kept until an error on that unit."""
+        device = self._maps.get(address)
+        if device is None:
+            device = self._maps[address] = await client.discover()
+        return device
+
+
+def _translate(error: ss.SunSpecError, phase: str) -> BackendError:
+    detail = str(error)
+    if phase == _Phase.AFTER or (phase == _Phase.WRITE and isinstance(error, ss.NoAnswer)):
+        return DeliveryUnknown("delivery_unknown", detail)
+    if isinstance(error, ss.ExceptionAnswer):
+        if error.busy:
+            return NotDelivered("backend_unavailable", detail)
+        if error.code == ss.GATEWAY_PATH_UNAVAILABLE:
+            return Refused("unknown_device", detail)
+        return Refused("backend_refused", detail)
+    if isinstance(error, ss.NotSunSpec):
+        return Refused("not_sunspec", detail)
+    return NotDelivered("backend_unavailable", detail)  # Unreachable, or no answer before the write
+
+
+@register(NAME, SunSpecModbusSettings)
+def _create(context: BackendContext) -> SunSpecModbusBackend:
+    settings = SunSpecModbusSettings()
+    return SunSpecModbusBackend(context.fleet, settings.server(context.settings), timeout_s=settings.timeout_s,
+                                connections=settings.connections)

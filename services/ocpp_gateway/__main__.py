@@ -1,0 +1,6 @@
+"""ocpp_gateway: the OCPP 1.6J central system charge points connect to."""
+from dercmd.settings import get_settings
+
+from .app import build
+
+build(get_settings()).run()

@@ -1,0 +1,69 @@
+"""The OCPP gateway's HTTP server: the charge points' WebSocket endpoint
+(``/ocpp/{chargePointId}``) and the internal API dispatch calls (bearer-authenticated with
+``DERCMD_OCPP_GATEWAY_TOKEN``), as a :class:`~dercmd.service.Service` with ``/metrics`` and
+``/health``. It consumes no topic: what it learns goes to Redis and to dispatch's callback."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from fastapi import FastAPI, Path, Request, WebSocket
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from dercmd.dispatch.backends.ocpp import OcppSettings
+from dercmd.fleet import Fleet
+from dercmd.protocols.ocpp import COMMANDS_PATH, OUTCOMES_PATH, WS_PATH, GatewayCommand, GatewayOutcomesQuery
+from dercmd.service import Service
+from dercmd.settings import Settings
+
+from .gateway import Gateway
+
+
+def add_routes(app: FastAPI, gateway: Gateway) -> None:
+    authorization = f"Bearer {gateway.ocpp.gateway_token}"
+
+    def authorized(request: Request) -> bool:
+        return hmac.compare_digest(request.headers.get("authorization", ""), authorization)
+
+    @app.websocket(WS_PATH + "/{charge_point_id}")
+    async def charge_point(websocket: WebSocket, charge_point_id: str) -> None:
+        await gateway.serve(websocket, charge_point_id)
+
+    @app.post(COMMANDS_PATH.replace("{charge_point_id}", "{chargePointId}"), include_in_schema=False)
+    async def command(request: Request, charge_point_id: str = Path(alias="chargePointId")) -> JSONResponse:
+        if not authorized(request):
+            return JSONResponse({"key": "unauthorized", "message": "not the gateway token"}, status_code=401)
+        try:
+            body = GatewayCommand.model_validate_json(await request.body())
+        except ValidationError as exc:
+            return JSONResponse({"key": "invalid_command", "message": str(exc)[:2000]}, status_code=400)
+        status, answer = await gateway.command(charge_point_id, body)
+        return JSONResponse(answer.model_dump(by_alias=True, exclude_none=True), status_code=status)
+
+    @app.post(OUTCOMES_PATH.replace("{charge_point_id}", "{chargePointId}"), include_in_schema=False)
+    async def outcomes(request: Request, charge_point_id: str = Path(alias="chargePointId")) -> JSONResponse:
+        if not authorized(request):
+            return JSONResponse({"key": "unauthorized", "message": "not the gateway token"}, status_code=401)
+        try:
+            body = GatewayOutcomesQuery.model_validate_json(await request.body())
+        except ValidationError as exc:
+            return JSONResponse({"key": "invalid_query", "message": str(exc)[:2000]}, status_code=400)
+        status, answer = await gateway.read_back(charge_point_id, body.command_ids)
+        return JSONResponse(answer.model_dump(by_alias=True, exclude_none=True), status_code=status)
+
+    @app.get("/internal/v1/charge-points", include_in_schema=False)
+    async def charge_points(request: Request) -> Any:
+        """The charge points connected to this replica: booted, declared profiles, connectors."""
+        if not authorized(request):
+            return JSONResponse({"key": "unauthorized", "message": "not the gateway token"}, status_code=401)
+        return {"gateway": gateway.url, "chargePoints": gateway.describe()}
+
+
+def build(settings: Settings) -> Service:
+    service = Service("ocpp_gateway", settings, settings.ocpp_gateway_port)
+    gateway = Gateway(settings, OcppSettings(), service.redis, Fleet.load(settings.fleet_file))
+    service.closers.append(gateway.aclose)
+    add_routes(service.app, gateway)
+    return service

@@ -1,0 +1,577 @@
+"""The OCPP 1.6J central system: the charge points' WebSockets, what they say, and the calls
+dispatch asks this replica to make on them.
+
+Per connection: the charge point is one of the fleet's ``ocpp`` entities (its id in the URL is
+the entity's device id; any other is refused before the handshake completes); the replica
+records itself as the holder in Redis (``ocpp_link``: its URL and the connection's id, expiring
+after three missed heartbeats, re-asserted by each heartbeat), and on close removes that record
+only if it is still this connection's (the charge point may already be connected elsewhere).
+After the charge point's BootNotification (or its first message, for one that reconnects
+without booting) the gateway asks ``GetConfiguration(SupportedFeatureProfiles)``: what it
+declared decides which commands reach it.
+
+What the charge point did is kept in Redis, not in this process, so any replica (and dispatch's
+outcome queries) sees it after a reconnect elsewhere or a restart: each command sent
+(``ocpp_command``), the idTag of a start (``ocpp_tag``), the transaction a stop asked to end
+(``ocpp_stop``), the running transaction (``ocpp_transaction``). A StartTransaction whose idTag
+is a command's, or a StopTransaction of a transaction a command asked to stop, is that
+command's result: it is POSTed to the ``resultUrl`` dispatch gave (retried for about a minute;
+dispatch's delivery check reads the same record after that).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import httpx
+import redis.asyncio as aioredis
+from fastapi import WebSocket, WebSocketDisconnect
+from ocpp.exceptions import GenericError, InternalError, NotImplementedError, NotSupportedError, OCPPError
+from ocpp.routing import after, on
+from ocpp.v16 import ChargePoint, call, call_result
+from ocpp.v16.enums import Action, AuthorizationStatus, MessageTrigger, RegistrationStatus, RemoteStartStopStatus, TriggerMessageStatus
+
+from dercmd import redis_keys
+from dercmd.dispatch.backends.ocpp import OcppSettings
+from dercmd.events import CommandType
+from dercmd.fleet import Entity, Fleet
+from dercmd.protocols.ocpp import (
+    CHARGING_STATUSES,
+    CONNECTOR_ID,
+    IDLE_STATUSES,
+    PROFILE_OF,
+    REMOTE_TRIGGER,
+    SUBPROTOCOL,
+    SUPPORTED_FEATURE_PROFILES,
+    GatewayAnswer,
+    GatewayCommand,
+    GatewayError,
+    GatewayFinding,
+    GatewayFindings,
+    OcppResult,
+    OcppResults,
+    message_id,
+    parse_profiles,
+)
+from dercmd.scripts import Script
+from dercmd.settings import Settings
+
+from . import metrics
+
+log = logging.getLogger(__name__)
+#: The ocpp package logs every message at INFO: far too much for a fleet.
+logging.getLogger("ocpp").setLevel(logging.WARNING)
+
+T = TypeVar("T")
+
+#: Set ``state`` to ARGV[2] only if it is ARGV[1]: an answer that comes after the charge
+#: point's transaction message must not move the command back.
+_ADVANCE = """
+if redis.call('HGET', KEYS[1], 'state') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'state', ARGV[2])
+  return 1
+end
+return 0
+"""
+#: A command's transaction message came: it succeeded. Returns its token and result URL.
+_CONFIRM = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+redis.call('HSET', KEYS[1], 'state', 'succeeded', 'txId', ARGV[1])
+return {redis.call('HGET', KEYS[1], 'token'), redis.call('HGET', KEYS[1], 'resultUrl')}
+"""
+#: Hold the link for this connection (refresh its expiry) unless another connection holds it.
+_HOLD = """
+local conn = redis.call('HGET', KEYS[1], 'conn')
+if conn and conn ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'url', ARGV[2], 'conn', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+#: Let go of the link if this connection still holds it.
+_RELEASE = """
+if redis.call('HGET', KEYS[1], 'conn') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+#: The transaction ended: forget it if it is still the running one.
+_END_TRANSACTION = """
+if redis.call('HGET', KEYS[1], 'id') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+#: CALLERROR codes that mean the charge point could not take the message now and did not act.
+_RETRIABLE = (InternalError, GenericError)
+#: How long after a failed POST of a result the gateway tries again, in turn.
+_REPORT_BACKOFF_S = (0.2, 0.5, 1, 2, 4, 8, 15, 30)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+class _Socket:
+    """A Starlette WebSocket as the connection the ocpp package reads and writes."""
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self._websocket = websocket
+
+    async def recv(self) -> str:
+        return await self._websocket.receive_text()
+
+    async def send(self, message: str) -> None:
+        await self._websocket.send_text(message)
+
+
+class NotSent(Exception):
+    """The call did not leave: the connection closed, or its turn did not come in time."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+class NoAnswer(Exception):
+    """The call left and no answer came (a timeout, the connection closed meanwhile)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+@dataclass(eq=False)
+class Connection:
+    entity: Entity
+    websocket: WebSocket
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: OCPP-J allows one CALL at a time per direction.
+    turn: asyncio.Lock = field(default_factory=asyncio.Lock)
+    profiles: frozenset[str] | None = None  # None: not declared yet
+    booted: bool = False
+    connectors: dict[int, str] = field(default_factory=dict)
+    #: Read-backs waiting for the charge point's next StatusNotification of a connector.
+    status_waiters: list[tuple[int, asyncio.Future[str]]] = field(default_factory=list)
+    asking: asyncio.Task[None] | None = None
+    charge_point: CentralChargePoint | None = None
+
+
+class CentralChargePoint(ChargePoint):
+    """One connected charge point, as the central system sees it: the answers to what it
+    sends. The gateway's state lives in Redis (see the module's docstring)."""
+
+    def __init__(self, gateway: Gateway, connection: Connection) -> None:
+        super().__init__(connection.entity.device_id, _Socket(connection.websocket), response_timeout=gateway.ocpp.call_timeout_s)
+        self.gateway = gateway
+        self.connection = connection
+        self.entity_id = connection.entity.id
+
+    @on(Action.boot_notification)
+    async def on_boot_notification(self, charge_point_vendor: str, charge_point_model: str, **_: Any) -> Any:
+        metrics.RECEIVED.labels("BootNotification").inc()
+        self.connection.booted = True
+        await self.gateway.hold(self.connection)
+        return call_result.BootNotification(
+            current_time=_now(), interval=self.gateway.ocpp.heartbeat_interval_s, status=RegistrationStatus.accepted
+        )
+
+    @after(Action.boot_notification)
+    async def after_boot_notification(self, **_: Any) -> None:
+        self.gateway.ask_profiles(self.connection, again=True)
+
+    @on(Action.heartbeat)
+    async def on_heartbeat(self, **_: Any) -> Any:
+        metrics.RECEIVED.labels("Heartbeat").inc()
+        await self.gateway.hold(self.connection)
+        self.gateway.ask_profiles(self.connection)
+        return call_result.Heartbeat(current_time=_now())
+
+    @on(Action.status_notification)
+    async def on_status_notification(self, connector_id: int, error_code: str, status: str, **_: Any) -> Any:
+        metrics.RECEIVED.labels("StatusNotification").inc()
+        self.connection.connectors[connector_id] = status
+        waiting = self.connection.status_waiters
+        self.connection.status_waiters = [(c, f) for c, f in waiting if c != connector_id and not f.done()]
+        for c, future in waiting:
+            if c == connector_id and not future.done():
+                future.set_result(status)
+        self.gateway.ask_profiles(self.connection)
+        return call_result.StatusNotification()
+
+    @on(Action.authorize)
+    async def on_authorize(self, id_tag: str, **_: Any) -> Any:
+        # dercmd keeps no authorization list: its own idTags and any other are accepted.
+        metrics.RECEIVED.labels("Authorize").inc()
+        return call_result.Authorize(id_tag_info={"status": AuthorizationStatus.accepted})
+
+    @on(Action.start_transaction)
+    async def on_start_transaction(self, connector_id: int, id_tag: str, meter_start: int, timestamp: str, **_: Any) -> Any:
+        metrics.RECEIVED.labels("StartTransaction").inc()
+        transaction_id = await self.gateway.transaction_started(self.entity_id, id_tag)
+        return call_result.StartTransaction(transaction_id=transaction_id, id_tag_info={"status": AuthorizationStatus.accepted})
+
+    @on(Action.stop_transaction)
+    async def on_stop_transaction(self, meter_stop: int, timestamp: str, transaction_id: int, **_: Any) -> Any:
+        metrics.RECEIVED.labels("StopTransaction").inc()
+        await self.gateway.transaction_stopped(self.entity_id, transaction_id)
+        return call_result.StopTransaction(id_tag_info={"status": AuthorizationStatus.accepted})
+
+    @on(Action.meter_values)
+    async def on_meter_values(self, connector_id: int, **_: Any) -> Any:
+        # Not published anywhere yet: OCPP measurements are not among dercmd's reports.
+        metrics.RECEIVED.labels("MeterValues").inc()
+        return call_result.MeterValues()
+
+
+class Gateway:
+    """Every charge point connected to this replica, and what is done on their connections.
+    ``transport`` replaces the network under the results POSTed to dispatch (tests)."""
+
+    def __init__(self, settings: Settings, ocpp: OcppSettings, redis: aioredis.Redis, fleet: Fleet, *,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.ocpp = ocpp
+        self.url = ocpp.own_url(settings)
+        self.redis = redis
+        self.charge_points: dict[str, Entity] = {e.device_id: e for e in fleet.entities.values() if e.backend == "ocpp"}
+        self.connections: dict[str, Connection] = {}
+        self._http = httpx.AsyncClient(timeout=5.0, transport=transport)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._advance = Script(redis, _ADVANCE)
+        self._confirm = Script(redis, _CONFIRM)
+        self._hold = Script(redis, _HOLD)
+        self._release = Script(redis, _RELEASE)
+        self._end_transaction = Script(redis, _END_TRANSACTION)
+
+    async def aclose(self) -> None:
+        """Close every connection (each lets go of its link), stop reporting."""
+        for connection in list(self.connections.values()):
+            with contextlib.suppress(Exception):
+                await connection.websocket.close(code=1001)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._http.aclose()
+
+    def _spawn(self, work: Awaitable[T], name: str) -> asyncio.Task[T]:
+        task = asyncio.ensure_future(work)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _redis(self, run: Callable[[], Awaitable[T]]) -> T:
+        async with asyncio.timeout(redis_keys.CALL_TIMEOUT_S):
+            return await run()
+
+    # -- connections ---------------------------------------------------------------------
+
+    async def serve(self, websocket: WebSocket, charge_point_id: str) -> None:
+        """One charge point's WebSocket, from the handshake until it closes."""
+        entity = self.charge_points.get(charge_point_id)
+        if entity is None or SUBPROTOCOL not in websocket.scope.get("subprotocols", ()):
+            metrics.CONNECTIONS.labels("refused").inc()
+            log.warning("charge point refused", extra={"charge_point": charge_point_id, "known": entity is not None,
+                                                       "subprotocols": websocket.scope.get("subprotocols")})
+            await websocket.close(code=1008)
+            return
+        await websocket.accept(subprotocol=SUBPROTOCOL)
+        connection = Connection(entity, websocket)
+        connection.charge_point = CentralChargePoint(self, connection)
+        previous = self.connections.get(charge_point_id)
+        self.connections[charge_point_id] = connection
+        if previous is not None:  # the charge point reconnected: the old socket is dead to it
+            metrics.CONNECTIONS.labels("replaced").inc()
+            with contextlib.suppress(Exception):
+                await previous.websocket.close(code=1000)
+        metrics.CONNECTIONS.labels("accepted").inc()
+        metrics.CONNECTED.inc()
+        try:
+            await self._take_link(connection)
+            await self._redis(lambda: self.redis.set(redis_keys.ocpp_seen(entity.id), _now(), nx=True))
+            await connection.charge_point.start()
+        except WebSocketDisconnect:
+            pass
+        except Exception:
+            log.exception("charge point connection failed", extra={"charge_point": charge_point_id})
+        finally:
+            connection.closed.set()
+            metrics.CONNECTED.dec()
+            if connection.asking is not None:
+                connection.asking.cancel()
+            if self.connections.get(charge_point_id) is connection:
+                del self.connections[charge_point_id]
+            with contextlib.suppress(Exception):
+                await self._release.run([redis_keys.ocpp_link(entity.id)], [connection.id])
+            with contextlib.suppress(Exception):
+                await websocket.close()
+
+    async def _take_link(self, connection: Connection) -> None:
+        """This connection is the charge point's newest: it holds the link, whoever did before."""
+        key = redis_keys.ocpp_link(connection.entity.id)
+
+        async def take() -> None:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(key).hset(key, mapping={"url": self.url, "conn": connection.id}).expire(key, self.ocpp.link_ttl_s)
+                await pipe.execute()
+
+        await self._redis(take)
+
+    async def hold(self, connection: Connection) -> None:
+        if not connection.closed.is_set():
+            await self._hold.run([redis_keys.ocpp_link(connection.entity.id)], [connection.id, self.url, self.ocpp.link_ttl_s])
+
+    def ask_profiles(self, connection: Connection, *, again: bool = False) -> None:
+        """Ask what the charge point supports, unless that is known (or being asked) already."""
+        if connection.closed.is_set() or (connection.asking is not None and not connection.asking.done()):
+            return
+        if connection.profiles is not None and not again:
+            return
+        connection.asking = self._spawn(self._ask_profiles(connection), f"profiles {connection.entity.id}")
+
+    async def _ask_profiles(self, connection: Connection) -> None:
+        try:
+            answer = await self.call(connection, call.GetConfiguration(key=[SUPPORTED_FEATURE_PROFILES]))
+        except OCPPError as exc:
+            # It will not say: it declared nothing, and is asked again at its next boot.
+            log.warning("GetConfiguration refused", extra={"entity_id": connection.entity.id, "error": repr(exc)})
+            connection.profiles = frozenset()
+            return
+        except (NotSent, NoAnswer) as exc:  # asked again with its next message
+            log.info("GetConfiguration unanswered", extra={"entity_id": connection.entity.id, "error": exc.key})
+            return
+        values = [k.get("value") or "" for k in answer.configuration_key or () if k.get("key") == SUPPORTED_FEATURE_PROFILES]
+        connection.profiles = parse_profiles(values[0]) if values else frozenset()
+        log.info("charge point declared", extra={"entity_id": connection.entity.id, "profiles": sorted(connection.profiles)})
+
+    async def call(self, connection: Connection, payload: Any, unique_id: str | None = None) -> Any:
+        """One CALL on the connection, in its turn: the charge point's answer, or the
+        :class:`ocpp.exceptions.OCPPError` of its CALLERROR. Raises :class:`NotSent` when the
+        call did not leave, :class:`NoAnswer` when it left and no answer came."""
+        action = type(payload).__name__
+        charge_point = connection.charge_point
+        assert charge_point is not None
+        try:
+            async with asyncio.timeout(self.ocpp.call_timeout_s):
+                await connection.turn.acquire()
+        except TimeoutError:
+            metrics.CALLS.labels(action, "busy").inc()
+            raise NotSent("busy") from None
+        try:
+            if connection.closed.is_set():
+                raise NotSent("not_connected")
+            started = time.perf_counter()
+            calling = asyncio.ensure_future(charge_point.call(payload, suppress=False, unique_id=unique_id))
+            closing = asyncio.ensure_future(connection.closed.wait())
+            try:
+                await asyncio.wait((calling, closing), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                closing.cancel()
+            if not calling.done():
+                calling.cancel()
+                metrics.CALLS.labels(action, "connection_closed").inc()
+                raise NoAnswer("connection_closed")
+            try:
+                answer = calling.result()
+            except TimeoutError:
+                metrics.CALLS.labels(action, "no_answer").inc()
+                raise NoAnswer("no_answer") from None
+            except OCPPError:
+                metrics.CALLS.labels(action, "call_error").inc()
+                raise
+            except Exception as exc:  # the socket failed under the send: whether it left is unknown
+                metrics.CALLS.labels(action, "connection_closed").inc()
+                raise NoAnswer("connection_closed") from exc
+            metrics.CALL_SECONDS.labels(action).observe(time.perf_counter() - started)
+            metrics.CALLS.labels(action, str(getattr(answer, "status", "answered"))).inc()
+            return answer
+        finally:
+            connection.turn.release()
+
+    # -- commands from dispatch ----------------------------------------------------------
+
+    async def command(self, charge_point_id: str, command: GatewayCommand) -> tuple[int, GatewayAnswer | GatewayError]:
+        """Make the command's OCPP call on the charge point's connection: the HTTP status
+        and body of :mod:`dercmd.protocols.ocpp`'s exchange."""
+        connection = self.connections.get(charge_point_id)
+        if connection is None or connection.closed.is_set():
+            return 404, GatewayError(key="not_connected", message=f"{charge_point_id} is not connected to {self.url}")
+        if connection.profiles is None:
+            self.ask_profiles(connection)
+            return 503, GatewayError(key="booting", message="the charge point has not declared its feature profiles yet")
+        profile = PROFILE_OF.get(command.type)
+        if profile is None or profile not in connection.profiles:
+            return 422, GatewayError(key="command_not_supported",
+                                     message=f"declared profiles {sorted(connection.profiles)}; {command.type} needs {profile}")
+        entity_id = connection.entity.id
+        record = redis_keys.ocpp_command(entity_id, command.command_id)
+        fields = {"type": command.type.value, "idTag": command.id_tag, "token": command.token, "resultUrl": command.result_url,
+                  "state": "sending"}
+        payload: Any
+        if command.type is CommandType.START_CHARGING:
+            payload = call.RemoteStartTransaction(id_tag=command.id_tag, connector_id=CONNECTOR_ID)
+            side = (redis_keys.ocpp_tag(entity_id, command.id_tag), command.command_id)
+        else:
+            running = await self._redis(lambda: self.redis.hget(redis_keys.ocpp_transaction(entity_id), "id"))
+            if running is None:
+                return 409, GatewayError(key="no_transaction", message="no transaction is running on the charge point")
+            transaction_id = int(running)
+            payload = call.RemoteStopTransaction(transaction_id=transaction_id)
+            fields["txId"] = str(transaction_id)
+            side = (redis_keys.ocpp_stop(entity_id, transaction_id), command.command_id)
+
+        async def write() -> None:
+            # Before sending: the transaction message may come before (or instead of) the answer.
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(record).hset(record, mapping=fields).expire(record, redis_keys.STATE_TTL_S)
+                pipe.set(side[0], side[1], ex=redis_keys.STATE_TTL_S)
+                await pipe.execute()
+
+        await self._redis(write)
+        try:
+            answer = await self.call(connection, payload, message_id(command.command_id))
+        except NotSent as exc:
+            await self._set_state(record, "sending", "unsent")
+            return (404 if exc.key == "not_connected" else 503), GatewayError(key=exc.key, message="the call was not sent")
+        except NoAnswer as exc:
+            return 504, GatewayError(key=exc.key, message=f"no answer within {self.ocpp.call_timeout_s} s")
+        except OCPPError as exc:
+            await self._set_state(record, "sending", "call_error")
+            detail = f"{exc.code}: {exc.description}"
+            if isinstance(exc, (NotSupportedError, NotImplementedError)):
+                return 422, GatewayError(key="command_not_supported", message=detail)
+            if isinstance(exc, _RETRIABLE):
+                retry = (exc.details or {}).get("retryAfterS") if isinstance(exc.details, dict) else None
+                return 503, GatewayError(key="call_error", message=detail,
+                                         retry_after_s=float(retry) if isinstance(retry, (int, float)) else None)
+            return 502, GatewayError(key="call_error", message=detail)
+        accepted = answer.status == RemoteStartStopStatus.accepted
+        await self._set_state(record, "sending", "accepted" if accepted else "rejected")
+        return 200, GatewayAnswer(status="Accepted" if accepted else "Rejected")
+
+    async def _set_state(self, record: str, before: str, after: str) -> None:
+        await self._advance.run([record], [before, after])
+
+    async def read_back(self, charge_point_id: str, command_ids: list[str]) -> tuple[int, GatewayFindings | GatewayError]:
+        """Commands the charge point accepted with no transaction message yet: its connector,
+        read back with TriggerMessage(StatusNotification), says whether each took effect (a
+        start: a transaction runs; a stop: none does). The transaction message may still come,
+        or may have been lost; either way the command did what it asked."""
+        connection = self.connections.get(charge_point_id)
+        if connection is None or connection.closed.is_set():
+            return 404, GatewayError(key="not_connected", message=f"{charge_point_id} is not connected to {self.url}")
+        entity_id = connection.entity.id
+
+        async def read() -> list[Any]:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for command_id in command_ids:
+                    pipe.hmget(redis_keys.ocpp_command(entity_id, command_id), "type", "state")
+                return list(await pipe.execute())
+
+        records = [(_text(t) if t else None, _text(s) if s else None) for t, s in await self._redis(read)]
+        status: str | None = None
+        why = "the charge point cannot be read back (no RemoteTrigger profile)"
+        if any(state == "accepted" for _, state in records) and REMOTE_TRIGGER in (connection.profiles or ()):
+            status, why = await self._connector_status(connection)
+        findings: list[GatewayFinding] = []
+        for command_id, (type, state) in zip(command_ids, records, strict=True):
+            done = state == "succeeded" or (state == "accepted" and status is not None and (
+                (type == CommandType.START_CHARGING and status in CHARGING_STATUSES)
+                or (type == CommandType.STOP_CHARGING and status in IDLE_STATUSES)))
+            if done and state == "accepted":
+                await self._set_state(redis_keys.ocpp_command(entity_id, command_id), "accepted", "succeeded")
+            findings.append(GatewayFinding(command_id=command_id, finding="SUCCEEDED" if done else "PENDING",
+                                           message=f"connector {CONNECTOR_ID} {status}" if status else why))
+        return 200, GatewayFindings(findings=findings)
+
+    async def _connector_status(self, connection: Connection) -> tuple[str | None, str]:
+        """Connector 1's status as the charge point reports it when asked now."""
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        connection.status_waiters.append((CONNECTOR_ID, future))
+        try:
+            answer = await self.call(connection, call.TriggerMessage(requested_message=MessageTrigger.status_notification,
+                                                                     connector_id=CONNECTOR_ID))
+            if answer.status != TriggerMessageStatus.accepted:
+                return None, f"TriggerMessage {answer.status}"
+            async with asyncio.timeout(self.ocpp.call_timeout_s):
+                return await future, ""
+        except (OCPPError, NotSent, NoAnswer, TimeoutError) as exc:
+            return None, f"not read back: {exc!r}"
+        finally:
+            future.cancel()
+
+    # -- transaction messages ------------------------------------------------------------
+
+    async def transaction_started(self, entity_id: str, id_tag: str) -> int:
+        """A new transaction id for the charge point; the command whose idTag it carries
+        succeeded."""
+
+        async def start() -> tuple[int, Any]:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.incr(redis_keys.ocpp_transaction_seq(entity_id)).get(redis_keys.ocpp_tag(entity_id, id_tag))
+                transaction_id, command_id = await pipe.execute()
+            running = redis_keys.ocpp_transaction(entity_id)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(running).hset(running, mapping={"id": transaction_id, "idTag": id_tag}).expire(running, redis_keys.STATE_TTL_S)
+                await pipe.execute()
+            return int(transaction_id), command_id
+
+        transaction_id, command_id = await self._redis(start)
+        if command_id is not None:
+            await self._confirmed(entity_id, _text(command_id), transaction_id)
+        return transaction_id
+
+    async def transaction_stopped(self, entity_id: str, transaction_id: int) -> None:
+        """The transaction ended; the command that asked for that succeeded."""
+
+        command_id = await self._redis(lambda: self.redis.get(redis_keys.ocpp_stop(entity_id, transaction_id)))
+        await self._end_transaction.run([redis_keys.ocpp_transaction(entity_id)], [transaction_id])
+        if command_id is not None:
+            await self._confirmed(entity_id, _text(command_id), transaction_id)
+
+    async def _confirmed(self, entity_id: str, command_id: str, transaction_id: int) -> None:
+        found = await self._confirm.run([redis_keys.ocpp_command(entity_id, command_id)], [transaction_id])
+        if not found:
+            return
+        token, result_url = (_text(v) for v in found)
+        result = OcppResult(command_id=command_id, token=token, succeeded=True)
+        self._spawn(self._report(result_url, result, entity_id), f"result {command_id}")
+
+    async def _report(self, url: str, result: OcppResult, entity_id: str) -> None:
+        """POST one result to dispatch, retried for about a minute (dispatch may be restarting;
+        after that its delivery check reads the record)."""
+        body = OcppResults(results=[result]).dump()
+        for pause in (*_REPORT_BACKOFF_S, None):
+            try:
+                response = await self._http.post(url, content=body, headers={"content-type": "application/json"})
+                if response.status_code < 500:
+                    metrics.RESULTS.labels("posted" if response.status_code == 200 else "refused").inc()
+                    if response.status_code != 200:
+                        log.warning("result refused", extra={"command_id": result.command_id, "entity_id": entity_id,
+                                                             "status": response.status_code, "body": response.text[:500]})
+                    return
+            except httpx.HTTPError:
+                pass
+            if pause is None:
+                break
+            await asyncio.sleep(pause)
+        metrics.RESULTS.labels("failed").inc()
+        log.warning("result not delivered to dispatch", extra={"command_id": result.command_id, "entity_id": entity_id})
+
+    def describe(self) -> list[dict[str, Any]]:
+        """The charge points connected here (``GET /internal/v1/charge-points``)."""
+        return [
+            {"chargePointId": cp, "entityId": c.entity.id, "booted": c.booted,
+             "profiles": sorted(c.profiles) if c.profiles is not None else None,
+             "connectors": {str(k): v for k, v in sorted(c.connectors.items())}}
+            for cp, c in sorted(self.connections.items())
+        ]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

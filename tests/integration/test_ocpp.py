@@ -1,0 +1,391 @@
+"""OCPP 1.6J end to end in one process, over real WebSockets and HTTP: the gateway (served by
+uvicorn), simulated charge points connected to it, and dispatch's ``ocpp`` backend calling the
+gateway, whose results reach the backend's callback route. Each command type to its result,
+each fault kind to its outcome class, and every command the charge points acted on recorded
+once."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+import uvicorn
+from fastapi import FastAPI
+
+from dercmd import redis_keys
+from dercmd.dispatch import backends
+from dercmd.dispatch.backends.ocpp import CALLBACK_PATH, OcppBackend, OcppSettings
+from dercmd.dispatch.tokens import ResultTokens
+from dercmd.events import CommandType, DispatchOrderV1
+from dercmd.fleet import Fleet
+from dercmd.launcher import free_port
+from dercmd.ocpp_gateway.app import add_routes
+from dercmd.ocpp_gateway.gateway import Gateway
+from dercmd.settings import Settings
+from dercmd.simulator.faults import FaultKind, FaultPlan, Faults
+from dercmd.simulator.ocpp import OcppChargePoints, SimChargePoint
+from dercmd.simulator.recorder import Recorder
+
+T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+DISPATCH = "http://dispatch.test"
+CALL_TIMEOUT_S = 1.0
+CHARGE_POINTS = [f"cp-{i}" for i in range(1, 10)]
+
+FLEET = Fleet.model_validate({"entities": {
+    **{cp: {"kind": "CP", "vendor": "alfen", "backend": "ocpp", "declaredTypes": ["StartCharging", "StopCharging"]}
+       for cp in CHARGE_POINTS},
+    # Declares the types in the fleet file, but its charge point declares no feature profile.
+    "cp-mute": {"kind": "CP", "vendor": "abb", "backend": "ocpp", "declaredTypes": ["StartCharging", "StopCharging"]},
+    # Never connects.
+    "cp-offline": {"kind": "CP", "vendor": "abb", "backend": "ocpp", "vendorDeviceId": "OFF-1"},
+}})
+
+
+@dataclass
+class Rig:
+    backend: OcppBackend
+    gateway: Gateway
+    sim: OcppChargePoints
+    recorder: Recorder
+    faults: Faults
+    redis: aioredis.Redis
+    reported: list[backends.DeviceResult] = field(default_factory=list)
+    tokens: ResultTokens = field(default_factory=lambda: ResultTokens("test-secret"))
+    dispatch: FastAPI = field(default_factory=FastAPI)
+
+    def delivery(self, entity_id: str, type: CommandType, command_id: str | None = None) -> backends.Delivery:
+        command_id = command_id or f"{type.value[:5].lower()}-{uuid.uuid4().hex[:16]}"
+        order = DispatchOrderV1(command_id=command_id, entity_id=entity_id, type=type, fence=1, accepted_at=T0, ordered_at=T0)
+        return backends.Delivery(order, FLEET.entities[entity_id], self.tokens.token(entity_id, command_id))
+
+    async def send(self, *deliveries: backends.Delivery) -> list[backends.Accepted | backends.BackendError]:
+        return await self.backend.send(deliveries)
+
+    async def result_of(self, command_id: str, deadline_s: float = 5.0) -> backends.DeviceResult:
+        await until(lambda: any(r.command_id == command_id for r in self.reported), deadline_s)
+        return next(r for r in self.reported if r.command_id == command_id)
+
+    async def finding(self, delivery: backends.Delivery) -> backends.Finding:
+        [outcome] = await self.backend.outcomes([backends.Query(delivery.entity, delivery.order.command_id, delivery.order)])
+        return outcome.finding
+
+    def received(self, entity_id: str) -> list[tuple[str, str]]:
+        return [(r.command_id, r.type) for r in self.recorder.received(entity_id)]
+
+    async def declared(self, entity_id: str) -> None:
+        device_id = FLEET.entities[entity_id].device_id
+
+        async def probe() -> bool:
+            connection = self.gateway.connections.get(device_id)
+            return connection is not None and connection.profiles is not None
+
+        await until(probe)
+
+    async def start_charging(self, entity_id: str) -> backends.Delivery:
+        start = self.delivery(entity_id, CommandType.START_CHARGING)
+        assert isinstance((await self.send(start))[0], backends.Accepted)
+        assert (await self.result_of(start.order.command_id)).succeeded
+        return start
+
+
+async def until(probe: Callable[[], Any], deadline_s: float = 10.0) -> None:
+    end = asyncio.get_running_loop().time() + deadline_s
+    while True:
+        result = probe()
+        if isinstance(result, Awaitable):
+            result = await result
+        if result:
+            return
+        if asyncio.get_running_loop().time() > end:
+            raise AssertionError(f"timed out after {deadline_s} s")
+        await asyncio.sleep(0.02)
+
+
+async def serve(app: FastAPI, port: int) -> tuple[uvicorn.Server, asyncio.Task[None]]:
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    task = asyncio.ensure_future(server.serve())
+    await until(lambda: server.started)
+    return server, task
+
+
+@pytest.fixture
+async def rig(redis_url: str) -> AsyncIterator[Rig]:
+    port = free_port()
+    settings = Settings(ocpp_gateway_port=port)
+    ocpp = OcppSettings(call_timeout_s=CALL_TIMEOUT_S, heartbeat_interval_s=5, reconnect_wait_s=0.5)
+    redis = aioredis.from_url(redis_url)
+    recorder, faults = Recorder(), Faults(random.Random(7))
+    reported: list[backends.DeviceResult] = []
+    tokens = ResultTokens("test-secret")
+
+    async def report(results: Sequence[backends.DeviceResult]) -> list[str]:
+        reported.extend(results)
+        return ["emit"] * len(results)
+
+    context = backends.BackendContext(settings=settings, fleet=FLEET, redis=redis, callback_base_url=DISPATCH,
+                                      token=tokens.token, entity_of=tokens.entity_of, report=report)
+    backend = OcppBackend(context, ocpp)
+    dispatch = FastAPI()
+    assert backend.router is not None
+    dispatch.include_router(backend.router)
+    gateway = Gateway(settings, ocpp, redis, FLEET, transport=httpx.ASGITransport(app=dispatch))
+    app = FastAPI()
+    add_routes(app, gateway)
+    server, serving = await serve(app, port)
+    sim = OcppChargePoints(FLEET, recorder, faults, f"ws://127.0.0.1:{port}/ocpp", 0.005)
+    sim.by_entity["cp-mute"].profiles = []
+    del sim.by_entity["cp-offline"]
+    sim.start()
+    rig = Rig(backend, gateway, sim, recorder, faults, redis, reported, tokens, dispatch)
+    try:
+        await asyncio.wait_for(sim.connected(), 10)
+        for entity_id in sim.by_entity:
+            await rig.declared(entity_id)
+        yield rig
+    finally:
+        await sim.aclose()
+        await gateway.aclose()
+        server.should_exit = True
+        await serving
+        await backend.aclose()
+        await redis.aclose()
+
+
+async def test_start_then_stop_charging_each_succeed_by_their_transaction_messages(rig: Rig) -> None:
+    start = rig.delivery("cp-1", CommandType.START_CHARGING)
+    [answer] = await rig.send(start)
+    assert isinstance(answer, backends.Accepted) and answer.confirmation is backends.Confirmation.ASYNC
+    assert (await rig.result_of(start.order.command_id)).succeeded
+    assert await rig.finding(start) is backends.Finding.SUCCEEDED
+
+    stop = rig.delivery("cp-1", CommandType.STOP_CHARGING)
+    [answer] = await rig.send(stop)
+    assert isinstance(answer, backends.Accepted)
+    assert (await rig.result_of(stop.order.command_id)).succeeded
+    assert await rig.finding(stop) is backends.Finding.SUCCEEDED
+    assert rig.received("cp-1") == [(start.order.command_id, "StartCharging"), (stop.order.command_id, "StopCharging")]
+    assert await rig.redis.exists(redis_keys.ocpp_transaction("cp-1")) == 0
+
+
+async def test_one_call_takes_several_charge_points_and_one_charge_points_commands_in_order(rig: Rig) -> None:
+    start1, start2 = rig.delivery("cp-1", CommandType.START_CHARGING), rig.delivery("cp-2", CommandType.START_CHARGING)
+    answers = await rig.send(start1, start2)
+    assert all(isinstance(a, backends.Accepted) for a in answers), answers
+    await rig.result_of(start1.order.command_id)
+    await rig.result_of(start2.order.command_id)
+    stop1 = rig.delivery("cp-1", CommandType.STOP_CHARGING)
+    again = rig.delivery("cp-1", CommandType.START_CHARGING)
+    answers = await rig.send(stop1, again)  # in order: the stop, then (once it is accepted) the start
+    assert isinstance(answers[0], backends.Accepted)
+    # The stop's StopTransaction may not be in yet: then the connector is still busy.
+    assert isinstance(answers[1], (backends.Accepted, backends.Refused)), answers
+
+
+async def test_the_command_id_is_the_message_id_and_a_long_one_its_digest(rig: Rig) -> None:
+    long_id = "x" * 64
+    start = rig.delivery("cp-3", CommandType.START_CHARGING, command_id=long_id)
+    assert isinstance((await rig.send(start))[0], backends.Accepted)
+    assert (await rig.result_of(long_id)).succeeded  # matched back by its idTag
+    [(recorded, _)] = rig.received("cp-3")
+    assert recorded.startswith("h-") and len(recorded) == 36
+
+
+async def test_a_stop_with_nothing_to_stop_is_refused_and_a_start_while_charging_starts_anew(rig: Rig) -> None:
+    [no_transaction] = await rig.send(rig.delivery("cp-2", CommandType.STOP_CHARGING))
+    assert isinstance(no_transaction, backends.Refused) and no_transaction.reason == "no_transaction"
+    first = await rig.start_charging("cp-2")
+    second = await rig.start_charging("cp-2")  # the running transaction is stopped first
+    [running] = await rig.redis.hmget(redis_keys.ocpp_transaction("cp-2"), "id")
+    tx_of = {c: (await rig.redis.hget(redis_keys.ocpp_command("cp-2", c.order.command_id), "txId")) for c in (first, second)}
+    assert running == tx_of[second] != tx_of[first]
+    [old] = await rig.send(rig.delivery("cp-2", CommandType.STOP_CHARGING))
+    assert isinstance(old, backends.Accepted)
+    assert [t for _, t in rig.received("cp-2")] == ["StartCharging", "StartCharging", "StopCharging"]
+
+
+async def test_a_type_the_charge_point_did_not_declare_is_refused_as_not_supported(rig: Rig) -> None:
+    [answer] = await rig.send(rig.delivery("cp-mute", CommandType.START_CHARGING))
+    assert isinstance(answer, backends.Refused) and answer.reason == "command_not_supported"
+    [answer] = await rig.send(rig.delivery("cp-1", CommandType.RESET))
+    assert isinstance(answer, backends.Refused) and answer.reason == "command_not_supported"
+    assert rig.received("cp-mute") == []
+
+
+async def test_a_charge_point_never_seen_is_refused_and_one_offline_not_delivered(rig: Rig) -> None:
+    [answer] = await rig.send(rig.delivery("cp-offline", CommandType.START_CHARGING))
+    assert isinstance(answer, backends.Refused) and answer.reason == "unknown_device"
+    await rig.redis.set(redis_keys.ocpp_seen("cp-offline"), "2026-01-01T00:00:00Z")
+    [answer] = await rig.send(rig.delivery("cp-offline", CommandType.START_CHARGING))
+    assert isinstance(answer, backends.NotDelivered) and answer.reason == "not_connected"
+    # A link left behind by a gateway that died: the request cannot leave either.
+    await rig.redis.hset(redis_keys.ocpp_link("cp-offline"), mapping={"url": f"http://127.0.0.1:{free_port()}", "conn": "x"})
+    [answer] = await rig.send(rig.delivery("cp-offline", CommandType.START_CHARGING))
+    assert isinstance(answer, backends.NotDelivered) and answer.reason == "not_connected"
+
+
+async def test_the_link_follows_the_connection(rig: Rig) -> None:
+    link = await rig.redis.hgetall(redis_keys.ocpp_link("cp-4"))
+    assert link[b"url"].decode() == rig.gateway.url
+    assert 0 < await rig.redis.ttl(redis_keys.ocpp_link("cp-4")) <= 15
+    old = rig.gateway.connections["cp-4"]
+    await old.websocket.close()
+
+    def reconnected() -> bool:  # and booted, and declared again
+        new = rig.gateway.connections.get("cp-4")
+        return new is not None and new is not old and new.profiles is not None
+
+    await until(reconnected)
+    assert (await rig.redis.hgetall(redis_keys.ocpp_link("cp-4")))[b"conn"].decode() == rig.gateway.connections["cp-4"].id
+    await rig.start_charging("cp-4")
+
+
+async def test_dispatch_reaches_the_replica_that_holds_the_charge_point(rig: Rig) -> None:
+    """cp-1 moves from replica A to replica B (rebooted on the way): the link follows it, and
+    commands and results go through B; replica A answers for cp-1 no more."""
+    await rig.start_charging("cp-1")
+    port = free_port()
+    other = Gateway(Settings(ocpp_gateway_port=port), rig.gateway.ocpp, rig.redis, FLEET,
+                    transport=httpx.ASGITransport(app=rig.dispatch))
+    app = FastAPI()
+    add_routes(app, other)
+    server, serving = await serve(app, port)
+    moved = SimChargePoint(FLEET.entities["cp-1"], f"ws://127.0.0.1:{port}/ocpp", rig.recorder, rig.faults, 0.005)
+    running = None
+    try:
+        await rig.sim.stop("cp-1")
+        await until(lambda: "cp-1" not in rig.gateway.connections)
+        running = asyncio.ensure_future(moved.run())
+        await until(lambda: "cp-1" in other.connections and other.connections["cp-1"].profiles is not None)
+        assert (await rig.redis.hget(redis_keys.ocpp_link("cp-1"), "url")).decode() == other.url != rig.gateway.url
+        start = await rig.start_charging("cp-1")  # the rebooted charge point was idle
+        stop = rig.delivery("cp-1", CommandType.STOP_CHARGING)
+        assert isinstance((await rig.send(stop))[0], backends.Accepted)
+        assert (await rig.result_of(stop.order.command_id)).succeeded
+        assert rig.received("cp-1")[-2:] == [(start.order.command_id, "StartCharging"), (stop.order.command_id, "StopCharging")]
+    finally:
+        if running is not None:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+        moved.close()
+        await other.aclose()
+        server.should_exit = True
+        await serving
+
+
+def plan(rig: Rig, entity_id: str, kind: FaultKind, **extra: Any) -> None:
+    rig.faults.put(FaultPlan(devices=[entity_id], probability=1, kinds=[kind], **extra))
+
+
+async def test_a_5xx_is_a_call_error_before_acting_not_delivered(rig: Rig) -> None:
+    plan(rig, "cp-5", FaultKind.ERROR_5XX)
+    start = rig.delivery("cp-5", CommandType.START_CHARGING)
+    [answer] = await rig.send(start)
+    assert isinstance(answer, backends.NotDelivered) and answer.reason == "call_error" and "InternalError" in answer.detail
+    assert rig.received("cp-5") == []
+    assert await rig.finding(start) is backends.Finding.UNKNOWN
+
+
+async def test_a_429_is_not_delivered_with_the_pause_it_asked_for(rig: Rig) -> None:
+    plan(rig, "cp-5", FaultKind.RATE_LIMITED, retry_after_s=3)
+    [answer] = await rig.send(rig.delivery("cp-5", CommandType.START_CHARGING))
+    assert isinstance(answer, backends.NotDelivered) and answer.retry_after_s == 3
+    assert rig.received("cp-5") == []
+
+
+async def test_latency_within_the_call_timeout_is_accepted(rig: Rig) -> None:
+    plan(rig, "cp-6", FaultKind.LATENCY, latency_ms=300)
+    start = rig.delivery("cp-6", CommandType.START_CHARGING)
+    [answer] = await rig.send(start)
+    assert isinstance(answer, backends.Accepted)
+    assert (await rig.result_of(start.order.command_id)).succeeded
+    assert len(rig.received("cp-6")) == 1
+
+
+async def test_latency_past_the_call_timeout_is_unknown(rig: Rig) -> None:
+    plan(rig, "cp-6", FaultKind.LATENCY, latency_ms=int(CALL_TIMEOUT_S * 1000) + 500)
+    start = rig.delivery("cp-6", CommandType.START_CHARGING)
+    [answer] = await rig.send(start)
+    assert isinstance(answer, backends.DeliveryUnknown)
+
+
+async def test_timeout_after_acting_is_unknown_and_the_transaction_message_says_what_happened(rig: Rig) -> None:
+    plan(rig, "cp-7", FaultKind.TIMEOUT_AFTER_ACT, hang_s=3)
+    start = rig.delivery("cp-7", CommandType.START_CHARGING)
+    [answer] = await rig.send(start)
+    assert isinstance(answer, backends.DeliveryUnknown) and "no_answer" in answer.detail
+    assert (await rig.result_of(start.order.command_id)).succeeded
+    assert await rig.finding(start) is backends.Finding.SUCCEEDED
+    assert rig.received("cp-7") == [(start.order.command_id, "StartCharging")]
+
+
+async def test_a_dropped_connection_is_unknown_and_the_transaction_comes_after_reconnecting(rig: Rig) -> None:
+    plan(rig, "cp-8", FaultKind.DROP_CONNECTION)
+    start = rig.delivery("cp-8", CommandType.START_CHARGING)
+    [answer] = await rig.send(start)
+    assert isinstance(answer, backends.DeliveryUnknown) and "connection_closed" in answer.detail
+    rig.faults.clear()
+    assert (await rig.result_of(start.order.command_id)).succeeded
+    assert await rig.finding(start) is backends.Finding.SUCCEEDED
+    assert rig.received("cp-8") == [(start.order.command_id, "StartCharging")]
+
+
+async def test_a_lost_transaction_message_is_found_by_reading_the_charge_point_back(rig: Rig) -> None:
+    plan(rig, "cp-9", FaultKind.LOSE_CALLBACK)
+    start = rig.delivery("cp-9", CommandType.START_CHARGING)
+    [answer] = await rig.send(start)
+    assert isinstance(answer, backends.Accepted)
+    rig.faults.clear()
+    await asyncio.sleep(0.3)
+    assert await rig.finding(start) is backends.Finding.SUCCEEDED  # connector 1 is charging
+    assert all(r.command_id != start.order.command_id for r in rig.reported)
+    assert rig.received("cp-9") == [(start.order.command_id, "StartCharging")]
+    # A stop of a transaction the gateway never heard of: nothing to stop, as far as it knows.
+    [answer] = await rig.send(rig.delivery("cp-9", CommandType.STOP_CHARGING))
+    assert isinstance(answer, backends.Refused) and answer.reason == "no_transaction"
+
+
+async def test_a_command_sent_and_never_answered_is_pending_not_unknown(rig: Rig) -> None:
+    """Sent without an answer, the charge point may have it: asking must never let it be sent again."""
+    d = rig.delivery("cp-5", CommandType.START_CHARGING)
+    await rig.redis.hset(redis_keys.ocpp_command("cp-5", d.order.command_id), mapping={"type": "StartCharging", "state": "sending"})
+    assert await rig.finding(d) is backends.Finding.PENDING
+    assert await rig.finding(rig.delivery("cp-5", CommandType.START_CHARGING)) is backends.Finding.UNKNOWN
+
+
+async def test_a_stop_under_faults(rig: Rig) -> None:
+    await rig.start_charging("cp-4")
+    plan(rig, "cp-4", FaultKind.TIMEOUT_AFTER_ACT, hang_s=3)
+    stop = rig.delivery("cp-4", CommandType.STOP_CHARGING)
+    [answer] = await rig.send(stop)
+    assert isinstance(answer, backends.DeliveryUnknown)
+    assert (await rig.result_of(stop.order.command_id)).succeeded
+    assert [t for _, t in rig.received("cp-4")] == ["StartCharging", "StopCharging"]
+
+
+async def test_results_need_the_token_dispatch_gave(rig: Rig) -> None:
+    assert rig.backend.router is not None
+    app = FastAPI()
+    app.include_router(rig.backend.router)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=DISPATCH) as client:
+        forged = {"results": [{"commandId": "c-1", "token": rig.tokens.token("cp-1", "c-2"), "succeeded": True}]}
+        assert (await client.post(CALLBACK_PATH, json=forged)).status_code == 403
+        genuine = {"results": [{"commandId": "c-1", "token": rig.tokens.token("cp-1", "c-1"), "succeeded": True}]}
+        assert (await client.post(CALLBACK_PATH, json=genuine)).status_code == 200
+    assert rig.reported[-1] == backends.DeviceResult("cp-1", "c-1", True, None)
+
+
+async def test_the_gateway_api_needs_its_token(rig: Rig) -> None:
+    async with httpx.AsyncClient(base_url=rig.gateway.url) as client:
+        assert (await client.get("/internal/v1/charge-points")).status_code == 401
+        answer = await client.get("/internal/v1/charge-points", headers={"authorization": f"Bearer {rig.gateway.ocpp.gateway_token}"})
+        listed = {c["entityId"]: c for c in answer.json()["chargePoints"]}
+        assert listed["cp-1"]["profiles"] == ["Core", "RemoteTrigger"] and listed["cp-mute"]["profiles"] == []
+        assert listed["cp-1"]["connectors"] == {"1": "Available"}
