@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from dercmd.dispatch.backends.ev_aggregator import EvAggregatorBackend, EvAggregatorSettings
 from dercmd.events import CommandType
 from dercmd.fleet import Entity, EntityKind, Fleet
+from dercmd.launcher import free_port
 from dercmd.protocols.ev_aggregator import EvAggregatorClient
 from dercmd.settings import Settings
 from dercmd.simulator.app import create_app
@@ -34,7 +35,7 @@ class TestEvAggregatorConformance(BackendConformance):
         monkeypatch.setenv("DERCMD_EV_AGGREGATOR_POLL_INTERVAL_S", "60")
         (tmp_path / "fleet.yaml").write_text(yaml.safe_dump(FLEET))
         settings = Settings(fleet_file=str(tmp_path / "fleet.yaml"), sim_confirm_delay_ms=5, sim_report_interval_s=0,
-                            sim_token_ttl_s=2)
+                            sim_token_ttl_s=2, sim_modbus_port=free_port())
         fleet = Fleet.load(settings.fleet_file)
         sim = create_app(settings)
         results = Results()

@@ -119,7 +119,9 @@ async def harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_url: st
     fleet_file = tmp_path / "fleet.yaml"
     fleet_file.write_text(FLEET)
     fleet = Fleet.load(str(fleet_file))
-    sim_app = create_app(Settings(fleet_file=str(fleet_file), sim_confirm_delay_ms=CONFIRM_MS, sim_token_ttl_s=1))
+    # The simulator serves its Modbus devices too: on a port of its own, beside any other run.
+    sim_app = create_app(Settings(fleet_file=str(fleet_file), sim_confirm_delay_ms=CONFIRM_MS, sim_token_ttl_s=1,
+                                  sim_modbus_port=free_port()))
     sim_server, sim_task, sim_port = await serve(sim_app)
     dispatch_app = FastAPI()
     dispatch_port = free_port()
