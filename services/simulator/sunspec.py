@@ -195,7 +195,9 @@ class SunSpecSim:
         self._connections: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        """Listen, if the fleet has SunSpec inverters (else the port stays free)."""
+        if self.units:
+            self._server = await asyncio.start_server(self._serve, self.host, self.port)
 
     async def aclose(self) -> None:
         if self._server is not None:
