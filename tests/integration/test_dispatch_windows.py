@@ -374,7 +374,7 @@ async def test_checks_are_split_from_orders_and_only_open_commands_are_decided(
         await h.deliver(done)
         await until(lambda: len(h.statuses(done.command_id)) == 2, what="the first command's result")
         # A native-window command left "sent" (as if dispatch stopped after publishing Sent):
-        # that backend cannot be asked.
+        # the backend is asked, and the device never stored it.
         native = "n-1"
         deliveries = Deliveries(h.redis)
         await deliveries.claim("dev-1", native, 0)
@@ -394,7 +394,7 @@ async def test_checks_are_split_from_orders_and_only_open_commands_are_decided(
         assert metric("dercmd_dispatch_delivery_checks_total", result="republished") == republished + 1
         [failed] = h.statuses(native)
         assert (failed.status, failed.reason) == (CommandStatus.FAILED, "no_confirmation")
-        assert "cannot be asked" in (failed.detail or "")
+        assert "native-window says UNKNOWN" in (failed.detail or "")  # it never stored it: asked, not assumed
         await until(lambda: len(h.statuses(fresh.command_id)) == 2, what="the order beside the checks")  # delivered as usual
         assert [c["commandId"] for c in await h.received("ev-1")] == [done.command_id, fresh.command_id]
 
