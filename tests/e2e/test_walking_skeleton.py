@@ -150,14 +150,6 @@ def test_malformed_kafka_events_are_dead_lettered_and_the_next_good_one_succeeds
     assert good_id not in {c["commandId"] for c in api.received("pv-1")}
 
 
-def test_an_entity_whose_backend_is_not_deployed_fails_truthfully(api: Api) -> None:
-    # pv-2 is a SunSpec inverter: that backend is not built yet, and the failure says so.
-    command = api.post("pv-2", {"type": "StopFeedIn"}).json()
-    final = api.wait_terminal(command["id"])
-    assert final["status"] == "Failed" and final["reason"] == "backend_not_available", final
-    assert api.received("pv-2") == []
-
-
 def metric(stack: Stack, service: str, sample: str) -> float:
     for line in httpx.get(f"{stack.url(service)}/metrics", timeout=5).text.splitlines():
         if line.startswith(sample + " "):
@@ -188,11 +180,12 @@ def test_redelivered_events_change_nothing_and_reach_no_device_twice(api: Api, k
 
 
 def test_an_entitys_commands_are_listed_newest_first_a_page_at_a_time(api: Api) -> None:
-    first = api.post("cp-1", {"type": "StartCharging"}, ignoreCooldown="true").json()  # cp-1: OCPP, not deployed yet
+    first = api.post("cp-1", {"type": "StartCharging"}, ignoreCooldown="true").json()
     second = api.post("cp-1", {"type": "StopCharging"}, ignoreCooldown="true").json()
-    # The first ends Canceled if the second superseded it before dispatch claimed it, else Failed.
+    # The first ends Canceled if the second superseded it before dispatch claimed it, else as
+    # the charge point answered; whatever each ended as, the listing shows both.
     first_status = api.wait_terminal(first["id"])["status"]
-    assert api.wait_terminal(second["id"])["status"] == "Failed"
+    api.wait_terminal(second["id"])
     headers = {"Authorization": "Bearer dev-viewer"}
     page = api.http.get("/v1/entities/cp-1/commands", params={"pageSize": 1}, headers=headers).json()
     assert [c["id"] for c in page["items"]] == [second["id"]] and page["hasMore"] is True

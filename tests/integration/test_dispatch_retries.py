@@ -75,7 +75,8 @@ class Scripted:
 
 SCRIPTED = Scripted()
 backends.register(NAME, backends.BackendSettings)(lambda context: SCRIPTED)
-FLEET = Fleet.model_validate({"entities": {f"dev-{i}": {"kind": "PV", "vendor": "t", "backend": NAME} for i in range(6)}})
+FLEET = Fleet.model_validate({"entities": {**{f"dev-{i}": {"kind": "PV", "vendor": "t", "backend": NAME} for i in range(6)},
+                                            "unbuilt": {"kind": "PV", "vendor": "t", "backend": "not-built-here"}}})
 
 
 def order(command_id: str, entity_id: str, *, fence: int = 1, end_at: datetime | None = None) -> Item[DispatchOrderV1]:
@@ -169,3 +170,9 @@ async def test_the_rate_is_shared(redis_url: str) -> None:
     elapsed = asyncio.get_running_loop().time() - started
     assert elapsed >= 0.4  # 12 calls at 20/s after a burst of 2: at least 0.5 s, whoever calls
     await redis.aclose()
+
+
+async def test_an_entity_whose_backend_is_not_deployed_fails_truthfully(dispatcher: Dispatcher, redis_url: str) -> None:
+    await asyncio.wait_for(await dispatcher.handle([order("nowhere", "unbuilt")]), 20)
+    [state] = await states(redis_url, ("unbuilt", "nowhere"))
+    assert state.startswith("done:Failed|backend_not_available|no backend 'not-built-here'")
