@@ -56,6 +56,12 @@ def _bucket_key(backend: str) -> str:
     return f"dercmd:rate:{{{backend}}}"
 
 
+#: Without a rate, how long a replica goes by the last look at the shared pause before it looks
+#: again: the hot path pays no Redis round trip per call, and another replica's 429 holds here
+#: within this.
+UNLIMITED_RECHECK_S = 0.1
+
+
 class RateLimiter:
     def __init__(self, redis: aioredis.Redis, backend: str, rate_per_s: float, burst: int) -> None:
         self._script = Script(redis, _BUCKET)
@@ -63,15 +69,20 @@ class RateLimiter:
         self._backend = backend
         self._rate = rate_per_s
         self._burst = burst
+        self._clear_until = 0.0  # unlimited: no pause known until then (monotonic)
 
     async def acquire(self) -> None:
         """Wait until a call to the backend may go."""
+        if self._rate <= 0 and time.monotonic() < self._clear_until:
+            return
         while (wait_ms := int((await self._script.run_many([([self._key], ("take", self._rate, self._burst))]))[0])) > 0:
             metrics.RATE_LIMITED_SECONDS.labels(self._backend).inc(wait_ms / 1000)
             await asyncio.sleep(wait_ms / 1000)
+        self._clear_until = time.monotonic() + UNLIMITED_RECHECK_S
 
     async def pause(self, seconds: float) -> None:
         """The backend asked every caller to wait (429 ``Retry-After``)."""
+        self._clear_until = 0.0
         await self._script.run_many([([self._key], ("pause", self._rate, self._burst, int(seconds * 1000)))])
 
 

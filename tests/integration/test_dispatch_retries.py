@@ -155,10 +155,12 @@ async def test_a_retry_of_a_command_superseded_meanwhile_is_never_sent(dispatche
 async def test_a_retry_after_pauses_the_backend_for_every_replica(redis_url: str) -> None:
     redis = aioredis.from_url(redis_url)
     one, other = RateLimiter(redis, "test-paused", 0, 10), RateLimiter(redis, "test-paused", 0, 10)
-    await one.pause(0.4)
+    await other.acquire()  # it goes by this look for a moment (no round trip per call)...
+    await one.pause(0.5)
     started = asyncio.get_running_loop().time()
-    await other.acquire()
-    assert asyncio.get_running_loop().time() - started >= 0.35
+    await asyncio.sleep(0.15)
+    await other.acquire()  # ...then looks again and finds the pause
+    assert asyncio.get_running_loop().time() - started >= 0.45
     await redis.aclose()
 
 
