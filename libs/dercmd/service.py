@@ -74,7 +74,11 @@ class Service:
         self.port = port
         self.publisher = Publisher(settings, source=f"/dercmd/{name}")
         # No per-reply timeout: every call is bounded by redis_keys.CALL_TIMEOUT_S as a whole.
-        self.redis: aioredis.Redis = aioredis.from_url(settings.redis_url, socket_timeout=None, socket_connect_timeout=5)
+        # redis-py's pool raises MaxConnectionsError past its size (100 by default), which the
+        # concurrent deliveries of a mixed fleet reach on a loaded machine. A pool that makes
+        # callers wait instead was measured worse (the wait eats into each call's timeout).
+        self.redis: aioredis.Redis = aioredis.from_url(settings.redis_url, max_connections=settings.redis_max_connections,
+                                                       socket_timeout=None, socket_connect_timeout=5)
         self.consumers: list[BatchConsumer] = []
         #: Awaited at start, before the consumers start (in order).
         self.starters: list[Callable[[], Awaitable[Any]]] = []

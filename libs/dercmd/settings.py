@@ -21,6 +21,9 @@ class Settings(BaseSettings):
         description="Kafka bootstrap servers (host:port,...). Empty: `make run` starts an embedded broker.",
     )
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for locks, fences, slots and cooldowns.")
+    redis_max_connections: int = Field(
+        1024, ge=1, description="Connections each service process opens to Redis at most (a call beyond them fails and is retried)."
+    )
     database_url: str = Field(
         "sqlite:///var/dercmd.sqlite3",
         description="SQLAlchemy URL of the ledger (SQLite file by default; `postgresql+psycopg://...` in production).",

@@ -236,7 +236,7 @@ class Dispatcher:
         if backend is None:
             return await self._claim_and_send(orders, None)
         guard = self._guards[backend.name]
-        await guard.limiter.acquire()
+        await retrying(guard.limiter.acquire, "dispatch rate limit")
         if not guard.breaker.allow():
             # Nothing is claimed: the orders wait for the circuit like any not delivered.
             error = backends.NotDelivered("circuit_open", f"{backend.name} failed repeatedly; calls paused")
