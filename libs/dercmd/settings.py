@@ -87,6 +87,9 @@ class Settings(BaseSettings):
         200, ge=1, description="dispatch: first backoff before sending again, ms; it doubles per attempt (full jitter), up to the max."
     )
     dispatch_retry_max_ms: int = Field(5000, ge=1, description="dispatch: longest backoff between two attempts, ms.")
+    dispatch_unknown_grace_s: float = Field(
+        5.0, ge=0, description="dispatch: how long after a call got no answer (or dispatch stopped during it) the backend is asked what became of it: at least the backend's call timeout."
+    )
     dispatch_breaker_failures: int = Field(
         5, ge=1, description="dispatch: calls to one backend failing as a whole in a row that open its circuit (no calls for a while)."
     )

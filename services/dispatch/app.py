@@ -61,6 +61,8 @@ def _key(order: DispatchOrderV1 | DeliveryCheckV1) -> Key:
 
 
 SENT = Outcome(CommandStatus.SENT)
+#: What ``delivery.lua`` records for a command superseded between two attempts (same text).
+SUPERSEDED = Outcome(CommandStatus.CANCELED, "superseded", "a newer command took the device while this one was not delivered")
 
 
 def _status(entity_id: str, command_id: str, outcome: Outcome, fence: int | None = None) -> tuple[topics.Topic, Event, str]:
@@ -224,6 +226,16 @@ class Dispatcher:
             # From here on every step is idempotent, so a failed dependency is simply retried:
             # nothing may leave a delivered command without its outcome.
             await retrying(lambda: self._record(result.accepted, result.failed, result.resumed), "dispatch results")
+            if result.unknown and backend is not None:
+                # What may have reached the device is asked about only once the request can no
+                # longer be on its way (a slow backend still working on it would answer
+                # "never got it" and the command would go twice).
+                await asyncio.sleep(self._settings.dispatch_unknown_grace_s)
+                resolved = _Attempt()
+                await self._resolve(backend, result.unknown, resolved)
+                await retrying(lambda: self._record(resolved.accepted, resolved.failed, resolved.resumed), "dispatch results")
+                result.accepted += resolved.accepted
+                result.again += resolved.again
             if result.accepted and backend is not None:
                 self.reports.delivered(backend.name, [o for o, _ in result.accepted])
             if backend is None or not result.again:
@@ -236,11 +248,12 @@ class Dispatcher:
         if backend is None:
             return await self._claim_and_send(orders, None)
         guard = self._guards[backend.name]
-        await retrying(guard.limiter.acquire, "dispatch rate limit")
         if not guard.breaker.allow():
             # Nothing is claimed: the orders wait for the circuit like any not delivered.
-            error = backends.NotDelivered("circuit_open", f"{backend.name} failed repeatedly; calls paused")
+            error = backends.NotDelivered("circuit_open", f"{backend.name} failed repeatedly; calls paused",
+                                          retry_after_s=guard.breaker.reopens_in())
             return _Attempt(again=[(o, error) for o in orders])
+        await retrying(guard.limiter.acquire, "dispatch rate limit")
         async with self._calls[backend.name]:
             return await self._claim_and_send(orders, backend)
 
@@ -264,22 +277,28 @@ class Dispatcher:
         return keep
 
     async def _give_up(self, late: list[tuple[DispatchOrderV1, backends.BackendError]]) -> None:
-        """Orders not delivered by their deadline end Failed. Each is claimed first (unless
-        a newer command made it stale), so that a redelivered copy finds it done and is never
-        sent after its Failed."""
-        claims = await retrying(lambda: self._deliveries.claim_many([(_key(o), o.fence, False) for o, _ in late]), "dispatch claims")
-        failed = [(o, Outcome(CommandStatus.FAILED, e.reason, f"not delivered by its deadline: {e.detail}"))
-                  for (o, e), claim in zip(late, claims, strict=True) if claim == "claimed"]
-        resumed = [(o, claim) for (o, _), claim in zip(late, claims, strict=True) if claim not in ("claimed", "stale")]
-        metrics.ORDERS.labels("failed").inc(len(failed))
-        await retrying(lambda: self._record([], failed, resumed), "dispatch results")
+        """Orders not delivered by their deadline end Failed, recorded as done first (so that a
+        redelivered copy is never sent after its Failed; what the device holds is untouched).
+        One a newer command made stale was reported by arbitration."""
+        outcomes = {o.command_id: Outcome(CommandStatus.FAILED, e.reason, f"not delivered by its deadline: {e.detail}") for o, e in late}
+        states = await retrying(lambda: self._deliveries.abandon_many([(_key(o), o.fence, outcomes[o.command_id]) for o, _ in late]),
+                                "dispatch results")
+        publish: Records = []
+        resumed: list[tuple[DispatchOrderV1, str]] = []
+        for (order, _), state in zip(late, states, strict=True):
+            if state == "abandoned":
+                publish.append(_order_status(order, outcomes[order.command_id]))
+            elif state != "stale":
+                resumed.append((order, state))
+        metrics.ORDERS.labels("failed").inc(len(publish))
+        await retrying(lambda: self._publisher.publish_all(publish), "dispatch results")
+        await retrying(lambda: self._record([], [], resumed), "dispatch results")
 
     async def _claim_and_send(self, orders: list[DispatchOrderV1], backend: backends.DeviceBackend | None) -> _Attempt:
         claims = await retrying(lambda: self._deliveries.claim_many([(_key(o), o.fence, o.end_at is not None) for o in orders]),
                                 "dispatch claims")
         claimed: list[DispatchOrderV1] = []
         result = _Attempt()
-        unknown: list[DispatchOrderV1] = []
         for order, claim in zip(orders, claims, strict=True):
             if claim == "stale":
                 # A newer command took the slot before this one was claimed; arbitration has
@@ -291,7 +310,7 @@ class Dispatcher:
                 # An attempt died during the backend call (a crash, a stop): the device may or
                 # may not have it, so it is asked about, never sent blindly.
                 metrics.ORDERS.labels("redelivered").inc()
-                unknown.append(order)
+                result.unknown.append((order, backends.DeliveryUnknown("delivery_unknown", "dispatch stopped during the call")))
             else:
                 # Seen before (redelivery): never call the backend again; carry on from what
                 # the recorded state proves.
@@ -306,9 +325,6 @@ class Dispatcher:
             return result
         if claimed:
             await self._send(backend, claimed, result)
-        if unknown:
-            await self._resolve(backend, [(o, backends.DeliveryUnknown("delivery_unknown", "dispatch stopped during the call"))
-                                          for o in unknown], result)
         return result
 
     def _delivery(self, order: DispatchOrderV1) -> backends.Delivery:
@@ -363,14 +379,17 @@ class Dispatcher:
         if unknown:
             log.warning("delivery unknown", extra={"backend": backend.name, "error": unknown[0][1].detail,
                                                    "command_ids": [o.command_id for o, _ in unknown][:20]})
-            await self._resolve(backend, unknown, result)
+            result.unknown += unknown
 
     async def _not_taken(self, orders: list[tuple[DispatchOrderV1, backends.BackendError]], result: _Attempt) -> None:
         """The backend did not take these: they may be claimed and sent again."""
-        states = await retrying(lambda: self._deliveries.retry_many([_key(o) for o, _ in orders]), "dispatch retries")
+        states = await retrying(lambda: self._deliveries.retry_many([(_key(o), o.fence) for o, _ in orders]), "dispatch retries")
         for (order, error), state in zip(orders, states, strict=True):
             if state == "retry":
                 result.again.append((order, error))
+            elif state == "superseded":  # taken over while its call was out: arbitration left it to us
+                metrics.ORDERS.labels("stale").inc()
+                result.resumed.append((order, f"done:{SUPERSEDED.encode()}"))
             else:  # a result came meanwhile (it was delivered after all): carry on from it
                 result.resumed.append((order, state))
 
@@ -429,7 +448,7 @@ class Dispatcher:
         repeat: Records = []
         for order, state in orders:
             if state == "inflight":
-                # An attempt died during the backend call and no backend here can be asked.
+                # An attempt died during the backend call and there is no backend here to ask.
                 conclude.append((order, Outcome(CommandStatus.FAILED, "delivery_unknown", "dispatch stopped during the backend call")))
             elif state == "accepted":
                 sent.append(_order_status(order, SENT))
@@ -585,6 +604,7 @@ class _Attempt:
     failed: list[tuple[DispatchOrderV1, Outcome]] = field(default_factory=list)
     resumed: list[tuple[DispatchOrderV1, str]] = field(default_factory=list)
     again: list[tuple[DispatchOrderV1, backends.BackendError]] = field(default_factory=list)
+    unknown: list[tuple[DispatchOrderV1, backends.BackendError]] = field(default_factory=list)
 
 
 class _Countdown:

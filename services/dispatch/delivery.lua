@@ -20,17 +20,30 @@
 --   retry    ARGV[2]=command id                -> "retry" if the state was "inflight" (the backend did
 --            not take it: it may be claimed again), else the state. The slot forgets that
 --            this command reached the device, and what the device holds is what it held before
+--            ARGV[3]=order fence: if a newer command took the slot while the call was out
+--            (when this one counted as delivered, so arbitration left it alone) ->
+--            "superseded": done as Canceled, which dispatch reports
+--   abandon  ARGV[2]=order fence, ARGV[3]=outcome, ARGV[4]=ttl s, ARGV[5]=command id: a
+--            command not delivered by its deadline, not claimed or in "retry" -> "abandoned"
+--            (done with the outcome; the slot counts it as settled by dispatch, so arbitration
+--            leaves it alone, and what the device holds is untouched) | "stale" | the state
 --   finish   ARGV[2]=outcome (after it is published) -> "done"
 --   peek                                       -> the state, changing nothing (a delivery check)
 -- States: inflight -> accepted -> sent -> done:<o>; a result during inflight/accepted is kept
 -- as result:<o> until the sender has published Sent; inflight -> retry -> (claim) inflight
 -- for a command the backend did not take.
+local SUPERSEDED = 'done:Canceled|superseded|a newer command took the device while this one was not delivered'
 local op = ARGV[1]
 local state = redis.call('GET', KEYS[2])
-if op == 'claim' then
+if op == 'claim' or op == 'abandon' then
   if state and state ~= 'retry' then return state end
   local active_fence = tonumber(redis.call('HGET', KEYS[1], 'active_fence')) or 0
   if tonumber(ARGV[2]) < active_fence then return 'stale' end
+  if op == 'abandon' then
+    redis.call('SET', KEYS[2], 'done:' .. ARGV[3], 'EX', tonumber(ARGV[4]))
+    redis.call('HSET', KEYS[1], 'delivered', ARGV[5])
+    return 'abandoned'
+  end
   redis.call('SET', KEYS[2], 'inflight', 'EX', tonumber(ARGV[3]))
   redis.call('HSET', KEYS[1], 'delivered', ARGV[4])
   local held = redis.call('HGET', KEYS[1], 'held')
@@ -56,6 +69,10 @@ elseif op == 'advance' then
   end
   return state
 elseif op == 'result' then
+  if state == 'retry' then  -- it reached the device after all: the claim that comes resumes from it
+    redis.call('SET', KEYS[2], 'result:' .. ARGV[2], 'KEEPTTL')
+    return 'deferred'
+  end
   if state == 'sent' then
     redis.call('SET', KEYS[2], 'done:' .. ARGV[2], 'KEEPTTL')
     return 'emit'
@@ -66,16 +83,18 @@ elseif op == 'result' then
   return state
 elseif op == 'retry' then
   if state ~= 'inflight' then return state end
-  redis.call('SET', KEYS[2], 'retry', 'KEEPTTL')
-  if redis.call('HGET', KEYS[1], 'delivered') == ARGV[2] then
-    redis.call('HDEL', KEYS[1], 'delivered')
-    local held = redis.call('HGET', KEYS[1], 'held')
-    if not held or held == ARGV[2] then
-      local before = redis.call('HGET', KEYS[1], 'held_before')
-      if before then redis.call('HSET', KEYS[1], 'held', before) else redis.call('HDEL', KEYS[1], 'held') end
-    end
+  local active_fence = tonumber(redis.call('HGET', KEYS[1], 'active_fence')) or 0
+  local superseded = tonumber(ARGV[3]) < active_fence
+  redis.call('SET', KEYS[2], superseded and SUPERSEDED or 'retry', 'KEEPTTL')
+  local mine = redis.call('HGET', KEYS[1], 'delivered') == ARGV[2]
+  if mine then redis.call('HDEL', KEYS[1], 'delivered') end
+  local held = redis.call('HGET', KEYS[1], 'held')
+  if held == ARGV[2] or (mine and not held) then
+    -- the device holds what it held before this command's claim
+    local before = redis.call('HGET', KEYS[1], 'held_before')
+    if before then redis.call('HSET', KEYS[1], 'held', before) else redis.call('HDEL', KEYS[1], 'held') end
   end
-  return 'retry'
+  return superseded and 'superseded' or 'retry'
 elseif op == 'finish' then
   redis.call('SET', KEYS[2], 'done:' .. ARGV[2], 'KEEPTTL')
   return 'done'

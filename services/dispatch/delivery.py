@@ -64,10 +64,18 @@ class Deliveries:
         it; accepted -> sent: Sent is on the topic."""
         return await self._call_many([(key, ("advance", from_state, to_state)) for key in keys])
 
-    async def retry_many(self, keys: Sequence[Key]) -> list[str]:
-        """Commands the backend did not take (inflight -> retry): they may be claimed again; the
-        state found otherwise."""
-        return await self._call_many([(key, ("retry", key[1])) for key in keys])
+    async def retry_many(self, orders: Sequence[tuple[Key, int]]) -> list[str]:
+        """Commands the backend did not take, per ``((entity, command), fence)``: "retry" (it
+        may be claimed again), "superseded" (a newer command took the slot meanwhile: done as
+        Canceled, to be reported), or the state found."""
+        return await self._call_many([(key, ("retry", key[1], fence)) for key, fence in orders])
+
+    async def abandon_many(self, orders: Sequence[tuple[Key, int, Outcome]]) -> list[str]:
+        """Orders not delivered by their deadline, per ``((entity, command), fence, outcome)``:
+        "abandoned" (recorded as done with the outcome: publish it), "stale" (arbitration
+        reported it), or the state found."""
+        return await self._call_many([(key, ("abandon", fence, outcome.encode(), redis_keys.STATE_TTL_S, key[1]))
+                                      for key, fence, outcome in orders])
 
     async def result_many(self, results: Sequence[tuple[Key, Outcome]]) -> list[str]:
         """A backend's asynchronous results: "emit" (Sent is out: publish it), "deferred" (the

@@ -32,8 +32,8 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local paused = tonumber(redis.call('HGET', KEYS[1], 'paused_until')) or 0
 if ARGV[1] == 'pause' then
-  local untill = now + tonumber(ARGV[4])
-  if untill > paused then redis.call('HSET', KEYS[1], 'paused_until', untill) end
+  local untill = math.max(paused, now + tonumber(ARGV[4]))
+  redis.call('HSET', KEYS[1], 'paused_until', untill)
   redis.call('PEXPIRE', KEYS[1], math.max(60000, untill - now + 1000))
   return 0
 end
@@ -100,6 +100,7 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at = 0.0
         self._trial = False  # a half-open trial call is out
+        self._trial_at = 0.0
         self.state = Circuit.CLOSED
         metrics.CIRCUIT_STATE.labels(backend).set(0)
 
@@ -111,13 +112,16 @@ class CircuitBreaker:
 
     def allow(self) -> bool:
         """Whether a call may go now (an open circuit lets one trial through after ``open_s``)."""
-        if self.state is Circuit.OPEN and time.monotonic() - self._opened_at >= self._open_s:
+        now = time.monotonic()
+        if self.state is Circuit.OPEN and now - self._opened_at >= self._open_s:
             self._set(Circuit.HALF_OPEN)
             self._trial = False
         if self.state is Circuit.HALF_OPEN:
-            if self._trial:
+            # One trial at a time; a trial that never got to call (its orders were stale, or
+            # it was cancelled) records nothing, so after ``open_s`` another may go.
+            if self._trial and now - self._trial_at < self._open_s:
                 return False
-            self._trial = True
+            self._trial, self._trial_at = True, now
             return True
         return self.state is Circuit.CLOSED
 

@@ -82,3 +82,34 @@ async def test_scheduling_does_not_invalidate_the_active_commands_order(redis_ur
 def test_outcome_encoding_round_trips() -> None:
     o = Outcome(CommandStatus.FAILED, "backend_refused", "HTTP 409 | device busy")
     assert Outcome.decode(o.encode()) == Outcome(CommandStatus.FAILED, "backend_refused", "HTTP 409 / device busy")
+
+
+async def test_not_taken_restores_what_the_device_held_and_a_late_result_is_kept_for_the_next_claim(redis_url: str) -> None:
+    client = aioredis.from_url(redis_url)
+    d = Deliveries(client)
+    slots = redis_keys.slots("e")
+    await d.claim("e", "w1", 0, window=True)  # the device holds window w1
+    assert await d.claim("e", "c2", 0) == "claimed"  # c2 replaces it on the device ...
+    assert await client.hget(slots, "held") is None
+    assert await d.retry_many([(("e", "c2"), 0)]) == ["retry"]  # ... had it got there
+    assert (await client.hget(slots, "held"), await client.hget(slots, "delivered")) == (b"w1", None)
+    assert await d.result("e", "c2", OK) == "deferred"  # it had, after all: the next claim resumes from it
+    assert await d.claim("e", "c2", 0) == f"result:{OK.encode()}"
+    await client.aclose()
+
+
+async def test_not_taken_while_a_newer_command_took_the_slot_is_superseded_and_a_late_one_is_abandoned(redis_url: str) -> None:
+    client = aioredis.from_url(redis_url)
+    d = Deliveries(client)
+    slots = redis_keys.slots("e")
+    await d.claim("e", "c", 1)
+    await client.hset(slots, "active_fence", 2)  # arbitration left it: it counted as delivered
+    assert await d.retry_many([(("e", "c"), 1)]) == ["superseded"]
+    assert (await client.get(redis_keys.delivery("e", "c"))).startswith(b"done:Canceled|superseded")
+    await d.claim("e", "w", 2, window=True)
+    assert await d.retry_many([(("e", "w"), 2)]) == ["retry"]
+    failed = Outcome(CommandStatus.FAILED, "backend_unavailable", "late")
+    assert await d.abandon_many([(("e", "w"), 2, failed)]) == ["abandoned"]
+    assert await d.claim("e", "w", 2) == f"done:{failed.encode()}"  # never sent after its Failed
+    assert await client.hget(slots, "held") is None  # it never reached the device
+    await client.aclose()

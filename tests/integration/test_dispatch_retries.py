@@ -89,7 +89,7 @@ def order(command_id: str, entity_id: str, *, fence: int = 1, end_at: datetime |
 @pytest.fixture
 async def dispatcher(redis_url: str, kafka_bootstrap: str) -> AsyncIterator[Dispatcher]:
     settings = Settings(kafka_bootstrap=kafka_bootstrap, redis_url=redis_url, dispatch_retry_base_ms=20, dispatch_retry_max_ms=100,
-                        dispatch_retry_for_s=2, dispatch_breaker_failures=1000)
+                        dispatch_retry_for_s=2, dispatch_breaker_failures=1000, dispatch_unknown_grace_s=0.05)
     await ensure_topics(settings)
     service = Service("dispatch-test", settings, port=0)
     dispatcher = Dispatcher(service, FLEET)
@@ -178,3 +178,34 @@ async def test_an_entity_whose_backend_is_not_deployed_fails_truthfully(dispatch
     await asyncio.wait_for(await dispatcher.handle([order("nowhere", "unbuilt")]), 20)
     [state] = await states(redis_url, ("unbuilt", "nowhere"))
     assert state.startswith("done:Failed|backend_not_available|no backend 'not-built-here'")
+
+
+async def test_a_command_superseded_while_its_call_was_out_and_then_not_taken_ends_canceled(
+    dispatcher: Dispatcher, redis_url: str
+) -> None:
+    """While the call is out the command counts as delivered, so arbitration leaves it alone when
+    a newer one takes the slot; the backend then did not take it: dispatch ends it Canceled."""
+    client = aioredis.from_url(redis_url)
+    gate = asyncio.Event()
+    send = SCRIPTED.send
+
+    async def held_send(deliveries: Sequence[backends.Delivery]) -> list[backends.Accepted | backends.BackendError]:
+        await gate.wait()
+        return await send(deliveries)
+
+    SCRIPTED.send = held_send  # type: ignore[method-assign]
+    try:
+        SCRIPTED.scripts = {"mid": ["503"]}
+        done = await dispatcher.handle([order("mid", "dev-2", fence=1)])
+        async with asyncio.timeout(10):
+            while (await client.get(redis_keys.delivery("dev-2", "mid"))) != b"inflight":
+                await asyncio.sleep(0.01)
+        await client.hset(redis_keys.slots("dev-2"), "active_fence", 2)  # arbitration: a newer command
+        gate.set()
+        await asyncio.wait_for(done, 20)
+    finally:
+        SCRIPTED.send = send  # type: ignore[method-assign]
+        await client.aclose()
+    [state] = await states(redis_url, ("dev-2", "mid"))
+    assert state.startswith("done:Canceled|superseded")
+    assert SCRIPTED.received["mid"] == 0

@@ -36,6 +36,18 @@ def test_the_circuit_opens_after_failures_in_a_row_lets_one_trial_through_and_cl
     assert breaker.state is Circuit.CLOSED and breaker.allow() and breaker.allow()
 
 
+def test_a_half_open_trial_that_never_called_does_not_keep_the_circuit_shut(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [100.0]
+    monkeypatch.setattr("dercmd.dispatch.resilience.time.monotonic", lambda: clock[0])
+    breaker = CircuitBreaker("test-breaker-trial", failures=1, open_s=10)
+    breaker.record(False)
+    clock[0] += 10
+    assert breaker.allow()  # the trial; it is cancelled before it calls, and records nothing
+    assert not breaker.allow()
+    clock[0] += 10
+    assert breaker.allow()  # another trial may go
+
+
 def test_backoff_grows_with_full_jitter_within_its_ceiling_and_honours_retry_after() -> None:
     policy = RetryPolicy(30, base_s=0.2, max_s=5, rng=random.Random(7))
     for attempt, ceiling in [(0, 0.2), (1, 0.4), (3, 1.6), (10, 5.0)]:
