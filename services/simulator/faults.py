@@ -41,8 +41,6 @@ class FaultKind(StrEnum):
     LOSE_CALLBACK = "lose_callback"
 
 
-#: Faults that come before the device acts: the command was not delivered.
-BEFORE_ACTING = frozenset({FaultKind.ERROR_5XX, FaultKind.RATE_LIMITED})
 #: Faults a bulk call suffers as a whole, and those each of its commands may suffer alone.
 WHOLE_CALL = frozenset({FaultKind.LATENCY, FaultKind.RATE_LIMITED, FaultKind.TIMEOUT_AFTER_ACT, FaultKind.DROP_CONNECTION})
 PER_COMMAND = frozenset({FaultKind.ERROR_5XX, FaultKind.LOSE_CALLBACK})
@@ -67,11 +65,6 @@ class Fault:
     latency_s: float
     retry_after_s: float
     hang_s: float
-
-    @property
-    def acts(self) -> bool:
-        """Whether the device carries the command out despite the fault."""
-        return self.kind not in BEFORE_ACTING
 
 
 class Faults:

@@ -23,8 +23,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 import httpx
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter
 from pydantic import Field, ValidationError
 from pydantic_settings import SettingsConfigDict
 
@@ -52,13 +51,13 @@ from ..base import (
     Confirmation,
     Delivery,
     DeliveryUnknown,
-    DeviceResult,
     Finding,
     NotDelivered,
     Query,
     Refused,
     register,
 )
+from ..callbacks import SignedResult, results_router
 
 #: Path on dispatch's server where the gateway posts charge points' results.
 CALLBACK_PATH = "/callbacks/ocpp"
@@ -277,29 +276,7 @@ def _answer(response: httpx.Response, tag: str) -> Accepted | BackendError:
 
 
 def _results_router(context: BackendContext) -> APIRouter:
-    router = APIRouter()
-
-    @router.post(CALLBACK_PATH, include_in_schema=False)
-    async def ocpp_results(request: Request) -> JSONResponse:
-        try:
-            body = OcppResults.model_validate_json(await request.body())
-        except ValidationError as exc:
-            return JSONResponse({"key": "invalid_result", "message": str(exc)[:2000]}, status_code=400)
-        genuine: list[DeviceResult] = []
-        answers: dict[int, str] = {}
-        for i, result in enumerate(body.results):
-            entity_id = context.entity_of(result.token, result.command_id)
-            if entity_id is None:
-                answers[i] = "invalid_signature"
-                continue
-            genuine.append(DeviceResult(entity_id, result.command_id, result.succeeded, result.message))
-        if not genuine:
-            return JSONResponse({"key": "invalid_signature", "message": "no result carries a valid token"}, status_code=403)
-        states = iter(await context.report(genuine))
-        out = [{"commandId": r.command_id, "state": answers.get(i) or next(states)} for i, r in enumerate(body.results)]
-        return JSONResponse({"results": out})
-
-    return router
+    return results_router(CALLBACK_PATH, OcppResults, lambda body: [SignedResult(r.token, r.command_id, r.succeeded, r.message) for r in body.results], context)
 
 
 @register("ocpp", OcppSettings)

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
-from pydantic import Field, ValidationError
+from fastapi import APIRouter
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from dercmd.events import CommandType
-from dercmd.protocols.vendor_cloud import MAX_COMMANDS_PER_BATCH, VendorCloudClient, VendorCommand, VendorResults
+from dercmd.protocols.vendor_cloud import (
+    MAX_COMMANDS_PER_BATCH,
+    VendorCloudClient,
+    VendorCommand,
+    VendorResults,
+)
 from dercmd.settings import Settings
 
 from ..base import (
@@ -26,10 +30,10 @@ from ..base import (
     BackendSettings,
     Confirmation,
     Delivery,
-    DeviceResult,
     register,
 )
 from ..bulk_rest import BulkRestBackend, item_error, translated
+from ..callbacks import SignedResult, results_router
 
 #: Path on dispatch's server where the vendor cloud posts results.
 CALLBACK_PATH = "/callbacks/vendor-cloud"
@@ -77,29 +81,7 @@ class VendorCloudBackend(BulkRestBackend):
 
 
 def _results_router(context: BackendContext) -> APIRouter:
-    router = APIRouter()
-
-    @router.post(CALLBACK_PATH, include_in_schema=False)
-    async def vendor_cloud_results(request: Request) -> JSONResponse:
-        try:
-            body = VendorResults.model_validate_json(await request.body())
-        except ValidationError as exc:
-            return JSONResponse({"key": "invalid_result", "message": str(exc)[:2000]}, status_code=400)
-        genuine: list[DeviceResult] = []
-        answers: dict[int, str] = {}
-        for i, result in enumerate(body.results):
-            entity_id = context.entity_of(result.response_token, result.command_id)
-            if entity_id is None:
-                answers[i] = "invalid_signature"
-                continue
-            genuine.append(DeviceResult(entity_id, result.command_id, result.result == "SUCCEEDED", result.message))
-        if not genuine:
-            return JSONResponse({"key": "invalid_signature", "message": "no result carries a valid token"}, status_code=403)
-        states = iter(await context.report(genuine))
-        out = [{"commandId": r.command_id, "state": answers.get(i) or next(states)} for i, r in enumerate(body.results)]
-        return JSONResponse({"results": out})
-
-    return router
+    return results_router(CALLBACK_PATH, VendorResults, lambda body: [SignedResult(r.response_token, r.command_id, r.result == "SUCCEEDED", r.message) for r in body.results], context)
 
 
 @register("vendor-cloud", VendorCloudSettings)
