@@ -398,18 +398,8 @@ class Dispatcher:
         """Deliveries whose fate is unknown: the backend is asked (it reads the device back where
         its protocol can). Delivered: on as if it had answered; never received: sent again;
         the backend cannot say: ``Failed: delivery_unknown`` (never sent blindly again)."""
-        findings: list[backends.CommandOutcome | None]
-        if isinstance(backend, backends.OutcomeQueries):
-            try:
-                asked = await backend.outcomes([backends.Query(self._fleet.entities[o.entity_id], o.command_id, o) for o, _ in orders])
-                if len(asked) != len(orders):
-                    raise RuntimeError(f"{backend.name} answered {len(asked)} of {len(orders)} queries")
-                findings = list(asked)
-            except Exception as exc:  # a BackendError, or a bug: either way it cannot say now
-                log.warning("outcome query failed", extra={"backend": backend.name, "error": repr(exc)})
-                findings = [None] * len(orders)
-        else:
-            findings = [None] * len(orders)
+        asked = await _ask(backend, [backends.Query(self._fleet.entities[o.entity_id], o.command_id, o) for o, _ in orders])
+        findings: list[backends.CommandOutcome | None] = list(asked) if isinstance(asked, list) else [None] * len(orders)
         never: list[tuple[DispatchOrderV1, backends.BackendError]] = []
         found: list[tuple[tuple[str, str], Outcome]] = []
         for (order, error), finding in zip(orders, findings, strict=True):
@@ -540,19 +530,10 @@ class Dispatcher:
 
         async def ask(name: str | None, positions: list[int]) -> None:
             backend = self._backends[name] if name is not None else None
-            found: list[Outcome]
-            if not isinstance(backend, backends.OutcomeQueries):
-                found = [_unconfirmed(f"{name or 'no backend here'} cannot be asked what became of it")] * len(positions)
-            else:
-                try:
-                    answers = await backend.outcomes([backends.Query(self._fleet.entities[checks[i].entity_id], checks[i].command_id) for i in positions])
-                    if len(answers) != len(positions):
-                        raise RuntimeError(f"{name} answered {len(answers)} of {len(positions)} commands")
-                    found = [_from_finding(a, name) for a in answers]
-                except Exception as exc:  # a BackendError, or a bug: either way the backend cannot say
-                    log.warning("outcome query failed", extra={"backend": name, "error": repr(exc),
-                                                               "command_ids": [checks[i].command_id for i in positions][:20]})
-                    found = [_unconfirmed(f"{name} could not be asked: {exc}")] * len(positions)
+            # (an entity outside the fleet has no backend here, and nothing to build a query from)
+            queries = [backends.Query(self._fleet.entities[checks[i].entity_id], checks[i].command_id) for i in positions] if backend else []
+            asked = await _ask(backend, queries)
+            found = [_from_finding(a, name) for a in asked] if isinstance(asked, list) else [_unconfirmed(asked)] * len(positions)
             for i, outcome in zip(positions, found, strict=True):
                 outcomes[i] = outcome
 
@@ -570,6 +551,22 @@ def _unconfirmed(detail: str) -> Outcome:
 def device_result(succeeded: bool, message: str | None) -> Outcome:
     """What a device did, as its backend reports it (a callback, or an answer to a check)."""
     return Outcome(CommandStatus.SUCCEEDED) if succeeded else Outcome(CommandStatus.FAILED, "device_failed", message)
+
+
+async def _ask(backend: backends.DeviceBackend | None, queries: list[backends.Query]) -> list[backends.CommandOutcome] | str:
+    """What the backend says became of each command, in order, or why it cannot say (it offers no
+    queries, the query failed, or a bug answered the wrong number)."""
+    if not isinstance(backend, backends.OutcomeQueries):
+        return f"{backend.name if backend is not None else 'no backend here'} cannot be asked what became of it"
+    try:
+        answers = await backend.outcomes(queries)
+        if len(answers) != len(queries):
+            raise RuntimeError(f"{backend.name} answered {len(answers)} of {len(queries)} queries")
+        return list(answers)
+    except Exception as exc:  # a BackendError, or a bug: either way it cannot say now
+        log.warning("outcome query failed", extra={"backend": backend.name, "error": repr(exc),
+                                                   "command_ids": [q.command_id for q in queries][:20]})
+        return f"{backend.name} could not be asked: {exc}"
 
 
 def _from_finding(outcome: backends.CommandOutcome, backend: str | None) -> Outcome:

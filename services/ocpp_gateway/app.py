@@ -6,11 +6,11 @@
 from __future__ import annotations
 
 import hmac
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Path, Request, WebSocket
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from dercmd.dispatch.backends.ocpp import OcppSettings
 from dercmd.fleet import Fleet
@@ -20,6 +20,8 @@ from dercmd.settings import Settings
 
 from .gateway import Gateway
 
+M = TypeVar("M", bound=BaseModel)
+
 
 def add_routes(app: FastAPI, gateway: Gateway) -> None:
     authorization = f"Bearer {gateway.ocpp.gateway_token}"
@@ -27,29 +29,32 @@ def add_routes(app: FastAPI, gateway: Gateway) -> None:
     def authorized(request: Request) -> bool:
         return hmac.compare_digest(request.headers.get("authorization", ""), authorization)
 
+    async def read(request: Request, model: type[M], invalid: str) -> M | JSONResponse:
+        """dispatch's call: its body as ``model``, or the error to answer (401, 400)."""
+        if not authorized(request):
+            return JSONResponse({"key": "unauthorized", "message": "not the gateway token"}, status_code=401)
+        try:
+            return model.model_validate_json(await request.body())
+        except ValidationError as exc:
+            return JSONResponse({"key": invalid, "message": str(exc)[:2000]}, status_code=400)
+
     @app.websocket(WS_PATH + "/{charge_point_id}")
     async def charge_point(websocket: WebSocket, charge_point_id: str) -> None:
         await gateway.serve(websocket, charge_point_id)
 
     @app.post(COMMANDS_PATH.replace("{charge_point_id}", "{chargePointId}"), include_in_schema=False)
     async def command(request: Request, charge_point_id: str = Path(alias="chargePointId")) -> JSONResponse:
-        if not authorized(request):
-            return JSONResponse({"key": "unauthorized", "message": "not the gateway token"}, status_code=401)
-        try:
-            body = GatewayCommand.model_validate_json(await request.body())
-        except ValidationError as exc:
-            return JSONResponse({"key": "invalid_command", "message": str(exc)[:2000]}, status_code=400)
+        body = await read(request, GatewayCommand, "invalid_command")
+        if isinstance(body, JSONResponse):
+            return body
         status, answer = await gateway.command(charge_point_id, body)
         return JSONResponse(answer.model_dump(by_alias=True, exclude_none=True), status_code=status)
 
     @app.post(OUTCOMES_PATH.replace("{charge_point_id}", "{chargePointId}"), include_in_schema=False)
     async def outcomes(request: Request, charge_point_id: str = Path(alias="chargePointId")) -> JSONResponse:
-        if not authorized(request):
-            return JSONResponse({"key": "unauthorized", "message": "not the gateway token"}, status_code=401)
-        try:
-            body = GatewayOutcomesQuery.model_validate_json(await request.body())
-        except ValidationError as exc:
-            return JSONResponse({"key": "invalid_query", "message": str(exc)[:2000]}, status_code=400)
+        body = await read(request, GatewayOutcomesQuery, "invalid_query")
+        if isinstance(body, JSONResponse):
+            return body
         status, answer = await gateway.read_back(charge_point_id, body.command_ids)
         return JSONResponse(answer.model_dump(by_alias=True, exclude_none=True), status_code=status)
 

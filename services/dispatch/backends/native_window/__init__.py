@@ -15,21 +15,16 @@ from pydantic_settings import SettingsConfigDict
 
 from dercmd.events import CommandType
 from dercmd.protocols.native_window import MAX_COMMANDS_PER_BATCH, NativeCommand, NativeWindowClient
-from dercmd.settings import Settings
 
-from ..base import Accepted, BackendContext, BackendError, BackendSettings, Confirmation, Delivery, register
-from ..bulk_rest import BulkRestBackend, item_error, translated
+from ..base import Accepted, BackendContext, BackendError, Confirmation, Delivery, register
+from ..bulk_rest import BulkRestBackend, BulkRestSettings, item_error, translated
 
 
-class NativeWindowSettings(BackendSettings):
+class NativeWindowSettings(BulkRestSettings):
     model_config = SettingsConfigDict(env_prefix="DERCMD_NATIVE_WINDOW_", extra="ignore")
+    SIMULATED = "native-window"
 
-    url: str = Field("", description="Base URL of the native-window backend; empty: the local simulator.")
     token: str = Field("sim-native-window-secret", description="Bearer token dispatch presents to the native-window backend.")
-    timeout_s: float = Field(5.0, gt=0, description="Deadline of one call to the native-window backend, in seconds.")
-
-    def base_url(self, settings: Settings) -> str:
-        return self.url or f"http://{settings.bind_host}:{settings.simulator_port}/native-window"
 
 
 class NativeWindowBackend(BulkRestBackend):

@@ -21,33 +21,27 @@ from dercmd.protocols.vendor_cloud import (
     VendorCommand,
     VendorResults,
 )
-from dercmd.settings import Settings
 
 from ..base import (
     Accepted,
     BackendContext,
     BackendError,
-    BackendSettings,
     Confirmation,
     Delivery,
     register,
 )
-from ..bulk_rest import BulkRestBackend, item_error, translated
+from ..bulk_rest import BulkRestBackend, BulkRestSettings, item_error, translated
 from ..callbacks import SignedResult, results_router
 
 #: Path on dispatch's server where the vendor cloud posts results.
 CALLBACK_PATH = "/callbacks/vendor-cloud"
 
 
-class VendorCloudSettings(BackendSettings):
+class VendorCloudSettings(BulkRestSettings):
     model_config = SettingsConfigDict(env_prefix="DERCMD_VENDOR_CLOUD_", extra="ignore")
+    SIMULATED = "vendor-cloud"
 
-    url: str = Field("", description="Base URL of the vendor cloud; empty: the local simulator.")
     token: str = Field("sim-vendor-secret", description="Bearer token dispatch presents to the vendor cloud.")
-    timeout_s: float = Field(5.0, gt=0, description="Deadline of one call to the vendor cloud, in seconds.")
-
-    def base_url(self, settings: Settings) -> str:
-        return self.url or f"http://{settings.bind_host}:{settings.simulator_port}/vendor-cloud"
 
 
 class VendorCloudBackend(BulkRestBackend):
