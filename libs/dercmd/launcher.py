@@ -6,12 +6,19 @@ end-to-end tests use.
 - Redis: ``DERCMD_REDIS_URL``; when nothing answers there and it is local, a ``redis-server``
   without persistence is started, else it says what to install.
 - Then topics, and every service as its own process, each awaited on its ``/health``.
+
+While it runs, the launcher supervises (:meth:`Stack.supervise`): a process that exits is
+started again after a backoff that doubles while it keeps failing (``RESTART_BACKOFF_S``),
+the broker with its topics, Redis (when the launcher started it) as it was. Every child
+dies with the launcher, however it ends (Linux: ``PR_SET_PDEATHSIG``), and SIGINT, SIGTERM
+and SIGHUP all stop the stack in order, services first.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import os
 import random
 import shutil
@@ -20,7 +27,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -35,8 +42,35 @@ from .settings import Settings
 SERVICES = ("simulator", "status", "dispatch", "ocpp_gateway", "arbitration", "intake")
 
 
+#: A process that exits is started again after this many seconds, doubled for each exit in
+#: a row up to the last; one that ran ``STEADY_S`` counts as recovered.
+RESTART_BACKOFF_S = (0.5, 1, 2, 4, 8, 15, 30)
+STEADY_S = 30.0
+_PR_SET_PDEATHSIG = 1
+
+
 class LaunchError(RuntimeError):
     pass
+
+
+def _child_setup(parent: int) -> None:
+    """In each child, before exec: it gets SIGTERM when the launcher dies, however it dies (a
+    kill -9 included), and SIGINT back at its default (a launcher started in the background
+    by a shell inherits it ignored, and so would every service)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the launcher died before prctl: nobody would tell us
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@dataclass
+class _Restarts:
+    """One process's supervision: how many exits in a row, and when it is started again."""
+
+    count: int = 0
+    due: float | None = None
+    started: float = field(default_factory=time.monotonic)
 
 
 #: Below Linux's default ephemeral range (32768-60999): a port chosen here cannot be taken
@@ -134,6 +168,7 @@ class Stack:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
     _how: dict[str, tuple[list[str], Mapping[str, str] | None]] = field(default_factory=dict)
+    _restarts: dict[str, _Restarts] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.environ = {**os.environ, **self.env}
@@ -155,10 +190,12 @@ class Stack:
             self._logs.append(out)
         # Own session: a Ctrl-C reaches only the launcher, which stops services before the
         # broker and Redis they need to shut down cleanly.
+        parent = os.getpid()
         proc = subprocess.Popen(argv, env={**self.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=lambda: _child_setup(parent))
         self.procs[name] = proc
         self._how[name] = (argv, env)
+        self._restarts.setdefault(name, _Restarts()).started = time.monotonic()
         return proc
 
     def _start_broker(self) -> None:
@@ -264,6 +301,45 @@ class Stack:
         port = (env or {}).get(next((k for k in env or {} if k.endswith("_PORT")), ""), None)
         self.wait_healthy(name, url=f"http://{self.settings.bind_host}:{port}" if port else None)
 
+    def supervise(self, say: Callable[[str], None] = print) -> None:
+        """One round of supervision (``dercmd run`` calls it twice a second): start again what
+        exited, each after its backoff; ``say`` tells the operator. The broker comes back
+        with its topics (an embedded one comes back empty: see the README on what that
+        loses and how the ledger drives open commands on)."""
+        now = time.monotonic()
+        for name, proc in list(self.procs.items()):
+            restarts = self._restarts[name]
+            if proc.poll() is None:
+                if restarts.count and now - restarts.started > STEADY_S:
+                    restarts.count = 0
+                continue
+            if restarts.due is None:
+                delay = RESTART_BACKOFF_S[min(restarts.count, len(RESTART_BACKOFF_S) - 1)]
+                restarts.due = now + delay
+                say(f"dercmd: {name} exited with {proc.returncode}; starting it again in {delay:g} s"
+                    f"{f' (exit {restarts.count + 1} in a row)' if restarts.count else ''}")
+                continue
+            if now < restarts.due:
+                continue
+            restarts.due = None
+            restarts.count += 1
+            try:
+                self._respawn(name)
+            except (LaunchError, OSError) as exc:
+                say(f"dercmd: {name} did not come back: {exc}")
+                continue
+            say(f"dercmd: {name} started again (pid {self.procs[name].pid})")
+
+    def _respawn(self, name: str) -> None:
+        argv, env = self._how[name]
+        proc = self._spawn(name, argv, env)
+        if name == "kafka":
+            _wait_tcp("127.0.0.1", self.settings.embedded_kafka_port, 15, proc)
+            asyncio.run(ensure_topics(self.settings))
+        elif name == "redis":
+            port = urlparse(self.settings.redis_url).port or 6379
+            _wait_tcp("127.0.0.1", port, 10, proc)
+
     def stop(self, timeout_s: float = 15) -> None:
         """SIGTERM the services, then the broker and Redis; SIGKILL what outlives the timeout."""
         services = [p for name, p in self.procs.items() if name.partition("@")[0] in SERVICES]
@@ -323,10 +399,18 @@ def main(argv: list[str] | None = None) -> int:
     return run()
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run() -> int:
-    """Start the stack, print where it is, and hold it until Ctrl-C, SIGTERM or a process exits."""
+    """Start the stack, print where it is, supervise it until SIGINT (Ctrl-C), SIGTERM or
+    SIGHUP, then stop it in order."""
+    # SIGINT explicitly: a shell that starts a job in the background hands it SIGINT ignored,
+    # and Python then installs no handler of its own.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     stack = Stack()
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         stack.start()
     except LaunchError as exc:
@@ -337,10 +421,7 @@ def run() -> int:
     print(_banner(stack), flush=True)
     try:
         while True:
-            for name, proc in stack.procs.items():
-                if proc.poll() is not None:
-                    print(f"dercmd: {name} exited with {proc.returncode}; stopping", file=sys.stderr)
-                    raise KeyboardInterrupt
+            stack.supervise(lambda line: print(line, file=sys.stderr, flush=True))
             time.sleep(0.5)
     except KeyboardInterrupt:
         print("\ndercmd: stopping...", file=sys.stderr)
