@@ -9,12 +9,13 @@ a breaking change to a model is a new class with a new ``CE_TYPE``, never an edi
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 
@@ -113,11 +114,40 @@ def revert_id(command_id: str) -> str:
 MAX_VALUE = 2**31 - 1
 
 
+def _time_as_text(value: Any) -> Any:
+    """A time in a request is an ISO 8601 string: a number (lax pydantic would read it as
+    seconds since 1970) or a bool is refused. Models built in code pass datetimes."""
+    if isinstance(value, (int, float, bool)) or (isinstance(value, str) and _NUMBER.fullmatch(value.strip())):
+        raise ValueError("a time is an ISO 8601 string with a time zone, e.g. 2026-06-01T12:00:00Z")
+    return value
+
+
+_NUMBER = re.compile(r"[+-]?[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?")
+
+
+def _representable(value: datetime) -> datetime:
+    """Within 1970..9998 in UTC, so it converts, compares and is stored anywhere (year 1 at
+    +01:00 has no UTC time at all)."""
+    try:
+        year = value.astimezone(UTC).year if value.tzinfo is not None else value.year
+    except OverflowError:
+        year = 0
+    if not 1970 <= year <= 9998:
+        raise ValueError("a time must fall within the years 1970..9998")
+    return value
+
+
+#: A time as callers send it (REST bodies and queries, Kafka requests): an ISO 8601 string,
+#: within 1970..9998.
+RequestTime = Annotated[datetime, BeforeValidator(_time_as_text), AfterValidator(_representable)]
+
+
 class CommandFields(Model):
-    """What the caller asks for; shared by the request, REST body and accepted event."""
+    """What the caller asks for; shared by the request, REST body and accepted event. Numbers
+    are strict: ``"3000"``, ``true`` and ``3000.0`` are not integers."""
 
     type: CommandType
-    value: int | None = Field(None, le=MAX_VALUE)
+    value: int | None = Field(None, le=MAX_VALUE, strict=True)
     percentage: int | None = Field(None, ge=0, le=100, strict=True)
 
     @model_validator(mode="after")
@@ -137,6 +167,42 @@ class CommandFields(Model):
         return self
 
 
+class PlainCommand(Model):
+    """A command that takes neither ``value`` nor ``percentage``: one of the REST API's shapes
+    (the API's bodies are a union of these, told apart by ``type``, so its OpenAPI document
+    says exactly which types take what)."""
+
+    type: Literal["StartCharging", "StopCharging", "Reset", "Disconnect", "StopFeedIn"]
+
+    def fields(self) -> CommandFields:
+        return CommandFields(type=CommandType(self.type))
+
+
+class ValueCommand(Model):
+    """A command with a ``value`` in watts (``LimitFeedIn``)."""
+
+    type: Literal["LimitFeedIn"]
+    value: int = Field(ge=0, le=MAX_VALUE, strict=True, description="watts, an integer")
+
+    def fields(self) -> CommandFields:
+        return CommandFields(type=CommandType(self.type), value=self.value)
+
+
+class PercentageCommand(Model):
+    """A command with a ``percentage`` of nominal power (``LimitProductionPower``)."""
+
+    type: Literal["LimitProductionPower"]
+    percentage: int = Field(ge=0, le=100, strict=True, description="an integer 0..100")
+
+    def fields(self) -> CommandFields:
+        return CommandFields(type=CommandType(self.type), percentage=self.percentage)
+
+
+def shape_types(shape: type[Model]) -> frozenset[CommandType]:
+    """The types a shape takes (tests check that the shapes say what CommandFields checks)."""
+    return frozenset(CommandType(t) for t in shape.model_fields["type"].annotation.__args__)  # type: ignore[union-attr]
+
+
 class CommandRequestV1(CommandFields, Event):
     """``dercmd.commands.requests``: a command produced onto Kafka by a caller.
 
@@ -150,13 +216,13 @@ class CommandRequestV1(CommandFields, Event):
 
     id: str | None = Field(None, pattern=ID_PATTERN)
     entity_id: str = Field(min_length=1, max_length=128)
-    ignore_cooldown: bool = False
+    ignore_cooldown: bool = Field(False, strict=True)
     #: A scheduled or windowed command: the same rules as ``POST /v1/command/`` (BRIEF 2.2).
-    start_at: datetime | None = None
-    end_at: datetime | None = None
+    start_at: RequestTime | None = None
+    end_at: RequestTime | None = None
     asset_identifiers: tuple[str, ...] | None = None
     #: The caller's deadline: not delivered by then, the command ends ``Failed: expired``.
-    expires_at: datetime | None = None
+    expires_at: RequestTime | None = None
 
 
 class CommandAcceptedV1(CommandFields, Event):
@@ -177,6 +243,9 @@ class CommandAcceptedV1(CommandFields, Event):
     expires_at: datetime | None = None
     accepted_at: datetime
     source: str
+    #: Announced again by the status service's recovery (rebuilt from the ledger), not by
+    #: intake: it may have reached its device already.
+    recovered: bool = False
 
     def ce_id(self) -> str:
         return self.id
@@ -227,6 +296,9 @@ class DispatchOrderV1(CommandFields, Event):
     #: Not to be sent before this time: arbitration acts on due starts and ends a little
     #: ahead (``DERCMD_DUE_LEAD_MS``) so the order waits at dispatch, not in the pipeline.
     not_before: datetime | None = None
+    #: Ordered for a command announced again by recovery: where dispatch has no record of it
+    #: (Redis lost it), the backend is asked whether it has it before it is sent.
+    recovered: bool = False
 
     def ce_id(self) -> str:
         return f"{self.command_id}/{self.fence}"

@@ -7,14 +7,33 @@ field where it is declared and add it there.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: The example fleet's file: its tokens are published in the README.
+EXAMPLE_FLEET = "deploy/fleet.example.yaml"
+
+
+def documented_defaults(settings: BaseSettings) -> list[str]:
+    """The environment variables of secrets (fields named ``*secret*`` or ``*token*``) that
+    still hold their documented default: anyone who read the README knows them."""
+    prefix = str(settings.model_config.get("env_prefix", ""))
+    return [f"{prefix}{name}".upper() for name, field in type(settings).model_fields.items()
+            if ("secret" in name or "token" in name) and isinstance(field.default, str) and field.default
+            and getattr(settings, name) == field.default]
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DERCMD_", extra="ignore")
+
+    environment: Literal["development", "production"] = Field(
+        "development",
+        description="`production`: every service refuses to start while a secret holds its documented default (`DERCMD_CALLBACK_SECRET`, the backends' tokens and secrets), the fleet file is the example's, or it grants the example's public bearer tokens.",
+    )
 
     kafka_bootstrap: str = Field(
         "",
@@ -29,7 +48,7 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL of the ledger (SQLite file by default; `postgresql+psycopg://...` in production).",
     )
     fleet_file: str = Field(
-        "deploy/fleet.example.yaml", description="Entities, their kind/vendor/backend, and bearer tokens."
+        EXAMPLE_FLEET, description="Entities, their kind/vendor/backend, and bearer tokens."
     )
     bind_host: str = Field("127.0.0.1", description="Address every service's HTTP server binds to.")
     api_port: int = Field(8080, description="intake: REST API, OpenAPI docs at /docs, /metrics, /health.")
@@ -102,6 +121,9 @@ class Settings(BaseSettings):
     due_lead_ms: int = Field(
         2000, ge=0, description="arbitration: scheduled starts and window ends are acted on this far ahead; their orders wait at dispatch until the time (0: at the time)."
     )
+    recover_after_s: float = Field(
+        20.0, gt=0, description="status sweeper: a command Pending (past its start) or Triggered this long is announced to arbitration again from the ledger (its records may have been lost with a broker); arbitration repeats its decision, dispatch never delivers twice."
+    )
     deadline_pending_s: float = Field(
         60.0, gt=0, description="status sweeper: a command still Pending this long after its start (not arbitrated) ends Failed: expired."
     )
@@ -137,7 +159,35 @@ class Settings(BaseSettings):
         3600, ge=1, description="simulator: lifetime of the OAuth2 access tokens the simulated EV aggregator issues, seconds (short: clients renew often)."
     )
 
+    @model_validator(mode="after")
+    def _no_public_secrets_in_production(self) -> Settings:
+        if self.environment == "production":
+            public = documented_defaults(self) + (["DERCMD_FLEET_FILE (the example fleet)"] if self.fleet_file == EXAMPLE_FLEET else [])
+            if public:
+                raise ValueError(published_message(public))
+        return self
+
+
+def published_message(public: list[str]) -> str:
+    return f"DERCMD_ENVIRONMENT=production, but these hold their documented defaults: {', '.join(public)}; set your own"
+
+
+def refuse_published(settings: Settings, *more: BaseSettings, tokens: Sequence[str] = ()) -> None:
+    """In production, stop the service (a clear message, exit status 1) while any of ``more``
+    (a backend's settings) holds a documented default secret, or ``tokens`` names published
+    bearer tokens the service would accept."""
+    if settings.environment == "production":
+        public = [name for extra in more for name in documented_defaults(extra)] + [f"bearer token {t!r}" for t in tokens]
+        if public:
+            raise SystemExit(f"dercmd: refusing to start: {published_message(public)}")
+
 
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    """The settings of this process; settings that are not valid (a published secret in
+    production among them) stop it with one clear message instead of a traceback."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+        raise SystemExit(f"dercmd: refusing to start: {problems}") from None

@@ -1,12 +1,201 @@
-"""Serving an HTTP service (intake, simulator) with the project's logging."""
+"""Serving an HTTP service (every service, the simulator) with the project's logging, and one
+error envelope for all of them.
+
+Every error answer of every service is JSON ``{"key": ..., "message": ...}`` (plus fields
+that belong to the key, such as ``errors`` or ``cooldownUntil``) with a stable ``key``,
+whatever failed: a route raising :class:`ApiError`, a request that does not validate, a body
+that is not JSON or is nested too deeply, a route that does not exist, a method a route does
+not take (``Allow`` names those it takes; ``OPTIONS`` answers 204 with it), Redis or the
+database not answering (503), a bug (500, logged). :func:`install_error_envelope` sets this
+up; :class:`~dercmd.service.Service` calls it for every service, the simulator itself.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+import sqlalchemy.exc
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from . import logs
 from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Stable keys of the errors the framework itself answers, by HTTP status.
+_STATUS_KEYS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+                413: "too_large", 415: "unsupported_media_type"}
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+#: Errors of a backing service (Redis, the database): 503, the caller may retry.
+UNAVAILABLE: tuple[type[Exception], ...] = (aioredis.ConnectionError, aioredis.TimeoutError, TimeoutError,
+                                            sqlalchemy.exc.OperationalError)
+
+
+@dataclass
+class ApiError(Exception):
+    """An error answer: raise it from any route of any service. ``key`` is stable (callers
+    branch on it); ``extra`` adds fields to the body, ``headers`` to the answer."""
+
+    key: str
+    message: str
+    status: int = 400
+    extra: dict[str, object] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class ErrorBody(BaseModel):
+    """The error envelope, for OpenAPI documents (``responses={400: {"model": ErrorBody}}``)."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": True})
+
+    key: str = Field(description="Stable: what went wrong, for programs to branch on.")
+    message: str = Field(description="What went wrong, for people.")
+
+
+#: Called with the request, the key and the status of every error answer (a service's metrics).
+ErrorHook = Callable[[Request, str, int], None]
+
+
+def error(key: str, message: str, status: int, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    """An error answer in the envelope, for a route that returns it rather than raising
+    :class:`ApiError` (the hooks of :func:`observe_errors` see only what the handlers answer)."""
+    return JSONResponse({"key": key, "message": message, **extra}, status_code=status, headers=headers)
+
+
+def observe_errors(app: FastAPI, hook: ErrorHook) -> None:
+    """Have ``hook`` see every error the envelope's handlers answer (keys counted in metrics)."""
+    app.state.error_hooks = [*getattr(app.state, "error_hooks", ()), hook]
+
+
+def allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    """Every method some route takes at this path (Starlette's own ``Allow`` names only the
+    first route that matched the path)."""
+    methods = {method for method in _METHODS
+               if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in app.router.routes)}
+    return sorted(methods | {"OPTIONS"}) if methods else []
+
+
+def validation_errors(exc: RequestValidationError) -> tuple[str, str, list[dict[str, Any]]]:
+    """The key, message and per-field errors of a request that did not validate."""
+    errors = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
+    if any(e.get("type") == "json_invalid" for e in exc.errors()):
+        return "invalid_json", "the body is not valid JSON", errors
+    return "validation_error", "the request is not valid", errors
+
+
+def known_query_only(request: Request) -> None:
+    """A dependency (``APIRouter(dependencies=[Depends(known_query_only)])``): a query
+    parameter the route does not take is a 400 ``validation_error``, not silently ignored (a
+    misspelt ``ignoreCooldown`` must not pass for its default)."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    known: set[str] = set()
+    todo = [dependant]
+    while todo:  # the route's own query parameters and its dependencies'
+        current = todo.pop()
+        known.update(param.alias for param in current.query_params)
+        todo.extend(current.dependencies)
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        raise ApiError("validation_error", "the request is not valid",
+                       extra={"errors": [{"loc": ["query", name], "msg": "unknown query parameter"} for name in unknown]})
+
+
+def install_error_envelope(app: FastAPI) -> None:
+    """Every error of ``app`` in the one envelope; its OpenAPI document describes validation
+    errors as the 400 they are (FastAPI's default says 422)."""
+
+    def answer(request: Request, key: str, message: str, status: int, headers: dict[str, str] | None = None,
+               extra: dict[str, Any] | None = None) -> JSONResponse:
+        for hook in getattr(app.state, "error_hooks", ()):
+            hook(request, key, status)
+        return JSONResponse({"key": key, "message": message, **(extra or {})}, status_code=status, headers=headers)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> Response:
+        return answer(request, exc.key, exc.message, exc.status, headers=exc.headers or None, extra=exc.extra)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 405:
+            allow = allowed_methods(app, request)
+            if request.method == "OPTIONS" and allow:
+                return Response(status_code=204, headers={"Allow": ", ".join(allow)})
+            return answer(request, "method_not_allowed", f"{request.method} is not allowed here; allowed: {', '.join(allow)}",
+                          405, headers={"Allow": ", ".join(allow)})
+        if exc.status_code == 404 and exc.detail == "Not Found":
+            return answer(request, "not_found", f"no route {request.url.path}", 404)
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            return answer(request, "invalid_json", "the body could not be parsed (not JSON, or nested too deeply)", 400)
+        key = _STATUS_KEYS.get(exc.status_code, "http_error")
+        return answer(request, key, str(exc.detail), exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        key, message, errors = validation_errors(exc)
+        return answer(request, key, message, 400, extra={"errors": errors})
+
+    @app.exception_handler(RecursionError)
+    async def _too_deep(request: Request, exc: RecursionError) -> JSONResponse:
+        return answer(request, "invalid_json", "the body is nested too deeply", 400)
+
+    @app.exception_handler(UnicodeDecodeError)
+    async def _undecodable(request: Request, exc: UnicodeDecodeError) -> JSONResponse:
+        return answer(request, "invalid_json", "the body is not UTF-8", 400)
+
+    async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("dependency unavailable", extra={"error": repr(exc), "path": request.url.path})
+        return answer(request, "dependency_unavailable", "a backing service is unavailable; retry later", 503,
+                      headers={"Retry-After": "5"})
+
+    for unavailable in UNAVAILABLE:
+        app.add_exception_handler(unavailable, _unavailable)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error", exc_info=exc, extra={"path": request.url.path, "method": request.method})
+        return answer(request, "internal_error", "the service failed to answer; it is logged", 500)
+
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            _validation_errors_are_400(generate())
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _validation_errors_are_400(schema: dict[str, Any]) -> None:
+    """Replace FastAPI's documented 422 (``HTTPValidationError``) by the envelope's 400."""
+    envelope = {"$ref": "#/components/schemas/ErrorBody"}
+    used = False
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.get("responses", {})
+            if responses.pop("422", None) is not None:
+                used = True
+                responses.setdefault("400", {"description": "The request is not valid (`validation_error`, `invalid_json`)",
+                                             "content": {"application/json": {"schema": envelope}}})
+    components = schema.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    if used and "ErrorBody" not in components:
+        schema.setdefault("components", {}).setdefault("schemas", {})["ErrorBody"] = ErrorBody.model_json_schema()
 
 
 def serve(service: str, app: FastAPI, settings: Settings, port: int) -> None:

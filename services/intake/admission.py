@@ -9,7 +9,6 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
@@ -21,19 +20,14 @@ from dercmd.events import CommandAcceptedV1, CommandStateV1, CommandStatus, Even
 from dercmd.fleet import Fleet
 from dercmd.kafka import Publisher
 from dercmd.ledger import Ledger
+from dercmd.web import ApiError
 
 from . import metrics
 
 
-@dataclass
-class Refusal(Exception):
-    """A command that will not be accepted; ``key`` is stable and goes to callers as is."""
-
-    key: str
-    message: str
-    status: int = 400
-    extra: dict[str, object] = field(default_factory=dict)
-    headers: dict[str, str] = field(default_factory=dict)
+class Refusal(ApiError):
+    """A command that will not be accepted; ``key`` is stable and goes to callers as is (REST:
+    the error envelope; Kafka: ``Rejected``'s reason and the dead letter's error)."""
 
 
 class Admission:
@@ -116,9 +110,13 @@ class Admission:
         acknowledged on the status topic, then every accepted event acknowledged. Returns, per
         command, its state as Pending or why it was refused.
 
-        A command id already in the ledger (or earlier in this batch) is announced again only
-        if it is the same command (a redelivered request: every step downstream drops what it
-        has seen); an id reused for something else is refused with ``duplicate_id``."""
+        An id names one command, bound to its entity and to everything the request asked
+        (:func:`_what`). A command id already in the ledger (or earlier in this batch) is
+        announced again only if it is the same command (a redelivered or retried request:
+        every step downstream drops what it has seen); an id reused for anything else is
+        refused with ``duplicate_id`` and the command holding it is untouched. A ``Rejected``
+        request holds no id (the ledger lets a new command take its row), so a valid request is
+        accepted whether an invalid one with its id came before or after it."""
         started = time.perf_counter()
         inserted = await asyncio.to_thread(self.ledger.record_pending_many, cmds)
         earlier = [c.id for c in cmds if c.id not in inserted]
@@ -152,8 +150,20 @@ class Admission:
 
 
 def _what(cmd: CommandAcceptedV1 | CommandStateV1) -> tuple[object, ...]:
-    """What makes two commands with one id the same command."""
-    return (cmd.entity_id, cmd.type, cmd.value, cmd.percentage, cmd.end_at)
+    """What makes two commands with one id the same command: the entity and everything the
+    request asked (not when it was accepted, which differs for a redelivered request)."""
+    if isinstance(cmd, CommandStateV1):
+        # The ledger keeps an immediate command's trigger time as its acceptance time.
+        trigger = None if cmd.trigger_time == cmd.accepted_at else cmd.trigger_time
+    else:
+        trigger = cmd.trigger_time
+    assets = tuple(cmd.asset_identifiers) if cmd.asset_identifiers is not None else None
+    return (cmd.entity_id, cmd.type, cmd.value, cmd.percentage, _instant(trigger), _instant(cmd.end_at), assets,
+            _instant(cmd.expires_at), cmd.ignore_cooldown)
+
+
+def _instant(at: datetime | None) -> float | None:
+    return at.timestamp() if at is not None else None
 
 
 def _shown(cmd: CommandAcceptedV1) -> dict[str, Any]:

@@ -1,36 +1,38 @@
 """The REST API (BRIEF 2): one router per API (:mod:`.routes`), commands built in one place
 (:mod:`.commands`), admitted by group commit (:mod:`.admission`). Every error is JSON
-``{"key": ..., "message": ...}`` with a stable key."""
+``{"key": ..., "message": ...}`` with a stable key (:mod:`dercmd.web`; a refusal is an
+:class:`~dercmd.web.ApiError`)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
-import redis.asyncio as aioredis
-import sqlalchemy.exc
 from fastapi import Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 
-from dercmd import topics
+from dercmd import topics, web
 from dercmd.fleet import Fleet
 from dercmd.ledger import Ledger
 from dercmd.service import Service
-from dercmd.settings import Settings
+from dercmd.settings import Settings, refuse_published
 
 from . import metrics
-from .admission import Admission, Refusal
+from .admission import Admission
 from .context import Intake
 from .requests_consumer import RequestsHandler
 from .routes import batch_commands, entity_commands, queries
 
 log = logging.getLogger(__name__)
 
+#: The example fleet's bearer tokens (README, deploy/fleet.example.yaml): refused in production
+#: in any fleet file, a copy of the example's included.
+PUBLISHED_TOKENS = ("dev-contributor", "dev-viewer", "dev-partner")
+
 
 def build(settings: Settings) -> Service:
     """The intake service: the REST API, and the consumer of the requests topic."""
     fleet = Fleet.load(settings.fleet_file)
+    refuse_published(settings, tokens=[t for t in PUBLISHED_TOKENS if fleet.knows_token(t)])
     service = Service(
         "intake",
         settings,
@@ -48,26 +50,11 @@ def build(settings: Settings) -> Service:
     service.consume(topics.REQUESTS, requests, on_invalid=requests.on_invalid)
     app = service.app
 
-    @app.exception_handler(Refusal)
-    async def _refusal(request: Request, exc: Refusal) -> JSONResponse:
-        metrics.REFUSED.labels("rest", exc.key).inc()
-        return JSONResponse({"key": exc.key, "message": exc.message, **exc.extra}, status_code=exc.status, headers=exc.headers)
+    def _count(request: Request, key: str, status: int) -> None:
+        if key not in ("not_found", "method_not_allowed"):  # a wrong URL: no command was refused
+            metrics.REFUSED.labels("rest", key).inc()
 
-    @app.exception_handler(aioredis.ConnectionError)
-    @app.exception_handler(aioredis.TimeoutError)
-    @app.exception_handler(TimeoutError)
-    @app.exception_handler(sqlalchemy.exc.OperationalError)
-    async def _dependency(request: Request, exc: Exception) -> JSONResponse:
-        metrics.REFUSED.labels("rest", "dependency_unavailable").inc()
-        log.warning("dependency unavailable", extra={"error": repr(exc), "path": request.url.path})
-        return JSONResponse({"key": "dependency_unavailable", "message": "a backing service is unavailable; retry later"},
-                            status_code=503, headers={"Retry-After": "5"})
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        metrics.REFUSED.labels("rest", "validation_error").inc()
-        errors = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
-        return JSONResponse({"key": "validation_error", "message": "the request is not valid", "errors": errors}, status_code=400)
+    web.observe_errors(app, _count)
 
     intake = Intake(fleet, admission, ledger)
     for module in (entity_commands, batch_commands, queries):

@@ -5,29 +5,54 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from aiokafka.errors import KafkaError
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel
 
-from dercmd.events import CommandAcceptedV1, CommandStateV1
+from pydantic import Field
+
+from dercmd.events import CommandAcceptedV1, CommandStateV1, Model
 from dercmd.fleet import Entity, Fleet, Role
 from dercmd.ledger import Ledger
+from dercmd.web import ErrorBody
 
 from .admission import Admission, Refusal
 
 _bearer = HTTPBearer(auto_error=False)
 
 
-class Error(BaseModel):
-    key: str
-    message: str
+#: The error answers every route may give, for the OpenAPI document (all in the one envelope).
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "Not valid: `validation_error` (with `errors`), `invalid_json`, or the key of the rule broken"},
+    401: {"model": ErrorBody, "description": "`unauthorized`: no or unknown bearer token"},
+    403: {"model": ErrorBody, "description": "`forbidden`: the token may read this entity but not command it"},
+    404: {"model": ErrorBody, "description": "`entity_not_found`, `command_not_found`: does not exist, or this token may not see it"},
+    409: {"model": ErrorBody, "description": "`cooldown_active` (with `cooldownUntil` and `Retry-After`), `command_finished`"},
+    503: {"model": ErrorBody, "description": "`intake_unavailable`, `dependency_unavailable`: retry later"},
+}
 
 
-#: The error answers every route may give, for the OpenAPI document.
-ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": Error} for s in (400, 401, 403, 404, 409, 503)}
+class Command(CommandStateV1):
+    """A command's state, as every route answers it (fields without a value are left out)."""
+
+
+class CancelRequested(Command):
+    """``DELETE /v1/commands/{id}``'s answer: the command as it was, and the cancel on its way."""
+
+    cancel: Literal["requested"]
+
+
+class Scheduled(Model):
+    commands: list[Command]
+
+
+class CommandPage(Model):
+    items: list[Command] = Field(description="newest first")
+    page: int
+    page_size: int
+    has_more: bool
 
 
 def command_json(state: CommandStateV1) -> dict[str, Any]:

@@ -5,6 +5,8 @@ from prometheus_client import Counter, Histogram
 from dercmd.metrics import LATENCY_BUCKETS
 
 ACCEPTED = Counter("dercmd_commands_accepted_total", "Commands accepted (Pending), by source (rest, kafka).", ["source"])
+for _source in ("rest", "kafka"):  # from 0: the first acceptance after a scrape shows as an increase
+    ACCEPTED.labels(_source)
 REFUSED = Counter(
     "dercmd_commands_refused_total",
     "Commands refused at intake (REST 4xx or Kafka Rejected), by source and error key.",

@@ -58,6 +58,10 @@ class RequestsHandler:
             command_id = command_id_of(item.record, request.id)
             entity = self._admission.fleet.entity(request.entity_id)
             try:
+                if item.record.key != request.entity_id.encode():
+                    # The key decides the partition, and so the order of the entity's commands.
+                    raise Refusal("key_mismatch", f"the record's key must be its entityId {request.entity_id!r}, "
+                                                  f"not {item.record.key!r}")
                 if entity is None:
                     raise Refusal("unknown_entity", f"no entity {request.entity_id}")
                 cmd = commands.build(

@@ -16,7 +16,7 @@ from dercmd.dispatch.backends.ocpp import OcppSettings
 from dercmd.fleet import Fleet
 from dercmd.protocols.ocpp import COMMANDS_PATH, OUTCOMES_PATH, WS_PATH, GatewayCommand, GatewayOutcomesQuery
 from dercmd.service import Service
-from dercmd.settings import Settings
+from dercmd.settings import Settings, refuse_published
 
 from .gateway import Gateway
 
@@ -68,7 +68,9 @@ def add_routes(app: FastAPI, gateway: Gateway) -> None:
 
 def build(settings: Settings) -> Service:
     service = Service("ocpp_gateway", settings, settings.ocpp_gateway_port)
-    gateway = Gateway(settings, OcppSettings(), service.redis, Fleet.load(settings.fleet_file))
+    ocpp = OcppSettings()
+    refuse_published(settings, ocpp)
+    gateway = Gateway(settings, ocpp, service.redis, Fleet.load(settings.fleet_file))
     service.closers.append(gateway.aclose)
     add_routes(service.app, gateway)
     return service

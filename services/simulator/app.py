@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
 from dercmd import metrics as metrics_lib
+from dercmd import web
 from dercmd.events import utcnow
 from dercmd.dispatch.backends.ev_aggregator import EvAggregatorSettings
 from dercmd.dispatch.backends.native_window import NativeWindowSettings
@@ -75,6 +76,7 @@ def create_app(settings: Settings, *, callback_transport: httpx.AsyncBaseTranspo
             await backend.aclose()
 
     app = FastAPI(title="dercmd simulator", lifespan=lifespan)
+    web.install_error_envelope(app)
     app.state.recorder = recorder
     app.state.faults = faults
     app.state.vendor_cloud = vendor_cloud

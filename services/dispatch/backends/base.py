@@ -38,7 +38,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from dercmd.events import CommandType, DispatchOrderV1
 from dercmd.fleet import Entity, Fleet
 from dercmd.protocols.common import DeviceReport
-from dercmd.settings import Settings
+from dercmd.settings import Settings, refuse_published
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -233,4 +233,7 @@ def registered() -> dict[str, Registration]:
 
 def create(name: str, context: BackendContext) -> DeviceBackend | None:
     registration = _REGISTRY.get(name)
-    return registration.create(context) if registration else None
+    if registration is None:
+        return None
+    refuse_published(context.settings, registration.settings())
+    return registration.create(context)

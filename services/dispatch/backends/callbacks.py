@@ -1,7 +1,8 @@
 """The route a backend's asynchronous results arrive at, for a backend whose results come in
 batches, each carrying the token dispatch handed out with its command: the body read as the
 backend's own model, each result authenticated by its token, the genuine ones reported through
-the delivery state, and one answer per result (its delivery state, or ``invalid_signature``)."""
+the delivery state, and one answer per result (its delivery state, or ``invalid_signature``). Errors are in
+the one envelope (:func:`dercmd.web.error`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import TypeVar
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
+
+from dercmd.web import error
 
 from .base import BackendContext, DeviceResult
 
@@ -34,7 +37,7 @@ def results_router(path: str, model: type[M], results: Callable[[M], Sequence[Si
         try:
             body = model.model_validate_json(await request.body())
         except ValidationError as exc:
-            return JSONResponse({"key": "invalid_result", "message": str(exc)[:2000]}, status_code=400)
+            return error("invalid_result", str(exc)[:2000], 400)
         signed = results(body)
         genuine: list[DeviceResult] = []
         answers: dict[int, str] = {}
@@ -45,7 +48,7 @@ def results_router(path: str, model: type[M], results: Callable[[M], Sequence[Si
                 continue
             genuine.append(DeviceResult(entity_id, result.command_id, result.succeeded, result.message))
         if not genuine:
-            return JSONResponse({"key": "invalid_signature", "message": "no result carries a valid token"}, status_code=403)
+            return error("invalid_signature", "no result carries a valid token", 403)
         states = iter(await context.report(genuine))
         out = [{"commandId": r.command_id, "state": answers.get(i) or next(states)} for i, r in enumerate(signed)]
         return JSONResponse({"results": out})

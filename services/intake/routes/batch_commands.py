@@ -8,14 +8,14 @@ platform: each device's command is then arbitrated and delivered on its own.
 from __future__ import annotations
 
 import logging
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 from pydantic import Field, field_validator
 
-from dercmd.events import CommandFields, CommandType, Model, utcnow
+from dercmd import web
+from dercmd.events import CommandFields, CommandType, Model, RequestTime, utcnow
 from dercmd.fleet import Role
 
 from .. import commands
@@ -30,8 +30,8 @@ MAX_DEVICES = 100
 class BatchCommand(Model):
     type: Literal["limitProductionPower"]
     percentage: int = Field(ge=0, le=100, strict=True)
-    start_at: datetime
-    end_at: datetime
+    start_at: RequestTime
+    end_at: RequestTime
     asset_identifiers: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(None, max_length=100)
 
 
@@ -59,7 +59,7 @@ class BatchCreated(Model):
 
 
 def router(intake: Intake) -> APIRouter:
-    api = APIRouter(tags=["batch commands"], responses=ERRORS)
+    api = APIRouter(tags=["batch commands"], responses=ERRORS, dependencies=[Depends(web.known_query_only)])
 
     @api.post("/v1/command/", status_code=201, response_model=BatchCreated)
     async def create_batch(body: BatchBody, token: str = Depends(intake.token)) -> Any:

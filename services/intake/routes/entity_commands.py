@@ -3,53 +3,93 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Path, Query
 from fastapi.responses import JSONResponse
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
-from dercmd import topics
-from dercmd.events import CommandCancelV1, CommandFields, CommandStatus, Model, utcnow
+from dercmd import topics, web
+from dercmd.events import (
+    CommandCancelV1,
+    CommandStatus,
+    Model,
+    PercentageCommand,
+    PlainCommand,
+    RequestTime,
+    ValueCommand,
+    utcnow,
+)
 from dercmd.fleet import Role
 
 from .. import commands
 from ..admission import Refusal
-from ..context import ERRORS, Intake, caller_of, command_json
+from ..context import ERRORS, CancelRequested, Command, Intake, Scheduled, caller_of, command_json
 
 log = logging.getLogger(__name__)
 
 
-class CommandBody(CommandFields):
-    """Body of ``POST /v1/entities/{entityId}/commands``."""
-
-    expires_at: datetime | None = Field(None, description="Not delivered by then: the command ends Failed (expired).")
+class _Expires(Model):
+    expires_at: RequestTime | None = Field(None, description="Not delivered by then: the command ends Failed (expired).")
 
 
-class ScheduledCommand(CommandFields):
-    """One item of ``POST /v1/entities/{entityId}/commands/schedule``."""
-
-    trigger_time: datetime
+class _Triggered(Model):
+    trigger_time: RequestTime = Field(description="When the command is due (ISO 8601 with a time zone).")
 
 
-class Scheduled(Model):
-    commands: list[dict[str, Any]]
+class PlainCommandBody(PlainCommand, _Expires):
+    """``POST /v1/entities/{entityId}/commands``: a type without value or percentage."""
 
 
-EntityId = Annotated[str, Path(alias="entityId", max_length=128)]
-IgnoreCooldown = Annotated[bool, Query(alias="ignoreCooldown")]
+class ValueCommandBody(ValueCommand, _Expires):
+    """``POST /v1/entities/{entityId}/commands``: ``LimitFeedIn`` with its value in watts."""
+
+
+class PercentageCommandBody(PercentageCommand, _Expires):
+    """``POST /v1/entities/{entityId}/commands``: ``LimitProductionPower`` with its percentage."""
+
+
+class PlainScheduledCommand(PlainCommand, _Triggered):
+    """An item of ``POST /v1/entities/{entityId}/commands/schedule``: a type without value or percentage."""
+
+
+class ValueScheduledCommand(ValueCommand, _Triggered):
+    """An item of ``POST /v1/entities/{entityId}/commands/schedule``: ``LimitFeedIn`` with its value."""
+
+
+class PercentageScheduledCommand(PercentageCommand, _Triggered):
+    """An item of ``POST /v1/entities/{entityId}/commands/schedule``: ``LimitProductionPower`` with its percentage."""
+
+
+#: Told apart by ``type``: the OpenAPI document says which types take ``value`` or ``percentage``.
+CommandBody = Annotated[PlainCommandBody | ValueCommandBody | PercentageCommandBody, Field(discriminator="type")]
+ScheduledCommand = Annotated[PlainScheduledCommand | ValueScheduledCommand | PercentageScheduledCommand,
+                             Field(discriminator="type")]
+
+
+def _true_or_false(value: Any) -> Any:
+    """``true`` or ``false`` only (lax pydantic would also take 1, yes, on, t, ...)."""
+    if isinstance(value, str):
+        if value.lower() not in ("true", "false"):
+            raise ValueError("must be true or false")
+        return value.lower() == "true"
+    return value
+
+
+EntityId = Annotated[str, Path(alias="entityId", min_length=1, max_length=128)]
+IgnoreCooldown = Annotated[bool, Query(alias="ignoreCooldown", description="true: bypass the cooldown (audited)"),
+                           BeforeValidator(_true_or_false)]
 
 
 def router(intake: Intake) -> APIRouter:
-    api = APIRouter(tags=["entity commands"], responses=ERRORS)
+    api = APIRouter(tags=["entity commands"], responses=ERRORS, dependencies=[Depends(web.known_query_only)])
 
-    @api.post("/v1/entities/{entityId}/commands", status_code=201)
+    @api.post("/v1/entities/{entityId}/commands", status_code=201, response_model=Command)
     async def create_command(body: CommandBody, entity_id: EntityId, ignore_cooldown: IgnoreCooldown = False,
                              token: str = Depends(intake.token)) -> Any:
         """Send a command to one entity now. 201: accepted as ``Pending``."""
         entity = intake.authorise(token, entity_id, Role.CONTRIBUTOR)
-        cmd = commands.build(intake.fleet, entity, body, now=utcnow(), source="rest", expires_at=body.expires_at,
+        cmd = commands.build(intake.fleet, entity, body.fields(), now=utcnow(), source="rest", expires_at=body.expires_at,
                              ignore_cooldown=ignore_cooldown)
         (state,) = await intake.admit([cmd])
         log.info("accepted", extra={"command_id": cmd.id, "entity_id": entity_id, "type": cmd.type.value, "source": "rest"})
@@ -63,7 +103,7 @@ def router(intake: Intake) -> APIRouter:
         scheduled slot, so a later item of the list supersedes an earlier one). All or none."""
         entity = intake.authorise(token, entity_id, Role.CONTRIBUTOR)
         now = utcnow()
-        cmds = [commands.build(intake.fleet, entity, item, now=now, source="rest", start_at=item.trigger_time,
+        cmds = [commands.build(intake.fleet, entity, item.fields(), now=now, source="rest", start_at=item.trigger_time,
                                ignore_cooldown=ignore_cooldown) for item in body]
         states = await intake.admit(cmds)
         for cmd in cmds:
@@ -71,7 +111,7 @@ def router(intake: Intake) -> APIRouter:
                                         "trigger_time": cmd.trigger_time.isoformat() if cmd.trigger_time else None})
         return JSONResponse({"commands": [command_json(s) for s in states]}, status_code=201)
 
-    @api.delete("/v1/commands/{id}", status_code=202)
+    @api.delete("/v1/commands/{id}", status_code=202, response_model=CancelRequested)
     async def cancel_command(id: str, token: str = Depends(intake.token)) -> Any:
         """Cancel a command. One not yet delivered ends ``Canceled`` (reason ``canceled``); an
         active window already delivered ends now and the device is returned to its default.

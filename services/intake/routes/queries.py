@@ -3,34 +3,39 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query
+from fastapi.responses import JSONResponse
 
-from dercmd.events import CommandStatus
+from dercmd import web
+from dercmd.events import CommandStatus, RequestTime
 from dercmd.fleet import Role
 
 from ..commands import check_aware
-from ..context import ERRORS, Intake, command_json
+from ..context import ERRORS, Command, CommandPage, Intake, command_json
+
+
+#: Pages beyond this are refused (400): the offset must stay a number every database takes.
+MAX_PAGE = 1_000_000
 
 
 def router(intake: Intake) -> APIRouter:
-    api = APIRouter(tags=["queries"], responses=ERRORS)
+    api = APIRouter(tags=["queries"], responses=ERRORS, dependencies=[Depends(web.known_query_only)])
 
-    @api.get("/v1/commands/{id}")
+    @api.get("/v1/commands/{id}", response_model=Command)
     async def get_command(id: str, token: str = Depends(intake.token)) -> Any:
         """A command's current state."""
         state = await intake.command(token, id)
-        return command_json(state)
+        return JSONResponse(command_json(state))
 
-    @api.get("/v1/entities/{entityId}/commands")
+    @api.get("/v1/entities/{entityId}/commands", response_model=CommandPage)
     async def list_commands(
-        entity_id: Annotated[str, Path(alias="entityId")],
-        since: Annotated[datetime | None, Query(alias="from", description="created at or after (ISO 8601)")] = None,
-        until: Annotated[datetime | None, Query(alias="to", description="created before (ISO 8601)")] = None,
+        entity_id: Annotated[str, Path(alias="entityId", min_length=1, max_length=128)],
+        since: Annotated[RequestTime | None, Query(alias="from", description="created at or after (ISO 8601)")] = None,
+        until: Annotated[RequestTime | None, Query(alias="to", description="created before (ISO 8601)")] = None,
         status: CommandStatus | None = None,
-        page: Annotated[int, Query(ge=1)] = 1,
+        page: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 1,
         page_size: Annotated[int, Query(alias="pageSize", ge=1, le=500)] = 50,
         token: str = Depends(intake.token),
     ) -> Any:
@@ -41,7 +46,7 @@ def router(intake: Intake) -> APIRouter:
             intake.ledger.list, entity_id, since=since, until=until, status=status,
             offset=(page - 1) * page_size, limit=page_size + 1,
         )
-        return {"items": [command_json(r) for r in rows[:page_size]], "page": page, "pageSize": page_size,
-                "hasMore": len(rows) > page_size}
+        return JSONResponse({"items": [command_json(r) for r in rows[:page_size]], "page": page, "pageSize": page_size,
+                             "hasMore": len(rows) > page_size})
 
     return api

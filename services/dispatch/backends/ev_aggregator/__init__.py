@@ -50,6 +50,7 @@ from dercmd.protocols.ev_aggregator import (
     verify,
 )
 from dercmd.settings import Settings
+from dercmd.web import error
 
 from ..base import (
     Accepted,
@@ -215,11 +216,11 @@ class EvAggregatorBackend:
         async def ev_aggregator_webhook(request: Request) -> JSONResponse:
             body = await request.body()
             if not verify(self._settings.webhook_secret, body, request.headers.get(SIGNATURE_HEADER)):
-                return JSONResponse({"key": "invalid_signature", "message": f"{SIGNATURE_HEADER} does not sign this body"}, status_code=403)
+                return error("invalid_signature", f"{SIGNATURE_HEADER} does not sign this body", 403)
             try:
                 event = WebhookEvent.model_validate_json(body)
             except ValidationError as exc:
-                return JSONResponse({"key": "invalid_event", "message": str(exc)[:2000]}, status_code=400)
+                return error("invalid_event", str(exc)[:2000], 400)
             result = self._result(event.action)
             if result is None:
                 # Nothing to report (still pending, not a vehicle or key of ours): a 2xx all the
