@@ -72,6 +72,8 @@ INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
 DEAD_LETTERS = Counter("dercmd_dead_letters_total", "Records copied to a dead-letter topic.", ["topic"])
 BATCHES = Counter("dercmd_consumer_batches_total", "Batches handled, by topic.", ["topic"])
 RECORDS = Counter("dercmd_consumer_records_total", "Records consumed, by topic.", ["topic"])
+REWOUND = Counter("dercmd_consumer_rewound_partitions_total",
+                  "Partitions read again from the beginning because their log ended before the consumer's position.", ["topic"])
 RETRIES = Counter("dercmd_retries_total", "Work retried because a dependency failed, by what (a topic, or a stage).", ["what"])
 BATCH_SECONDS = Histogram(
     "dercmd_consumer_batch_seconds", "Time to handle one batch (to its commit), by topic.", ["topic"], buckets=LATENCY_BUCKETS
@@ -146,13 +148,19 @@ class BatchConsumer(ConsumerRebalanceListener):
         self._progress: dict[TopicPartition, _Progress] = {}
         self._committer: asyncio.Future[None] | None = None
         _LIVE.add(self)
+        # Counters that alerts watch start at 0, so their first increment shows as an increase.
+        DEAD_LETTERS.labels(topic.name)
+        REWOUND.labels(topic.name)
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(**self._kwargs)
-        self._consumer.subscribe([self.topic.name], listener=self)
         await self._consumer.start()
+        # Subscribed after start, so that start does not wait for the group to hand out
+        # partitions: after a kill -9 that waits out the dead member's session, and a
+        # service (intake's REST API) would not serve meanwhile. /health shows the partitions.
+        self._consumer.subscribe([self.topic.name], listener=self)
         self._task = asyncio.create_task(self._run(), name=f"consume {self.topic.name}")
 
     async def stop(self, timeout_s: float = 10.0) -> None:
@@ -197,6 +205,19 @@ class BatchConsumer(ConsumerRebalanceListener):
                 committed = None
             self._progress[tp] = _Progress(committed or 0)
 
+    async def group_offsets(self) -> tuple[dict[int, int], dict[int, int]] | None:
+        """The whole group's progress, not only this member's: per partition of the topic,
+        its committed offset (0 if none) and the log's end; None while the topic's partitions
+        are not known yet."""
+        partitions = self._consumer.partitions_for_topic(self.topic.name) if self._consumer is not None else None
+        if not partitions:
+            return None
+        tps = [TopicPartition(self.topic.name, p) for p in sorted(partitions)]
+        ends = await self._consumer.end_offsets(tps)
+        committed = await asyncio.gather(*(self._consumer.committed(tp) for tp in tps))
+        return ({tp.partition: c or 0 for tp, c in zip(tps, committed, strict=True)},
+                {tp.partition: ends[tp] for tp in tps})
+
     # -- health ------------------------------------------------------------------------
 
     def lag(self) -> dict[TopicPartition, int]:
@@ -230,10 +251,36 @@ class BatchConsumer(ConsumerRebalanceListener):
 
     # -- the loop ----------------------------------------------------------------------
 
+    async def _rewind_truncated(self) -> None:
+        """A partition whose log ends before where this consumer stands lost its records: a
+        broker that keeps nothing (the embedded one) came back empty, or an unclean leader
+        election. The broker answers such a fetch with nothing at all, so the consumer would
+        wait until the new log grew past its old offset, skipping everything on the way:
+        start it again from the log's beginning (every handler tolerates a record twice; the
+        ledger's recovery drives on what the lost records carried)."""
+        for tp in list(self._progress):
+            high = self._consumer.highwater(tp)
+            if high is None:
+                continue
+            try:
+                position = await self._consumer.position(tp)
+            except (KafkaError, IllegalStateError):
+                continue
+            if position > high:
+                log.warning("partition log truncated; reading it from the beginning",
+                            extra={"topic": tp.topic, "partition": tp.partition, "position": position, "log_end": high})
+                REWOUND.labels(tp.topic).inc()
+                await self._consumer.seek_to_beginning(tp)
+                self._progress[tp] = _Progress(0)
+
     async def _run(self) -> None:
+        checked = 0.0
         while True:
             try:
                 batches = await self._consumer.getmany(timeout_ms=max(self._wait_ms, 100), max_records=self._max_records)
+                if time.monotonic() - checked > 1.0:
+                    checked = time.monotonic()
+                    await self._rewind_truncated()
             except KafkaError as exc:
                 log.warning("fetch failed, retrying", extra={"topic": self.topic.name, "error": repr(exc)})
                 await asyncio.sleep(0.5)

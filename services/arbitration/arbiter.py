@@ -248,13 +248,13 @@ def _superseded(entity_id: str, decision: Decision, by: str, now: datetime) -> R
 
 
 def _activation(entity_id: str, command_id: str, payload: Payload, decision: Decision, now: datetime,
-                not_before: datetime | None = None) -> tuple[Records, Records]:
+                not_before: datetime | None = None, recovered: bool = False) -> tuple[Records, Records]:
     """Triggered, then the dispatch order."""
     order = DispatchOrderV1(
         command_id=command_id, entity_id=entity_id, type=payload.type, value=payload.value, percentage=payload.percentage,
         fence=decision.fence, accepted_at=_time(payload.accepted_ms) or now, ordered_at=now,
         start_at=_time(payload.start_ms) if payload.end_ms else None, end_at=_time(payload.end_ms),
-        asset_identifiers=payload.assets, not_before=not_before,
+        asset_identifiers=payload.assets, not_before=not_before, recovered=recovered,
     )
     triggered = _status(command_id, entity_id, CommandStatus.TRIGGERED, now, fence=decision.fence)
     return [triggered], [(topics.ORDERS, order, entity_id)]
@@ -284,7 +284,7 @@ def emissions(cmd: CommandAcceptedV1, decision: Decision, now: datetime) -> tupl
     key = cmd.entity_id
     first = _superseded(key, decision, cmd.id, now)
     if decision.outcome == "activated":
-        before, then = _activation(key, cmd.id, decision.payload or Payload.of(cmd), decision, now)
+        before, then = _activation(key, cmd.id, decision.payload or Payload.of(cmd), decision, now, recovered=cmd.recovered)
         return first + before, then
     if decision.outcome == "cooldown":
         until = decision.cooldown_until

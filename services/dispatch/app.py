@@ -304,6 +304,11 @@ class Dispatcher:
                 # A newer command took the slot before this one was claimed; arbitration has
                 # already reported this one Canceled (superseded).
                 metrics.ORDERS.labels("stale").inc()
+            elif claim == "claimed" and order.recovered and backend is not None:
+                # Announced again by recovery, with no record here: Redis may have lost the
+                # record of a delivery, so the backend is asked before it is sent.
+                metrics.ORDERS.labels("recovered").inc()
+                result.unknown.append((order, backends.DeliveryUnknown("delivery_unknown", "recovered with no delivery record")))
             elif claim == "claimed":
                 claimed.append(order)
             elif claim == "inflight" and backend is not None:
@@ -385,7 +390,7 @@ class Dispatcher:
         """The backend did not take these: they may be claimed and sent again."""
         states = await retrying(lambda: self._deliveries.retry_many([(_key(o), o.fence) for o, _ in orders]), "dispatch retries")
         for (order, error), state in zip(orders, states, strict=True):
-            if state == "retry":
+            if state in ("retry", "missing"):  # "missing": Redis lost the claim; claimed again
                 result.again.append((order, error))
             elif state == "superseded":  # taken over while its call was out: arbitration left it to us
                 metrics.ORDERS.labels("stale").inc()
@@ -408,7 +413,9 @@ class Dispatcher:
                 result.failed.append((order, Outcome(CommandStatus.FAILED, "delivery_unknown", error.detail)))
             elif finding.finding is backends.Finding.UNKNOWN:
                 metrics.UNKNOWN_DELIVERIES.labels(backend.name, "never_received").inc()
-                never.append((order, backends.NotDelivered("delivery_unknown", f"{backend.name} never got it: {error.detail}")))
+                # Sent as an ordinary order from here on (a recovered one is not asked about again).
+                never.append((order.model_copy(update={"recovered": False}),
+                              backends.NotDelivered("delivery_unknown", f"{backend.name} never got it: {error.detail}")))
             else:
                 metrics.UNKNOWN_DELIVERIES.labels(backend.name, "delivered").inc()
                 result.accepted.append((order, backends.Accepted(backends.Confirmation.ASYNC)))
@@ -443,8 +450,11 @@ class Dispatcher:
             elif state == "accepted":
                 sent.append(_order_status(order, SENT))
                 advance.append(order)
-            elif state == "sent":
-                sent.append(_order_status(order, SENT))  # the result comes by callback
+            elif state in ("sent", "missing"):
+                # The result comes by callback. "missing": the backend took it, but Redis lost
+                # the delivery state meanwhile (restarted empty); the callback's result is
+                # recorded then, or a delivery check asks for it.
+                sent.append(_order_status(order, SENT))
             elif state.startswith("result:"):  # the callback came first and was held back
                 sent.append(_order_status(order, SENT))
                 conclude.append((order, Outcome.decode(state.removeprefix("result:"))))
@@ -503,10 +513,15 @@ class Dispatcher:
         checks = _first_of_each(checks)
         states = await retrying(lambda: self._deliveries.peek_many([_key(c) for c in checks]), "dispatch checks")
         open_: list[DeliveryCheckV1] = []
+        forgotten: set[str] = set()
         again: Records = []
         for check, state in zip(checks, states, strict=True):
-            if state in ("sent", "accepted"):
+            if state in ("sent", "accepted", "missing"):
+                # "missing": nothing in Redis (it restarted empty, or this was never claimed):
+                # asked too, and decided only if the backend has a result for it.
                 open_.append(check)
+                if state == "missing":
+                    forgotten.add(check.command_id)
             elif state.startswith("done:"):
                 metrics.CHECKS.labels("republished").inc()
                 again.append(_status(check.entity_id, check.command_id, Outcome.decode(state.removeprefix("done:"))))
@@ -515,6 +530,11 @@ class Dispatcher:
                 log.info("delivery check of a command not open", extra={"command_id": check.command_id,
                                                                         "entity_id": check.entity_id, "state": state})
         outcomes = await self._outcomes(open_)
+        if forgotten:
+            known = [(c, o) for c, o in zip(open_, outcomes, strict=True)
+                     if c.command_id not in forgotten or o.reason != NO_CONFIRMATION]
+            metrics.CHECKS.labels("not_open").inc(len(open_) - len(known))
+            open_, outcomes = [c for c, _ in known], [o for _, o in known]
         for check, outcome in zip(open_, outcomes, strict=True):
             _count_check(check, outcome)
         results = [(c.entity_id, c.command_id, o) for c, o in zip(open_, outcomes, strict=True)]

@@ -14,7 +14,8 @@
 --   advance  ARGV[2]=from, ARGV[3]=to          -> "to" if the state was "from", else the state
 --            (inflight -> accepted: the backend took it; accepted -> sent: Sent is on the topic;
 --            what comes back otherwise is the result that arrived first)
---   result   ARGV[2]=outcome (a callback)      -> "emit" (Sent is out: publish the result)
+--   result   ARGV[2]=outcome (a callback), ARGV[3]=ttl s
+--                                            -> "emit" (Sent is out, or nothing is recorded: publish the result)
 --                                               | "deferred" (the sender publishes it after Sent)
 --                                               | the existing state
 --   retry    ARGV[2]=command id                -> "retry" if the state was "inflight" (the backend did
@@ -27,7 +28,7 @@
 --            command not delivered by its deadline, not claimed or in "retry" -> "abandoned"
 --            (done with the outcome; the slot counts it as settled by dispatch, so arbitration
 --            leaves it alone, and what the device holds is untouched) | "stale" | the state
---   finish   ARGV[2]=outcome (after it is published) -> "done"
+--   finish   ARGV[2]=outcome (after it is published), ARGV[3]=ttl s -> "done"
 --   peek                                       -> the state, changing nothing (a delivery check)
 -- States: inflight -> accepted -> sent -> done:<o>; a result during inflight/accepted is kept
 -- as result:<o> until the sender has published Sent; inflight -> retry -> (claim) inflight
@@ -59,7 +60,16 @@ if op == 'claim' or op == 'abandon' then
   end
   return 'claimed'
 end
-if not state then return 'missing' end
+if not state then
+  -- Nothing recorded, yet a result or an outcome to record: the backend's word that it has
+  -- the command, so the state was lost (Redis restarted empty; its TTL is long past any
+  -- delivery). The result is the command's one terminal status: record it and publish it.
+  if op == 'result' or op == 'finish' then
+    redis.call('SET', KEYS[2], 'done:' .. ARGV[2], 'EX', tonumber(ARGV[3]))
+    return op == 'result' and 'emit' or 'done'
+  end
+  return 'missing'
+end
 if op == 'peek' then
   return state
 elseif op == 'advance' then

@@ -79,12 +79,13 @@ class Deliveries:
 
     async def result_many(self, results: Sequence[tuple[Key, Outcome]]) -> list[str]:
         """A backend's asynchronous results: "emit" (Sent is out: publish it), "deferred" (the
-        sender publishes it after Sent), "missing", or the state found."""
-        return await self._call_many([(key, ("result", outcome.encode())) for key, outcome in results])
+        sender publishes it after Sent), or the state found. With no state at all (Redis lost
+        it), the result is recorded and "emit"."""
+        return await self._call_many([(key, ("result", outcome.encode(), redis_keys.STATE_TTL_S)) for key, outcome in results])
 
     async def finish_many(self, results: Sequence[tuple[Key, Outcome]]) -> None:
         """Record terminal results after they are published."""
-        await self._call_many([(key, ("finish", outcome.encode())) for key, outcome in results])
+        await self._call_many([(key, ("finish", outcome.encode(), redis_keys.STATE_TTL_S)) for key, outcome in results])
 
     async def peek_many(self, keys: Sequence[Key]) -> list[str]:
         """The states found, changing nothing ("missing" where there is none)."""

@@ -6,7 +6,8 @@ from dercmd.metrics import LATENCY_BUCKETS
 
 ORDERS = Counter(
     "dercmd_dispatch_orders_total",
-    "Dispatch orders handled, by result (sent, failed, stale, redelivered).",
+    "Dispatch orders handled, by result (sent, failed, stale, redelivered; recovered: announced again by recovery "
+    "with no delivery record, so the backend was asked first).",
     ["result"],
 )
 BACKEND_CALLS = Counter(

@@ -59,7 +59,7 @@ def build(settings: Settings) -> Service:
             metrics.IGNORED.inc(ignored)
         await service.publisher.publish_all([(topics.STATE, r.state, command_id) for command_id, r in latest.items()])
 
-    service.consume(topics.STATUS, handle)
-    sweeper = Sweeper(settings, ledger, service.publisher, service.redis)
+    consumer = service.consume(topics.STATUS, handle)
+    sweeper = Sweeper(settings, ledger, service.publisher, service.redis, consumer.group_offsets)
     service.background("sweeper", sweeper.run)
     return service

@@ -2,11 +2,16 @@
 
 from prometheus_client import Counter, Histogram
 
+from dercmd.events import CommandStatus
 from dercmd.metrics import LATENCY_BUCKETS
 
 STATUS_EVENTS = Counter(
     "dercmd_status_events_total", "Status events folded into the ledger, by status.", ["status"]
 )
+# Every status from 0, so that the first of one after a scrape shows as an increase (a series
+# that appears at 1 has no rate until it moves again, and an alert on the rate sees nothing).
+for _status in CommandStatus:
+    STATUS_EVENTS.labels(_status.value)
 IGNORED = Counter(
     "dercmd_status_events_ignored_total", "Status events that did not move a command (duplicate, late, after terminal)."
 )
@@ -18,6 +23,13 @@ COMPLETION_SECONDS = Histogram(
 )
 SWEPT = Counter(
     "dercmd_status_swept_total",
-    "Open commands past a deadline that the sweeper handed on (to arbitration or dispatch), by the status they were in.",
-    ["status"],
+    "Open commands that the sweeper handed on (to arbitration or dispatch), by the status they were in and the action "
+    "(announced_again: recovery from the ledger; expired: past a deadline; delivery_check: Sent without a result).",
+    ["status", "action"],
+)
+SWEEPS = Counter(
+    "dercmd_status_sweeps_total",
+    "Rounds of the sweeper, by result (swept; ledger_behind: the ledger had not caught up with the status topic, "
+    "so nothing was judged overdue).",
+    ["result"],
 )

@@ -1,21 +1,35 @@
-"""Deadlines, so that no command stays open for good (a lost record, a callback that never
-came, a service down at the wrong moment).
+"""Recovery and deadlines, so that no command stays open for good (a lost record, a broker
+that came back empty, a callback that never came, a service down at the wrong moment). The
+ledger is the truth.
 
-Every ``DERCMD_SWEEP_INTERVAL_S`` the sweeper asks the ledger for open commands past a stage
-deadline or the caller's ``expiresAt`` and hands each to the service that owns its state,
-through the same topics as everything else:
+Every ``DERCMD_SWEEP_INTERVAL_S`` the sweeper asks the ledger for open commands that have not
+moved for a while and hands each to the service that owns its state, through the same topics
+as everything else. It asks only a ledger that is current: one that holds every status event
+published before a moment (the status group's committed offsets have reached the topic's end
+as it was then, :class:`LedgerMark`), and it judges "for a while" as of that moment. A status
+service that restarts, or falls behind, would otherwise find the commands it has not caught up
+on still Pending or Triggered and announce thousands of delivered commands again.
 
-- Pending or Triggered (not delivered): a ``CommandCancelV1`` with reason ``expired`` to
-  arbitration, which ends it ``Failed: expired`` only if dispatch has not claimed it (the
-  fence makes any order still on its way stale). A scheduled command waiting for its start or
-  a cooldown is left alone unless its ``expiresAt`` passed.
-- Sent without a result: a ``DeliveryCheckV1`` to dispatch, which asks the backend for the
-  outcome where it can, else ends it ``Failed: no_confirmation``; through its delivery state,
-  so a late callback cannot add a second terminal status.
+- Pending past its start, or Triggered, for ``DERCMD_RECOVER_AFTER_S``: announced again to
+  arbitration, rebuilt from the ledger (a ``CommandAcceptedV1`` with its id). Arbitration
+  repeats what it decided (the Triggered status and the dispatch order with the same fence)
+  or, if it never saw it, decides it now; dispatch delivers each command at most once
+  whatever it is ordered. A command waiting for its cooldown, and a revert (arbitration's
+  own), are left to their deadline.
+- Pending or Triggered past its stage deadline (``DERCMD_DEADLINE_PENDING_S`` /
+  ``_TRIGGERED_S``) or the caller's ``expiresAt``: a ``CommandCancelV1`` with reason
+  ``expired`` to arbitration, which ends it ``Failed: expired`` only if dispatch has not
+  claimed it (the fence makes any order still on its way stale). A scheduled command waiting
+  for its start or a cooldown is left alone unless its ``expiresAt`` passed.
+- Sent without a result for ``DERCMD_DEADLINE_SENT_S``: a ``DeliveryCheckV1`` to dispatch,
+  which asks the backend for the outcome where it can, else ends it ``Failed:
+  no_confirmation``; through its delivery state, so a late callback cannot add a second
+  terminal status.
 
 Each decision is atomic in Redis where it is taken, so replicas of the status service could
 all sweep safely; a Redis lease (``dercmd:sweeper``) still lets one sweep at a time, to
-spare the work. A command asked about is asked again only after ``REASK_S``.
+spare the work. A command handed on is handed on again only after ``REASK_S`` (a delivery
+check) or ``DERCMD_RECOVER_AFTER_S`` (an announcement).
 """
 
 from __future__ import annotations
@@ -24,13 +38,14 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
 import redis.asyncio as aioredis
 
 from dercmd import redis_keys, topics
 from dercmd.consumer import retrying
-from dercmd.events import CommandCancelV1, CommandStateV1, CommandStatus, DeliveryCheckV1, Event, utcnow
+from dercmd.events import CommandAcceptedV1, CommandCancelV1, CommandStateV1, CommandStatus, DeliveryCheckV1, Event, utcnow
 from dercmd.kafka import Publisher
 from dercmd.ledger import Ledger
 from dercmd.settings import Settings
@@ -44,12 +59,46 @@ REASK_S = 30.0
 BATCH = 1000
 
 
+#: Per partition of the status topic: the status group's committed offsets and the log's ends
+#: (:meth:`dercmd.consumer.BatchConsumer.group_offsets`); None while they are not known.
+Offsets = tuple[dict[int, int], dict[int, int]] | None
+
+
+class LedgerMark:
+    """Up to when the ledger is complete. Each call gives the group's offsets now; the mark is
+    the time the topic's ends were last noted. Once the group has committed up to those ends,
+    every status event published before that time is in the ledger: the time is returned and
+    the ends are noted again. Until then, None (and the mark stays, so a ledger that keeps
+    up, however far behind, is swept every round or two)."""
+
+    def __init__(self) -> None:
+        self._mark: tuple[datetime, dict[int, int]] | None = None
+
+    def step(self, offsets: Offsets, now: datetime) -> datetime | None:
+        if offsets is None:
+            return None
+        committed, ends = offsets
+        mark = self._mark
+        if mark is not None and any(ends.get(p, 0) < end for p, end in mark[1].items()):
+            mark = None  # a log shorter than when it was noted: the broker came back empty
+        if mark is None:
+            self._mark = (now, ends)
+            return None
+        if any(committed.get(p, 0) < end for p, end in mark[1].items()):
+            return None
+        self._mark = (now, ends)
+        return mark[0]
+
+
 class Sweeper:
-    def __init__(self, settings: Settings, ledger: Ledger, publisher: Publisher, redis: aioredis.Redis) -> None:
+    def __init__(self, settings: Settings, ledger: Ledger, publisher: Publisher, redis: aioredis.Redis,
+                 offsets: Callable[[], Awaitable[Offsets]]) -> None:
         self._settings = settings
         self._ledger = ledger
         self._publisher = publisher
         self._redis = redis
+        self._offsets = offsets
+        self._mark = LedgerMark()
         self._me = uuid.uuid4().hex
         self._asked: dict[str, float] = {}  # command id -> monotonic time it was last asked about
 
@@ -78,34 +127,66 @@ class Sweeper:
         return False
 
     async def sweep(self) -> int:
-        """One round; the number of commands handed on."""
+        """One round; the number of commands handed on (none while the ledger is behind)."""
         s = self._settings
-        now = utcnow()
+        now = self._mark.step(await self._offsets(), utcnow())
+        metrics.SWEEPS.labels("ledger_behind" if now is None else "swept").inc()
+        if now is None:
+            return 0
+        recover = s.recover_after_s
         overdue = await asyncio.to_thread(
-            self._ledger.overdue, now, pending_s=s.deadline_pending_s, triggered_s=s.deadline_triggered_s,
-            sent_s=s.deadline_sent_s, limit=BATCH,
+            self._ledger.overdue, now, pending_s=min(recover, s.deadline_pending_s),
+            triggered_s=min(recover, s.deadline_triggered_s), sent_s=s.deadline_sent_s, limit=BATCH,
         )
         clock = time.monotonic()
-        self._asked = {cid: t for cid, t in self._asked.items() if clock - t < REASK_S}
+        self._asked = {cid: t for cid, t in self._asked.items() if clock - t < max(REASK_S, recover)}
         records: list[tuple[topics.Topic, Event, str]] = []
         for state in overdue:
-            if state.id in self._asked:
+            asked = self._asked.get(state.id)
+            if asked is not None and clock - asked < (REASK_S if state.status is CommandStatus.SENT else recover):
+                continue
+            record = self._request(state, now)
+            if record is None:
                 continue
             self._asked[state.id] = clock
-            records.append(self._request(state, now))
-            metrics.SWEPT.labels(state.status.value).inc()
-            log.info("deadline passed", extra={"command_id": state.id, "entity_id": state.entity_id, "status": state.status.value})
+            records.append(record)
+            action = type(record[1]).__name__
+            metrics.SWEPT.labels(state.status.value, _ACTIONS[action]).inc()
+            log.info("handed on", extra={"command_id": state.id, "entity_id": state.entity_id, "status": state.status.value,
+                                         "action": _ACTIONS[action]})
         await self._publisher.publish_all(records)
         return len(records)
 
-    def _request(self, state: CommandStateV1, now: datetime) -> tuple[topics.Topic, Event, str]:
+    def _request(self, state: CommandStateV1, now: datetime) -> tuple[topics.Topic, Event, str] | None:
         if state.status is CommandStatus.SENT:
             return (topics.ORDERS, DeliveryCheckV1(command_id=state.id, entity_id=state.entity_id, at=now), state.entity_id)
         caller = state.expires_at is not None and state.expires_at <= now
-        stage = "Pending" if state.status is CommandStatus.PENDING else "Triggered"
-        limit = self._settings.deadline_pending_s if state.status is CommandStatus.PENDING else self._settings.deadline_triggered_s
-        detail = ("its expiresAt passed before it was delivered" if caller
-                  else f"{stage} for more than {timedelta(seconds=limit)} past its start")
-        cancel = CommandCancelV1(command_id=state.id, entity_id=state.entity_id, reason="expired", detail=detail,
-                                 include_scheduled=caller, at=now)
-        return (topics.ACCEPTED, cancel, state.entity_id)
+        pending = state.status is CommandStatus.PENDING
+        limit = self._settings.deadline_pending_s if pending else self._settings.deadline_triggered_s
+        since = (state.trigger_time if pending else state.triggered_at) or state.updated_at
+        if caller or now - since > timedelta(seconds=limit):
+            stage = "Pending" if pending else "Triggered"
+            detail = ("its expiresAt passed before it was delivered" if caller
+                      else f"{stage} for more than {timedelta(seconds=limit)} past its start")
+            cancel = CommandCancelV1(command_id=state.id, entity_id=state.entity_id, reason="expired", detail=detail,
+                                     include_scheduled=caller, at=now)
+            return (topics.ACCEPTED, cancel, state.entity_id)
+        if state.revert_of is not None or state.type is None or (state.cooldown_until is not None and state.cooldown_until > now):
+            return None  # arbitration's own revert, or waiting for its cooldown: its deadline decides
+        return (topics.ACCEPTED, announcement(state), state.entity_id)
+
+
+#: What the sweeper did, for its metric's label.
+_ACTIONS = {"DeliveryCheckV1": "delivery_check", "CommandCancelV1": "expired", "CommandAcceptedV1": "announced_again"}
+
+
+def announcement(state: CommandStateV1) -> CommandAcceptedV1:
+    """The accepted event intake published for a command, rebuilt from its ledger row."""
+    assert state.type is not None and state.accepted_at is not None
+    immediate = state.trigger_time is None or state.trigger_time == state.accepted_at
+    return CommandAcceptedV1(
+        id=state.id, entity_id=state.entity_id, type=state.type, value=state.value, percentage=state.percentage,
+        trigger_time=None if immediate else state.trigger_time, end_at=state.end_at,
+        asset_identifiers=state.asset_identifiers, expires_at=state.expires_at, ignore_cooldown=state.ignore_cooldown,
+        accepted_at=state.accepted_at, source=state.source or "recovered", recovered=True,
+    )

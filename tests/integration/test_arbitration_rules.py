@@ -119,3 +119,15 @@ async def test_without_an_injected_clock_redis_time_is_used(redis_url: str) -> N
     assert d.cooldown_until is not None
     assert abs((d.cooldown_until - datetime.now(UTC)) - timedelta(minutes=10)) < timedelta(seconds=5)
     await client.aclose()
+
+
+async def test_a_command_announced_again_by_recovery_repeats_its_order_marked_recovered(arbiter) -> None:  # type: ignore[no-untyped-def]
+    a, _, _ = arbiter
+    first = await a.decide(cmd("c1"))
+    again = cmd("c1").model_copy(update={"recovered": True})
+    repeated = await a.decide(again)
+    assert (repeated.outcome, repeated.fence) == ("activated", first.fence)  # the same decision, the same fence
+    (order,) = [e for _, e, _ in emissions(again, repeated, T0)[1]]
+    assert isinstance(order, DispatchOrderV1) and order.recovered and order.fence == first.fence
+    (plain,) = [e for _, e, _ in emissions(cmd("c1"), first, T0)[1]]
+    assert isinstance(plain, DispatchOrderV1) and not plain.recovered

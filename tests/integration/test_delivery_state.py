@@ -113,3 +113,22 @@ async def test_not_taken_while_a_newer_command_took_the_slot_is_superseded_and_a
     assert await d.claim("e", "w", 2) == f"done:{failed.encode()}"  # never sent after its Failed
     assert await client.hget(slots, "held") is None  # it never reached the device
     await client.aclose()
+
+
+async def test_after_redis_lost_the_state_a_result_is_recorded_once_and_a_not_taken_command_may_be_claimed_again(
+    redis_url: str,
+) -> None:
+    """Redis restarted empty while a command was out: the backend's result is the command's one
+    terminal status (recorded, then repeated as done), and a retry finds nothing to hold back."""
+    client = aioredis.from_url(redis_url)
+    d = Deliveries(client)
+    await d.claim("e", "c", 0)
+    await d.claim("e", "n", 0)
+    await client.flushdb()  # the restart
+    assert await d.accepted("e", "c") == "missing"  # the sender publishes Sent: the backend took it
+    assert await d.result("e", "c", OK) == "emit"
+    assert await d.result("e", "c", OK) == f"done:{OK.encode()}"
+    assert await d.claim("e", "c", 0) == f"done:{OK.encode()}"  # never delivered again
+    assert (await d.retry_many([(("e", "n"), 0)])) == ["missing"]  # not taken: claimed afresh
+    assert await d.claim("e", "n", 0) == "claimed"
+    await client.aclose()

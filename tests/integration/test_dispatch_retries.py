@@ -79,10 +79,11 @@ FLEET = Fleet.model_validate({"entities": {**{f"dev-{i}": {"kind": "PV", "vendor
                                             "unbuilt": {"kind": "PV", "vendor": "t", "backend": "not-built-here"}}})
 
 
-def order(command_id: str, entity_id: str, *, fence: int = 1, end_at: datetime | None = None) -> Item[DispatchOrderV1]:
+def order(command_id: str, entity_id: str, *, fence: int = 1, end_at: datetime | None = None,
+          recovered: bool = False) -> Item[DispatchOrderV1]:
     now = datetime.now(UTC)
     event = DispatchOrderV1(command_id=command_id, entity_id=entity_id, type=CommandType.STOP_FEED_IN, fence=fence,
-                            accepted_at=now, ordered_at=now, end_at=end_at)
+                            accepted_at=now, ordered_at=now, end_at=end_at, recovered=recovered)
     return Item(event, None)  # type: ignore[arg-type]  # dispatch never reads the record
 
 
@@ -117,6 +118,20 @@ async def test_a_command_the_backend_did_not_take_is_sent_again_and_delivered_on
     assert SCRIPTED.received == Counter({"a": 1, "b": 1, "c": 1})
     found = await states(redis_url, ("dev-0", "a"), ("dev-1", "b"), ("dev-2", "c"))
     assert [s.split("|")[0] for s in found] == ["done:Succeeded"] * 3
+
+
+async def test_a_recovered_order_with_no_delivery_record_is_sent_only_if_the_backend_never_got_it(
+    dispatcher: Dispatcher, redis_url: str
+) -> None:
+    """Recovery announces a command again; Redis has no record of its delivery (it restarted
+    empty). The device that has it is not sent it twice; the one that never got it is sent it."""
+    SCRIPTED.findings = {"had": backends.Finding.SUCCEEDED}  # delivered before Redis forgot it
+    done = await dispatcher.handle([order("had", "dev-0", recovered=True), order("never", "dev-1", recovered=True)])
+    await asyncio.wait_for(done, 20)
+    assert SCRIPTED.attempts == Counter({"never": 1})
+    assert SCRIPTED.received == Counter({"never": 1})
+    found = await states(redis_url, ("dev-0", "had"), ("dev-1", "never"))
+    assert [s.split("|")[0] for s in found] == ["done:Succeeded"] * 2
 
 
 async def test_what_is_not_delivered_by_its_deadline_fails_and_a_superseded_one_is_dropped(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from dercmd.events import CommandAcceptedV1, CommandStatus as S, CommandType, StatusEventV1
 from dercmd.ledger import Ledger
@@ -214,3 +216,42 @@ def test_a_batch_larger_than_sqlites_parameter_limit(ledger: Ledger) -> None:
     states = ledger.get_many(c.id for c in cmds)
     assert len(states) == len(cmds) and {s.status for s in states.values()} == {S.SUCCEEDED}
     assert all(s.sent_at == T0 + timedelta(seconds=2) for s in states.values())
+
+
+def test_a_rejected_request_holds_no_id_a_command_takes_its_row(ledger: Ledger) -> None:
+    """The rule that makes one command id's outcome independent of the order requests are
+    read in: an invalid request's Rejected row yields to a command with its id, whichever came
+    first; a command's row never yields."""
+    first = accepted()
+    ledger.apply([StatusEventV1(command_id=first.id, entity_id="pv-1", status=S.REJECTED, at=T0, reason="invalid_request",
+                                detail="value: not an integer")])
+    assert ledger.record_pending_many([first, first]) == {first.id}  # twice in one batch: one row
+    state = ledger.get(first.id)
+    assert state is not None and (state.status, state.entity_id, state.reason, state.detail, state.confirmed_at) == (
+        S.PENDING, "ev-1", None, None, None)
+    assert [h["status"] for h in ledger.history(first.id)] == ["Rejected"]  # the history keeps the rejection
+    other = first.model_copy(update={"entity_id": "ev-2"})
+    assert ledger.record_pending_many([other]) == set()
+    ledger.apply([StatusEventV1(command_id=first.id, entity_id="pv-1", status=S.REJECTED, at=T0, reason="invalid_request",
+                                event_id=f"{first.id}/Rejected/2")])
+    state = ledger.get(first.id)
+    assert state is not None and (state.status, state.entity_id) == (S.PENDING, "ev-1")
+
+
+
+def test_sqlite_keeps_its_stored_time_format(tmp_path: Path) -> None:
+    """Times are written as SQLAlchemy's SQLite dialect writes them (UTC, microseconds), so a
+    ledger written before reads the same; they are read back aware."""
+    ledger = Ledger(f"sqlite:///{tmp_path}/times.sqlite3")
+    ledger.create_schema()
+    cmd = accepted().model_copy(update={"accepted_at": datetime(2026, 11, 22, 16, 0, 0, 5, tzinfo=timezone(timedelta(hours=2)))})
+    ledger.record_pending(cmd)
+    with ledger.engine.begin() as conn:
+        raw = conn.execute(text("SELECT accepted_at FROM commands WHERE id = :id"), {"id": cmd.id}).scalar_one()
+        conn.execute(text("UPDATE commands SET expires_at = '2026-11-22 15:00:00.000000' WHERE id = :id"), {"id": cmd.id})
+    assert raw == "2026-11-22 14:00:00.000005"
+    state = ledger.get(cmd.id)
+    ledger.close()
+    assert state is not None
+    assert state.accepted_at == datetime(2026, 11, 22, 14, 0, 0, 5, tzinfo=UTC)
+    assert state.expires_at == datetime(2026, 11, 22, 15, 0, tzinfo=UTC)
