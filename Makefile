@@ -7,8 +7,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+FAULTS_ARGS ?=
 
-.PHONY: install run test unit bench lint clean
+.PHONY: install run test unit bench faults lint clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "dercmd needs Python 3.11 or newer: make PYTHON=python3.11 ...")'
@@ -25,6 +26,10 @@ run: $(STAMP)
 # The benchmark (libs/dercmd/bench): make bench BENCH_ARGS="--burst 3000 --rate 100"
 bench: $(STAMP)
 	$(BIN)/python -m dercmd.bench $(BENCH_ARGS)
+
+# The fault suite (libs/dercmd/bench/faults.py): make faults FAULTS_ARGS="--rate 500"
+faults: $(STAMP)
+	$(BIN)/python -m dercmd.bench.faults $(FAULTS_ARGS)
 
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)

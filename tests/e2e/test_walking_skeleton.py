@@ -117,21 +117,22 @@ def test_tokens_and_per_entity_permissions(api: Api) -> None:
 
 def test_malformed_kafka_events_are_dead_lettered_and_the_next_good_one_succeeds(api: Api, kafka: Kafka) -> None:
     bad_id, unsupported_id, good_id = (f"{name}-{uuid.uuid4()}" for name in ("bad", "unsupported", "good"))
-    key = b"one-partition"  # all four in one partition, in this order
+    key = b"pv-4"  # these in one partition, in this order
     kafka.produce(
         "dercmd.commands.requests",
         [
             (key, b"\x00 not json at all", ce(str(uuid.uuid4()))),
             (key, json.dumps({"id": bad_id, "entityId": "pv-4", "type": "LimitFeedIn"}).encode(), ce(bad_id)),
-            (key, json.dumps({"id": unsupported_id, "entityId": "pv-1", "type": "Disconnect"}).encode(), ce(unsupported_id)),
+            (b"pv-1", json.dumps({"id": unsupported_id, "entityId": "pv-1", "type": "Disconnect"}).encode(), ce(unsupported_id)),
             (key, json.dumps({"id": good_id, "entityId": "pv-4", "type": "LimitFeedIn", "value": 0}).encode(), ce(good_id)),
             # the same request again (a producer retry): one command, delivered once
             (key, json.dumps({"id": good_id, "entityId": "pv-4", "type": "LimitFeedIn", "value": 0}).encode(), ce(good_id)),
-            # the same id for something else: refused, and the first command is untouched
-            (key, json.dumps({"id": good_id, "entityId": "pv-1", "type": "StopFeedIn"}).encode(), ce(good_id)),
         ],
     )
     assert api.wait_terminal(good_id)["status"] == "Succeeded"
+    # the same id for something else, later: refused, and the first command is untouched
+    kafka.produce("dercmd.commands.requests",
+                  [(b"pv-1", json.dumps({"id": good_id, "entityId": "pv-1", "type": "StopFeedIn"}).encode(), ce(good_id))])
 
     rejected = api.wait_terminal(bad_id)
     assert rejected["status"] == "Rejected" and rejected["reason"] == "invalid_request", rejected
@@ -140,14 +141,28 @@ def test_malformed_kafka_events_are_dead_lettered_and_the_next_good_one_succeeds
     assert kafka.statuses(bad_id, until="Rejected") == ["Rejected"]
 
     dead = kafka.read_until("dercmd.commands.requests.dlq", lambda rs: len(rs) >= 4)
-    errors = [header(r.headers, DLQ_ERROR) or "" for r in dead]
-    assert dead[0].value == b"\x00 not json at all" and "json" in errors[0].lower(), errors
-    assert "LimitFeedIn requires an integer value" in errors[1], errors
-    assert errors[2].startswith("command_not_supported"), errors
-    assert errors[3].startswith("duplicate_id"), errors
+    errors = {r.value: header(r.headers, DLQ_ERROR) or "" for r in dead}  # two partitions: in no set order
+    assert "json" in errors[b"\x00 not json at all"].lower(), errors
+    assert sum("LimitFeedIn requires an integer value" in e for e in errors.values()) == 1, errors
+    assert sum(e.startswith("command_not_supported") for e in errors.values()) == 1, errors
+    assert sum(e.startswith("duplicate_id") for e in errors.values()) == 1, errors
     assert api.get(good_id).json()["entityId"] == "pv-4"
     assert [(c["commandId"], c["value"]) for c in api.received("pv-4")] == [(good_id, 0)]
     assert good_id not in {c["commandId"] for c in api.received("pv-1")}
+
+
+def test_a_request_whose_key_is_not_its_entity_is_rejected_and_the_good_one_beside_it_succeeds(api: Api, kafka: Kafka) -> None:
+    stray, good = f"stray-{uuid.uuid4()}", f"good-{uuid.uuid4()}"
+    kafka.produce("dercmd.commands.requests", [
+        (b"ev-1", json.dumps({"id": stray, "entityId": "ev-2", "type": "StartCharging"}).encode(), ce(stray)),
+        (b"ev-1", json.dumps({"id": good, "entityId": "ev-1", "type": "StopCharging", "ignoreCooldown": True}).encode(), ce(good)),
+    ])
+    assert api.wait_terminal(good)["status"] == "Succeeded"
+    rejected = api.wait_terminal(stray)
+    assert (rejected["status"], rejected["reason"]) == ("Rejected", "key_mismatch"), rejected
+    dead = kafka.read_until("dercmd.commands.requests.dlq", lambda rs: any(stray.encode() in (r.value or b"") for r in rs))
+    assert any((header(r.headers, DLQ_ERROR) or "").startswith("key_mismatch") for r in dead if stray.encode() in (r.value or b""))
+    assert stray not in {c["commandId"] for c in api.received("ev-2")}
 
 
 def metric(stack: Stack, service: str, sample: str) -> float:

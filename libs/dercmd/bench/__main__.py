@@ -45,7 +45,7 @@ from dercmd.launcher import LaunchError, Stack, isolated_env
 
 from . import fleetgen, procstat, redismem, relay, window
 from .load import KafkaLoad, Offered, RestLoad, StatusWatcher, new_command_id, receipts
-from .report import machine, ms, per_s, percentile, table
+from .report import machine, ms, per_s, percentile, table, untruthful
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -191,17 +191,10 @@ async def _phases(stack: Stack, args: argparse.Namespace, ids: list[str], result
                 results["window"] = vars(w)
             got = await receipts(stack.url("simulator"))
             results["device_duplicates"] = sum(len(t) - 1 for t in got.values())
-            results["untruthful"] = _untruthful(watcher, got)
+            results["untruthful"] = untruthful({c: status for c, (status, _) in watcher.terminal.items()}, got)
             results["dispatch"] = await _dispatch_counts(stack)
     finally:
         await watcher.stop()
-
-
-def _untruthful(watcher: StatusWatcher, got: dict[str, list[float]]) -> dict[str, int]:
-    """Commands whose terminal status disagrees with what the devices got."""
-    succeeded_unreceived = sum(1 for c, (s, _) in watcher.terminal.items() if s == "Succeeded" and c not in got)
-    ended_but_received = sum(1 for c, (s, _) in watcher.terminal.items() if s in ("Failed", "Canceled") and c in got)
-    return {"succeeded_not_received": succeeded_unreceived, "failed_or_canceled_but_received": ended_but_received}
 
 
 async def _dispatch_counts(stack: Stack) -> dict[str, float]:

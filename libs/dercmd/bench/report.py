@@ -22,7 +22,7 @@ import math
 import os
 import platform
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,20 @@ def git_commit() -> str:
 
 
 def table(rows: Sequence[tuple[str, str]]) -> str:
-    lines = ["| figure | value |", "|---|---|"]
-    lines += [f"| {name} | {value} |" for name, value in rows]
+    return grid(("figure", "value"), rows)
+
+
+def grid(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def untruthful(terminal: Mapping[str, str], received: Mapping[str, object]) -> dict[str, int]:
+    """Commands whose terminal status (command id -> status) disagrees with what the devices
+    got (``received``: the command ids some device received)."""
+    return {
+        "succeeded_not_received": sum(1 for c, s in terminal.items() if s == "Succeeded" and c not in received),
+        "failed_or_canceled_but_received": sum(1 for c, s in terminal.items() if s in ("Failed", "Canceled") and c in received),
+    }
