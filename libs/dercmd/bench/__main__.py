@@ -193,8 +193,17 @@ async def _phases(stack: Stack, args: argparse.Namespace, ids: list[str], result
             results["device_duplicates"] = sum(len(t) - 1 for t in got.values())
             results["untruthful"] = untruthful({c: status for c, (status, _) in watcher.terminal.items()}, got)
             results["dispatch"] = await _dispatch_counts(stack)
+            await _save_metrics(stack, args.work_dir)
     finally:
         await watcher.stop()
+
+
+async def _save_metrics(stack: Stack, work: Path) -> None:
+    """Every service's /metrics as the run left them, in the work dir, for a closer look."""
+    (work / "metrics").mkdir(exist_ok=True)
+    async with httpx.AsyncClient(timeout=5) as http:
+        for service in ("intake", "arbitration", "dispatch", "status", "simulator"):
+            (work / "metrics" / f"{service}.txt").write_text((await http.get(f"{stack.url(service)}/metrics")).text)
 
 
 async def _dispatch_counts(stack: Stack) -> dict[str, float]:
@@ -231,7 +240,31 @@ async def _latency(stack: Stack, args: argparse.Namespace, ids: list[str], n: in
     to_device = _latencies(offered_l, first_receipt)
     latency["to_device_s"] = {p: percentile(to_device, p) for p in (50, 95, 99)}
     latency["device_receipts"] = len(to_device)
+    latency["stages_s"] = _stages(offered_l, watcher, first_receipt)
     results["latency"] = latency
+
+
+#: The stages of a command's way, each from the stamp before it: produced by the bench, Pending
+#: (intake took the request), Triggered (arbitration decided it), received (the simulated
+#: device), Succeeded (dispatch published the device's result).
+STAGES = (("produce -> Pending", None, "Pending"), ("Pending -> Triggered", "Pending", "Triggered"),
+          ("Triggered -> device", "Triggered", "received"), ("device -> Succeeded", "received", "Succeeded"))
+
+
+def _stages(offered: Offered, watcher: StatusWatcher, received: dict[str, float]) -> dict[str, dict[int, float | None]]:
+    """p50/p95/p99 of each stage over the commands that passed every stamp (one clock: this machine's)."""
+    durations: dict[str, list[float]] = {name: [] for name, _, _ in STAGES}
+    for command_id, produced in offered.produced_at.items():
+        stamps = dict(watcher.stamps.get(command_id, {}))
+        if command_id in received:
+            stamps["received"] = received[command_id]
+        if (end := watcher.terminal.get(command_id)) and end[0] == "Succeeded":
+            stamps["Succeeded"] = end[1]
+        if len(stamps) < 4:
+            continue
+        for name, start, stop in STAGES:
+            durations[name].append(stamps[stop] - (produced if start is None else stamps[start]))
+    return {name: {p: percentile(values, p) for p in (50, 95, 99)} for name, values in durations.items()}
 
 
 async def _caught_up(stack: Stack, deadline_s: float) -> None:
@@ -282,6 +315,8 @@ def _rows(results: dict[str, Any], args: argparse.Namespace) -> list[tuple[str, 
             ("latency: produce -> Succeeded p50 / p95 / p99", f"{ms(s[50])} / {ms(s[95])} / {ms(s[99])}"),
             ("latency: Succeeded / other terminal / not terminal", _outcomes(lat)),
         ]
+        for stage, q in lat.get("stages_s", {}).items():
+            rows.append((f"latency stage: {stage} p50 / p95 / p99", f"{ms(q[50])} / {ms(q[95])} / {ms(q[99])}"))
         if post := lat.get("post"):
             rows.append(("latency: POST/s, POST p50 / p99",
                          f"{per_s(post['per_s'])}, {ms(post['latency_s'][50])} / {ms(post['latency_s'][99])}"
@@ -328,11 +363,11 @@ def _terminate(*_: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="dercmd-bench-"))
+    work = args.work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="dercmd-bench-"))
     (work / "logs").mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _terminate)
     results: dict[str, Any] = {"machine": machine(), "options": {k: str(v) for k, v in vars(args).items()}}
-    print(f"bench: work dir {work} (fleet, ledger, logs)", flush=True)
+    print(f"bench: work dir {work} (fleet, ledger, logs, each service's metrics at the end)", flush=True)
     ids = fleetgen.write(work / "fleet.yaml", args.entities, pv=args.window, mix=args.mix)
     try:
         redis.Redis.from_url(args.redis_url).flushdb()
