@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -255,3 +256,24 @@ def test_sqlite_keeps_its_stored_time_format(tmp_path: Path) -> None:
     assert state is not None
     assert state.accepted_at == datetime(2026, 11, 22, 14, 0, 0, 5, tzinfo=UTC)
     assert state.expires_at == datetime(2026, 11, 22, 15, 0, tzinfo=UTC)
+
+
+def test_sqlite_writers_take_turns_through_the_lock_file(tmp_path: Path) -> None:
+    """intake and status write one SQLite file from two processes: a writer waits, woken by
+    the kernel, while another holds its turn (not SQLite's sleep-and-poll busy handler)."""
+    url = f"sqlite:///{tmp_path}/turns.sqlite3"
+    status_side, intake_side = Ledger(url), Ledger(url)  # two ledgers on one file, as two processes
+    status_side.create_schema()
+    cmd = accepted()
+    writer = threading.Thread(target=lambda: intake_side.record_pending_many([cmd]))
+    with status_side._writing():  # a write transaction in progress
+        writer.start()
+        writer.join(timeout=0.5)
+        assert writer.is_alive()  # waiting for its turn
+        assert status_side.get(cmd.id) is None
+    writer.join(timeout=10)
+    assert not writer.is_alive()
+    assert (state := status_side.get(cmd.id)) is not None and state.status is S.PENDING
+    assert (tmp_path / "turns.sqlite3.lock").exists()
+    status_side.close()
+    intake_side.close()
