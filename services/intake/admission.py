@@ -8,9 +8,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import redis.asyncio as aioredis
 from aiokafka.errors import KafkaError
@@ -18,6 +18,7 @@ from aiokafka.errors import KafkaError
 from dercmd import redis_keys, topics
 from dercmd.events import CommandAcceptedV1, CommandStateV1, CommandStatus, Event, StatusEventV1, utcnow
 from dercmd.fleet import Fleet
+from dercmd.group import GroupCommit
 from dercmd.kafka import Publisher
 from dercmd.ledger import Ledger
 from dercmd.web import ApiError
@@ -171,43 +172,3 @@ def _shown(cmd: CommandAcceptedV1) -> dict[str, Any]:
     return {"entity_id": cmd.entity_id, "type": cmd.type, "value": cmd.value, "percentage": cmd.percentage,
             "trigger_time": cmd.trigger_time or cmd.accepted_at, "end_at": cmd.end_at,
             "asset_identifiers": cmd.asset_identifiers, "expires_at": cmd.expires_at, "source": cmd.source}
-
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-class GroupCommit(Generic[T, R]):
-    """Concurrent callers share one flush: while a flush runs, new items queue, and the next
-    flush takes all of them (up to ``max_items``). No added wait when idle; under load each
-    flush carries what arrived during the previous one. ``flush`` returns one result per item;
-    if it raises, every caller of that flush gets the exception."""
-
-    def __init__(self, flush: Callable[[list[T]], Awaitable[Sequence[R]]], max_items: int) -> None:
-        self._flush = flush
-        self._max_items = max_items
-        self._queue: list[tuple[T, asyncio.Future[R]]] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def submit(self, item: T) -> R:
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._queue.append((item, future))
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run())
-        return await future
-
-    async def _run(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue[: self._max_items], self._queue[self._max_items :]
-            try:
-                results = await self._flush([item for item, _ in batch])
-            except BaseException as exc:  # cancelled too: no caller may wait forever
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("intake is stopping"))
-                if not isinstance(exc, Exception):
-                    raise
-                continue
-            for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(result)

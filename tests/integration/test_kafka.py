@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
@@ -22,6 +25,21 @@ async def read_all(bootstrap: str, topic: str, count: int) -> list:  # type: ign
                 break
             for rs in batch.values():
                 records.extend(rs)
+    finally:
+        await consumer.stop()
+    return records
+
+
+async def read_keyed(bootstrap: str, topic: str, key: bytes, count: int) -> list:  # type: ignore[type-arg]
+    """The first ``count`` records with this key, from the start of the topic."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    records = []
+    try:
+        end = asyncio.get_running_loop().time() + 30
+        while len(records) < count and asyncio.get_running_loop().time() < end:
+            for rs in (await consumer.getmany(timeout_ms=500)).values():
+                records.extend(r for r in rs if r.key == key)
     finally:
         await consumer.stop()
     return records
@@ -70,3 +88,28 @@ async def test_a_dead_letter_too_large_for_a_record_is_kept_truncated(kafka_boot
     assert header(dead.headers, DLQ_TRUNCATED) == str(len(huge))
     assert header(dead.headers, DLQ_ERROR) == "too big to parse"
     assert dead.value == huge[: len(dead.value)] and 0 < len(dead.value) < 100_000
+
+
+async def test_concurrent_publishes_share_produce_requests_and_keep_their_order(kafka_bootstrap: str) -> None:
+    publisher = Publisher(Settings(kafka_bootstrap=kafka_bootstrap), source="/dercmd/test")
+    await publisher.start()
+    batches_sent = 0
+    producer = publisher._producer
+    assert producer is not None
+    send_batch = producer.send_batch
+
+    async def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal batches_sent
+        batches_sent += 1
+        return await send_batch(*args, **kwargs)
+
+    producer.send_batch = counting  # type: ignore[method-assign]
+    entity = f"ev-group-{uuid.uuid4().hex[:6]}"
+    events = [StatusEventV1(command_id=f"{entity}-{i}", entity_id=entity, status=CommandStatus.SENT) for i in range(100)]
+    # 100 callers at once, one record each, all to one partition (one key)
+    await asyncio.gather(*(publisher.publish(topics.REPORTS, e, entity) for e in events))
+    await publisher.stop()
+    records = await read_keyed(kafka_bootstrap, topics.REPORTS.name, entity.encode(), len(events))
+    assert [decode(topics.STATUS, r.value).command_id for r in records] == [e.command_id for e in events]
+    # one request in flight at a time, and every caller that queued meanwhile shares the next
+    assert batches_sent <= 3, batches_sent
