@@ -10,8 +10,12 @@ A service gives a topic and a batch handler; :class:`BatchConsumer` does the res
 3. The handler gets the decoded records of the batch, in partition order (every topic is
    keyed by entity, so one entity's records arrive in their order). It does one Redis round
    trip, one ledger transaction and one produce-and-acknowledge for the whole batch.
-4. Offsets are committed after the handler is done, so a crash redelivers the batch; every
-   handler is idempotent (it dedupes by command id, event id or fence).
+4. Offsets are committed after the handler is done (in the background, at most every
+   ``DERCMD_KAFKA_COMMIT_INTERVAL_MS``), so a crash redelivers the batch; every handler is
+   idempotent (it dedupes by command id, event id or fence).
+
+A consumer off the latency path may linger (``linger_ms``): after a small batch its partitions
+pause for a while, so the next fetch takes what came meanwhile as one bigger batch.
 
 Failures: a dependency that fails (broker, Redis, database) retries the whole batch with
 backoff and the partitions wait, because skipping would lose an accepted command. Any other
@@ -130,15 +134,22 @@ class BatchConsumer(ConsumerRebalanceListener):
         *,
         on_invalid: InvalidHandler | None = None,
         max_pending: int = 1,
+        linger_ms: int = 0,
+        max_records: int | None = None,
     ) -> None:
         self.topic = topic
         self._handler = handler
         self._publisher = publisher
         self._on_invalid = on_invalid
-        self._max_records = settings.batch_max_records
+        self._max_records = max_records or settings.batch_max_records
         self._wait_ms = settings.kafka_fetch_max_wait_ms
         self._stall_after_s = settings.stall_after_s
+        self._commit_interval_s = settings.kafka_commit_interval_ms / 1000
+        self._last_commit = 0.0
+        #: Set while draining (a stop, a rebalance): commit what finished without waiting.
+        self._hurry = asyncio.Event()
         self._max_pending = max_pending
+        self._linger_s = linger_ms / 1000
         self._kwargs = consumer_kwargs(settings, group_id)
         self._consumer: AIOKafkaConsumer = None  # type: ignore[assignment]  # made in start(): it needs the loop
         self._task: asyncio.Task[None] | None = None
@@ -147,6 +158,8 @@ class BatchConsumer(ConsumerRebalanceListener):
         self._pending: deque[tuple[dict[TopicPartition, int], asyncio.Future[Any], list[Item[Any]]]] = deque()
         self._progress: dict[TopicPartition, _Progress] = {}
         self._committer: asyncio.Future[None] | None = None
+        #: Offsets of finished batches not committed yet (the committer takes them).
+        self._ready: dict[TopicPartition, int] = {}
         _LIVE.add(self)
         # Counters that alerts watch start at 0, so their first increment shows as an increase.
         DEAD_LETTERS.labels(topic.name)
@@ -299,6 +312,24 @@ class BatchConsumer(ConsumerRebalanceListener):
             BATCHES.labels(self.topic.name).inc()
             while len(self._pending) >= self._max_pending:
                 await asyncio.wait([self._pending[0][1]])
+            if self._linger_s and len(records) < self._max_records:
+                await self._linger(started)
+
+    async def _linger(self, started: float) -> None:
+        """Let records gather until ``linger_ms`` after the batch started: the partitions are
+        paused meanwhile, so the next fetch takes everything that came (one request, one
+        batch) instead of whatever trickled in since the last one. For consumers off the
+        latency path (status), where a bigger batch is cheaper per record."""
+        rest = self._linger_s - (time.perf_counter() - started)
+        if rest <= 0:
+            return
+        paused = self._consumer.assignment()
+        self._consumer.pause(*paused)
+        try:
+            await asyncio.sleep(rest)
+        finally:
+            assigned = self._consumer.assignment()  # a rebalance meanwhile unpauses what it hands out
+            self._consumer.resume(*(tp for tp in paused if tp in assigned))
 
     async def _decode(self, records: Sequence[ConsumerRecord]) -> list[Item[Any]]:
         items: list[Item[Any]] = []
@@ -358,22 +389,35 @@ class BatchConsumer(ConsumerRebalanceListener):
     # -- commits -----------------------------------------------------------------------
 
     def _finished(self, started: float | None = None) -> None:
-        """A batch is done: commit in the background, so the next batch does not wait for it."""
+        """A batch is done: its offsets, and those of every finished batch before it, are
+        ready to commit. Committed in the background, so the next batch does not wait for it,
+        and at most every ``DERCMD_KAFKA_COMMIT_INTERVAL_MS``: under load one commit covers
+        several batches (each commit is a request the broker serves)."""
         if started is not None:
             BATCH_SECONDS.labels(self.topic.name).observe(time.perf_counter() - started)
-        if self._committer is None or self._committer.done():
+        self._ready.update(self._finished_offsets())
+        if self._ready and (self._committer is None or self._committer.done()):
             self._committer = asyncio.ensure_future(self._commit_finished())
 
     async def _commit_finished(self) -> None:
-        """Commit the offsets of the finished batches at the head of the queue. One commit at
-        a time (the ``_committer`` task, or a drain after it), so offsets only move forward."""
-        while True:
-            offsets = self._finished_offsets()
-            if not offsets:
-                return
-            await self._commit(offsets)
+        """Commit the ready offsets. One commit at a time (the ``_committer`` task), so
+        offsets only move forward."""
+        while self._ready:
+            wait_s = self._last_commit + self._commit_interval_s - time.monotonic()
+            if wait_s > 0 and not self._hurry.is_set():
+                try:
+                    await asyncio.wait_for(self._hurry.wait(), wait_s)
+                except TimeoutError:
+                    pass
+            assigned = self._consumer.assignment()
+            offsets = {tp: o for tp, o in self._ready.items() if tp in assigned}
+            self._ready = {}
+            self._last_commit = time.monotonic()
+            if offsets:
+                await self._commit(offsets)
 
     def _finished_offsets(self) -> dict[TopicPartition, int]:
+        """Take the finished batches off the head of the queue; their offsets."""
         offsets: dict[TopicPartition, int] = {}
         while self._pending and self._pending[0][1].done():
             batch_offsets, done, items = self._pending[0]
@@ -389,8 +433,7 @@ class BatchConsumer(ConsumerRebalanceListener):
                 break
             self._pending.popleft()
             offsets.update(batch_offsets)
-        assigned = self._consumer.assignment()
-        return {tp: o for tp, o in offsets.items() if tp in assigned}
+        return offsets
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         try:
@@ -418,16 +461,21 @@ class BatchConsumer(ConsumerRebalanceListener):
         end = asyncio.get_running_loop().time() + timeout_s
         if self._pending:
             await asyncio.wait([f for _, f, _ in self._pending], timeout=timeout_s)
-        self._finished()
-        for _ in range(2):  # a replay may start while committing; give it the same deadline
-            if self._committer is not None and not self._committer.done():
-                await asyncio.wait([self._committer], timeout=max(0.0, end - asyncio.get_running_loop().time()) + 1.0)
-            if not (self._pending and self._pending[0][1].done()):
-                break
+        self._hurry.set()  # commit what finished now, not after the interval
+        try:
             self._finished()
+            for _ in range(2):  # a replay may start while committing; give it the same deadline
+                if self._committer is not None and not self._committer.done():
+                    await asyncio.wait([self._committer], timeout=max(0.0, end - asyncio.get_running_loop().time()) + 1.0)
+                if not (self._pending and self._pending[0][1].done()) and not self._ready:
+                    break
+                self._finished()
+        finally:
+            self._hurry.clear()
         for _, unfinished, _ in self._pending:
             unfinished.cancel()
         self._pending.clear()
+        self._ready = {}  # not committed in time: redelivered to whoever owns them next
 
 
 # -- the lag and stall gauges, read at scrape time -----------------------------------------

@@ -133,10 +133,13 @@ class Service:
         *,
         on_invalid: InvalidHandler | None = None,
         max_pending: int = 1,
+        linger_ms: int = 0,
+        max_records: int | None = None,
     ) -> BatchConsumer:
         """Consume ``topic`` in the service's consumer group, batch by batch, while it runs."""
         consumer = BatchConsumer(
-            self.settings, topic, f"dercmd-{self.name}", handler, self.publisher, on_invalid=on_invalid, max_pending=max_pending
+            self.settings, topic, f"dercmd-{self.name}", handler, self.publisher, on_invalid=on_invalid,
+            max_pending=max_pending, linger_ms=linger_ms, max_records=max_records,
         )
         self.consumers.append(consumer)
         return consumer

@@ -84,11 +84,20 @@ class Settings(BaseSettings):
     kafka_fetch_max_wait_ms: int = Field(
         20, description="Longest a consumer fetch waits for data: the most a batch waits to fill."
     )
+    kafka_commit_interval_ms: int = Field(
+        100, ge=0, description="A consumer commits its finished batches' offsets at most this often, ms (each commit is a broker request; a crash redelivers what was not committed, which every consumer tolerates)."
+    )
     kafka_linger_ms: int = Field(
         0, description="Producer linger, milliseconds (services pack each batch themselves, so waiting adds only latency)."
     )
     batch_max_records: int = Field(
         200, ge=1, description="Most records a consumer takes into one batch (one Redis round trip, one ledger transaction)."
+    )
+    status_linger_ms: int = Field(
+        250, ge=0, description="status: a batch smaller than DERCMD_STATUS_BATCH_MAX_RECORDS waits this long after the one before it, ms (bigger batches cost less per event; the ledger and `dercmd.commands.state` lag the status topic by about this much, the status topic itself not at all)."
+    )
+    status_batch_max_records: int = Field(
+        1000, ge=1, description="status: most status events in one batch (folded into the ledger 300 to a transaction)."
     )
     stall_after_s: float = Field(
         30.0, gt=0, description="A partition with records waiting whose commits have not moved for this long is reported stalled."

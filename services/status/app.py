@@ -1,6 +1,8 @@
-"""The status service: folds each batch of ``dercmd.commands.status`` into the ledger in one
-transaction (monotonic, see :mod:`dercmd.ledger`) and publishes each command's new state,
-keyed by command id, on the compacted ``dercmd.commands.state``."""
+"""The status service: folds each batch of ``dercmd.commands.status`` into the ledger, a
+command's events together, in transactions of up to ``EVENTS_PER_TRANSACTION`` (monotonic, see
+:mod:`dercmd.ledger`), and publishes each command's new state, keyed by command id, on the
+compacted ``dercmd.commands.state``. It is off the latency path, so its consumer lingers
+between small batches (``DERCMD_STATUS_LINGER_MS``)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,10 @@ from .sweeper import Sweeper
 
 log = logging.getLogger(__name__)
 
+#: Most status events folded in one ledger transaction (a batch may hold more): a SQLite
+#: ledger's writers take turns, and a longer transaction kept intake waiting longer.
+EVENTS_PER_TRANSACTION = 300
+
 
 def build(settings: Settings) -> Service:
     service = Service("status", settings, settings.status_port)
@@ -31,8 +37,15 @@ def build(settings: Settings) -> Service:
     completion = {status: metrics.COMPLETION_SECONDS.labels(status.value) for status in CommandStatus if status.terminal}
 
     async def handle(items: list[Item[StatusEventV1]]) -> None:
-        events = [item.event for item in items]
-        applied = await asyncio.to_thread(ledger.apply, events)
+        # Each command's events side by side, in their order (a stable sort), so that one
+        # transaction reads and updates its row once; in transactions of at most
+        # EVENTS_PER_TRANSACTION, so that intake's writes to a SQLite ledger get their turn
+        # between them (a crash in between redelivers the batch; a folded event is dropped
+        # the second time).
+        events = sorted((item.event for item in items), key=lambda e: e.command_id)
+        applied: list[Applied] = []
+        for start in range(0, len(events), EVENTS_PER_TRANSACTION):
+            applied += await asyncio.to_thread(ledger.apply, events[start : start + EVENTS_PER_TRANSACTION])
         # The latest state of each command in this batch: on a compacted topic only the last
         # one counts, so the states a batch passed through are not published one by one.
         latest: dict[str, Applied] = {}
@@ -59,7 +72,8 @@ def build(settings: Settings) -> Service:
             metrics.IGNORED.inc(ignored)
         await service.publisher.publish_all([(topics.STATE, r.state, command_id) for command_id, r in latest.items()])
 
-    consumer = service.consume(topics.STATUS, handle)
+    consumer = service.consume(topics.STATUS, handle, linger_ms=settings.status_linger_ms,
+                               max_records=settings.status_batch_max_records)
     sweeper = Sweeper(settings, ledger, service.publisher, service.redis, consumer.group_offsets)
     service.background("sweeper", sweeper.run)
     return service

@@ -211,3 +211,61 @@ async def test_pipelined_work_that_fails_is_replayed_record_by_record_before_its
         (dead,) = await h.dead_letters(1)
         assert "bug in pipelined work" in (header(dead.headers, DLQ_ERROR) or "")
         await until(lambda: not any(consumer.lag().values()), what="the commit past the replayed batch")
+
+
+async def test_finished_batches_share_a_commit_and_a_stop_commits_what_finished(kafka_bootstrap: str) -> None:
+    async with Harness(kafka_bootstrap) as h:
+        h.settings = h.settings.model_copy(update={"kafka_commit_interval_ms": 3000})
+        key = b"k"
+        handled: list[str] = []
+
+        async def handle(items: list[Item[StatusEventV1]]) -> None:
+            handled.extend(item.event.command_id for item in items)
+
+        consumer = await h.consume(handle)
+        await h.produce([(key, status("one", "e"))])
+        await until(lambda: handled == ["one"], what="the first batch")
+        await until(lambda: consumer.lag() and not any(consumer.lag().values()), what="the first commit")  # at once
+        await h.produce([(key, status("two", "e"))])
+        await until(lambda: handled == ["one", "two"], what="the second batch")
+        # Done, but its commit waits out the interval since the first one.
+        assert any(consumer.lag().values())
+        await until(lambda: not any(consumer.lag().values()), what="the delayed commit")
+        await h.produce([(key, status("three", "e"))])
+        await until(lambda: handled == ["one", "two", "three"], what="the third batch")
+        await consumer.stop(timeout_s=5)  # within the interval: the stop commits it
+        h.consumers.remove(consumer)
+
+        again: list[str] = []
+
+        async def handle_again(items: list[Item[StatusEventV1]]) -> None:
+            again.extend(item.event.command_id for item in items)
+
+        await h.produce([(key, status("four", "e"))])
+        await h.consume(handle_again)
+        await until(lambda: "four" in again, what="the next consumer of the group")
+        assert again == ["four"]  # nothing finished before the stop is redelivered
+
+
+async def test_a_lingering_consumer_takes_what_trickles_in_as_few_batches(kafka_bootstrap: str) -> None:
+    async with Harness(kafka_bootstrap) as h:
+        sizes: list[int] = []
+
+        async def handle(items: list[Item[StatusEventV1]]) -> None:
+            sizes.append(len(items))
+
+        await h.consume(handle, linger_ms=1000)
+        await h.produce([(b"k", status("warm-up", "e"))])
+        await until(lambda: sizes, what="the first batch")
+        producer = AIOKafkaProducer(bootstrap_servers=h.settings.kafka_bootstrap)
+        await producer.start()
+        try:
+            for i in range(60):  # one record every 20 ms for 1.2 s
+                await producer.send_and_wait(h.topic.name, status(f"c{i}", "e"), key=b"k")
+                await asyncio.sleep(0.02)
+        finally:
+            await producer.stop()
+        await until(lambda: sum(sizes) == 61, what="every record")
+        # Read as it came, 60 records would be dozens of batches; lingering 1 s between them,
+        # a handful.
+        assert len(sizes) <= 5, sizes
