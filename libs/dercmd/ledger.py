@@ -310,10 +310,11 @@ class Ledger:
     def create_schema(self) -> None:
         """Create missing tables. Safe when several processes start at once on a new database
         (intake and status do, and so do replicas): PostgreSQL serialises them with an
-        advisory lock; on SQLite a loser of the race finds the tables on its second look."""
+        advisory lock, SQLite with the writers' turns; a loser of a race that slips past both
+        finds the tables on its next look."""
         for attempt in range(3):
             try:
-                with self.engine.begin() as conn:
+                with self._writing() as conn:
                     if conn.dialect.name == "postgresql":
                         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
                     metadata.create_all(conn)
