@@ -112,6 +112,18 @@ async def retrying(call: Callable[[], Awaitable[Any]], what: str) -> Any:
             delay = min(delay * 2, 5.0)
 
 
+async def pause_for(consumer: AIOKafkaConsumer, seconds: float) -> None:
+    """Keep the consumer's partitions from fetching for ``seconds``: the next fetch then takes
+    everything that came meanwhile (one request, one batch) instead of whatever trickled in."""
+    paused = consumer.assignment()
+    consumer.pause(*paused)
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        assigned = consumer.assignment()  # a rebalance meanwhile unpauses what it hands out
+        consumer.resume(*(tp for tp in paused if tp in assigned))
+
+
 class _Progress:
     """Where a partition's commits stand, for stall detection. ``since`` is when the
     committed offset last moved (or when the partition was assigned)."""
@@ -321,15 +333,8 @@ class BatchConsumer(ConsumerRebalanceListener):
         batch) instead of whatever trickled in since the last one. For consumers off the
         latency path (status), where a bigger batch is cheaper per record."""
         rest = self._linger_s - (time.perf_counter() - started)
-        if rest <= 0:
-            return
-        paused = self._consumer.assignment()
-        self._consumer.pause(*paused)
-        try:
-            await asyncio.sleep(rest)
-        finally:
-            assigned = self._consumer.assignment()  # a rebalance meanwhile unpauses what it hands out
-            self._consumer.resume(*(tp for tp in paused if tp in assigned))
+        if rest > 0:
+            await pause_for(self._consumer, rest)
 
     async def _decode(self, records: Sequence[ConsumerRecord]) -> list[Item[Any]]:
         items: list[Item[Any]] = []

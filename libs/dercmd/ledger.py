@@ -157,9 +157,6 @@ _STAGE_COLUMN = {
 #: What folding an event may change in a command's row (``Ledger._changes``).
 _MOVABLE = ("status", "updated_at", "reason", "detail", "cooldown_until", "superseded_by", *dict.fromkeys(_STAGE_COLUMN.values()))
 _UPDATE_MOVED = update(commands).where(commands.c.id == bindparam("_id")).values({c: bindparam(c) for c in _MOVABLE})
-#: What intake writes of a new command (``Ledger.record_pending_many``).
-_PENDING_COLUMNS = ("id", "entity_id", "type", "value", "percentage", "status", "trigger_time", "end_at", "asset_identifiers",
-                    "expires_at", "ignore_cooldown", "source", "created_at", "updated_at", "accepted_at")
 #: What a Rejected row held that a command taking its id must not inherit.
 _CLEARED = ("reason", "detail", "cooldown_until", "superseded_by", "revert_of", "triggered_at", "sent_at", "confirmed_at")
 #: The state's fields the ledger keeps (the others, such as a window's startAt, the model derives).
@@ -293,7 +290,7 @@ class _WriteTurns:
 class Ledger:
     def __init__(self, url: str) -> None:
         self.engine = create_ledger_engine(url)
-        self._statements: dict[str, Any] = {}
+        self._pending_statement: Any = None
         path = self.engine.url.database if self.engine.dialect.name == "sqlite" else None
         self._turns = _WriteTurns(path) if path and path != ":memory:" and not path.startswith("file:") else None
 
@@ -370,20 +367,19 @@ class Ledger:
             return set(conn.execute(self._pending_upsert(conn), rows).scalars())
 
     def _pending_upsert(self, conn: Connection) -> Any:
-        """INSERT Pending rows, or take the row of a Rejected request with that id; RETURNING
-        the ids written. Built once (building its ``excluded`` columns was a third of the cost
-        of intake's ledger write)."""
-        statement = self._statements.get(conn.dialect.name)
-        if statement is None:
+        """INSERT Pending rows, or take the row of a Rejected request with that id (every column
+        from the new row, those of ``_CLEARED`` emptied); RETURNING the ids written. Built once
+        (building its ``excluded`` columns was a third of the cost of intake's ledger write)."""
+        if self._pending_statement is None:
             insert = _insert(conn, commands)
-            taken = {c.name: insert.excluded[c.name] for c in commands.columns if c.name in _PENDING_COLUMNS}
             # No bound parameter outside VALUES (NULL and the status as SQL literals): with one,
             # SQLAlchemy sends the rows one statement each instead of one multi-row INSERT.
-            statement = self._statements[conn.dialect.name] = insert.on_conflict_do_update(
-                index_elements=[commands.c.id], set_=taken | dict.fromkeys(_CLEARED, null()),
+            taken = {c.name: null() if c.name in _CLEARED else insert.excluded[c.name] for c in commands.columns}
+            self._pending_statement = insert.on_conflict_do_update(
+                index_elements=[commands.c.id], set_=taken,
                 where=commands.c.status == literal_column(f"'{CommandStatus.REJECTED.value}'"),
             ).returning(commands.c.id)
-        return statement
+        return self._pending_statement
 
     def apply(self, events: Iterable[StatusEventV1]) -> list[Applied]:
         """Fold status events, in the order given, in one transaction (see the module docstring

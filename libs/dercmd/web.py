@@ -107,27 +107,16 @@ async def known_query_only(request: Request) -> None:
     dependant = getattr(route, "dependant", None)
     if dependant is None:
         return
-    unknown = sorted(set(request.query_params) - _query_names(dependant))
+    known: set[str] = set()
+    todo = [dependant]
+    while todo:  # the route's own query parameters and its dependencies'
+        current = todo.pop()
+        known.update(param.alias for param in current.query_params)
+        todo.extend(current.dependencies)
+    unknown = sorted(set(request.query_params) - known)
     if unknown:
         raise ApiError("validation_error", "the request is not valid",
                        extra={"errors": [{"loc": ["query", name], "msg": "unknown query parameter"} for name in unknown]})
-
-
-_QUERY_NAMES: dict[int, frozenset[str]] = {}
-
-
-def _query_names(dependant: Any) -> frozenset[str]:
-    """The query parameters a route takes: its own and its dependencies' (per route, once)."""
-    names = _QUERY_NAMES.get(id(dependant))
-    if names is None:
-        known: set[str] = set()
-        todo = [dependant]
-        while todo:
-            current = todo.pop()
-            known.update(param.alias for param in current.query_params)
-            todo.extend(current.dependencies)
-        names = _QUERY_NAMES[id(dependant)] = frozenset(known)
-    return names
 
 
 def install_error_envelope(app: FastAPI) -> None:

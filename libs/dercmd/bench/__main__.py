@@ -134,7 +134,7 @@ def _summarise_commands(offered: Offered, watcher: StatusWatcher) -> dict[str, A
     return out
 
 
-async def _phases(stack: Stack, args: argparse.Namespace, ids: list[str], results: dict[str, Any]) -> None:
+async def _phases(stack: Stack, args: argparse.Namespace, work: Path, ids: list[str], results: dict[str, Any]) -> None:
     bootstrap = stack.settings.kafka_bootstrap
     if args.redis_entities > 0:
         fleet = Fleet.model_validate(fleetgen.fleet(args.redis_entities))
@@ -192,24 +192,24 @@ async def _phases(stack: Stack, args: argparse.Namespace, ids: list[str], result
             got = await receipts(stack.url("simulator"))
             results["device_duplicates"] = sum(len(t) - 1 for t in got.values())
             results["untruthful"] = untruthful({c: status for c, (status, _) in watcher.terminal.items()}, got)
-            results["dispatch"] = await _dispatch_counts(stack)
-            await _save_metrics(stack, args.work_dir)
+            results["dispatch"] = _dispatch_counts((await _save_metrics(stack, work))["dispatch"])
     finally:
         await watcher.stop()
 
 
-async def _save_metrics(stack: Stack, work: Path) -> None:
-    """Every service's /metrics as the run left them, in the work dir, for a closer look."""
+async def _save_metrics(stack: Stack, work: Path) -> dict[str, str]:
+    """Every service's /metrics as the run left them, written to the work dir for a closer look."""
     (work / "metrics").mkdir(exist_ok=True)
+    texts: dict[str, str] = {}
     async with httpx.AsyncClient(timeout=5) as http:
         for service in ("intake", "arbitration", "dispatch", "status", "simulator"):
-            (work / "metrics" / f"{service}.txt").write_text((await http.get(f"{stack.url(service)}/metrics")).text)
+            texts[service] = (await http.get(f"{stack.url(service)}/metrics")).text
+            (work / "metrics" / f"{service}.txt").write_text(texts[service])
+    return texts
 
 
-async def _dispatch_counts(stack: Stack) -> dict[str, float]:
+def _dispatch_counts(text: str) -> dict[str, float]:
     """What dispatch did beyond sending once: its retry, unknown-delivery and check counters."""
-    async with httpx.AsyncClient(timeout=5) as http:
-        text = (await http.get(f"{stack.url('dispatch')}/metrics")).text
     out: dict[str, float] = {}
     for line in text.splitlines():
         for family in ("dercmd_dispatch_retries_total", "dercmd_dispatch_unknown_deliveries_total",
@@ -363,7 +363,7 @@ def _terminate(*_: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    work = args.work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="dercmd-bench-"))
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="dercmd-bench-"))
     (work / "logs").mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _terminate)
     results: dict[str, Any] = {"machine": machine(), "options": {k: str(v) for k, v in vars(args).items()}}
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print("bench: starting the stack ...", flush=True)
         with stack:
-            asyncio.run(_phases(stack, args, ids, results))
+            asyncio.run(_phases(stack, args, work, ids, results))
             if not args.skip_relay:
                 print(f"bench: bare relay ({args.relay}), {args.relay_records:,} records ...", flush=True)
                 r = relay.run(stack.settings.kafka_bootstrap, stack.settings.topic_partitions, args.relay_records,

@@ -21,6 +21,7 @@ import httpx
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from dercmd import topics
+from dercmd.consumer import pause_for
 
 from .fleetgen import TOKEN, command_type
 
@@ -226,10 +227,7 @@ class StatusWatcher:
         # each fetch takes all that came), sparing the shared 2 cores (the embedded broker's
         # cost per fetch grows with the topic's length) for the stack it measures.
         while True:
-            assigned = self._consumer.assignment()
-            self._consumer.pause(*assigned)
-            await asyncio.sleep(0.1)
-            self._consumer.resume(*assigned)
+            await pause_for(self._consumer, 0.1)
             batches = await self._consumer.getmany(timeout_ms=100, max_records=50_000)
             for records in batches.values():
                 for record in records:
