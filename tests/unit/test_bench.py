@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from pathlib import Path
 
-from dercmd.bench import fleetgen
+from dercmd.bench import fleetgen, http1
 from dercmd.bench.load import paced, request_record
 from dercmd.bench.report import percentile
 from dercmd.events import CommandRequestV1, CommandType
@@ -52,3 +54,38 @@ def test_a_mixed_fleet_puts_each_share_on_its_backend_and_each_entity_supports_w
     backends = [fleet.entities[i].backend for i in ids]
     assert {name: backends.count(name) for name in mix} == mix and backends.count("vendor-cloud") == 36
     assert all(fleet.supports(fleet.entities[i], CommandType(fleetgen.command_type(i))) for i in ids)
+
+
+async def test_the_load_client_keeps_connections_alive_and_opens_a_closed_one_anew() -> None:
+    """A real socket server: answers each POST with its body and the connection's number, and
+    closes the connection after its second answer (as a server closes an idle one)."""
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        number = connections
+        for _ in range(2):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")).split(b":")[1])
+            body = await reader.readexactly(length)
+            answer = json.dumps({"connection": number, "echo": json.loads(body)}).encode()
+            writer.write(b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer))
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = http1.Client(f"http://127.0.0.1:{port}", concurrency=1, headers={"Authorization": "Bearer t"})
+    try:
+        answers = []
+        for i in range(3):
+            status, body, _ = await client.post_json("/x", json.dumps({"i": i}).encode(), timeout_s=5)
+            answers.append((status, json.loads(body)))
+            await asyncio.sleep(0.05)  # the server's close reaches the client between requests
+        assert answers == [(201, {"connection": 1, "echo": {"i": 0}}), (201, {"connection": 1, "echo": {"i": 1}}),
+                           (201, {"connection": 2, "echo": {"i": 2}})]
+    finally:
+        client.close()
+        server.close()
+        await server.wait_closed()
