@@ -13,7 +13,7 @@ up; :class:`~dercmd.service.Service` calls it for every service, the simulator i
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 import sqlalchemy.exc
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.routing import APIRoute
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -95,14 +96,27 @@ def validation_errors(exc: RequestValidationError) -> tuple[str, str, list[dict[
     return "validation_error", "the request is not valid", errors
 
 
-async def known_query_only(request: Request) -> None:
-    """A dependency (``APIRouter(dependencies=[Depends(known_query_only)])``): a query
-    parameter the route does not take is a 400 ``validation_error``, not silently ignored (a
-    misspelt ``ignoreCooldown`` must not pass for its default). ``async``: FastAPI runs a plain
-    function dependency in a worker thread, a hand-off that cost every request more than the
-    check itself."""
-    if not request.query_params:
-        return
+class KnownQueryRoute(APIRoute):
+    """A route (``APIRouter(route_class=KnownQueryRoute)``) that answers a query parameter it
+    does not take with a 400 ``validation_error`` instead of ignoring it (a misspelt
+    ``ignoreCooldown`` must not pass for its default). Checked before FastAPI solves the route's
+    dependencies, not as one of them: a dependency cost every request (most have no query)
+    more than the check itself."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handle = super().get_route_handler()
+
+        async def handle_known_query(request: Request) -> Response:
+            if request.scope.get("query_string"):
+                refuse_unknown_query(request)
+            return await handle(request)
+
+        return handle_known_query
+
+
+def refuse_unknown_query(request: Request) -> None:
+    """:class:`KnownQueryRoute`'s check: raises a 400 for a query parameter that neither the
+    route nor its dependencies take."""
     route = request.scope.get("route")
     dependant = getattr(route, "dependant", None)
     if dependant is None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from aiokafka.errors import KafkaError
-from fastapi import Depends
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
+from starlette.requests import HTTPConnection
 
 from pydantic import Field
 
@@ -19,9 +19,6 @@ from dercmd.ledger import Ledger
 from dercmd.web import ErrorBody
 
 from .admission import Admission, Refusal
-
-_bearer = HTTPBearer(auto_error=False)
-
 
 #: The error answers every route may give, for the OpenAPI document (all in the one envelope).
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -64,17 +61,32 @@ def caller_of(token: str) -> str:
     return "token:" + hashlib.sha256(token.encode()).hexdigest()[:12]
 
 
+class FleetBearer(HTTPBearer):
+    """The FastAPI dependency for the caller's bearer token: one of the fleet's, or a 401.
+    The OpenAPI document shows it as the HTTP bearer scheme. One dependency, not a token check
+    depending on ``HTTPBearer``: FastAPI's per-request cost is per dependency solved."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        super().__init__(auto_error=False, scheme_name="HTTPBearer")
+        self._fleet = fleet
+
+    async def __call__(self, request: HTTPConnection) -> str:  # type: ignore[override]
+        credentials = await super().__call__(request)
+        if credentials is None or not self._fleet.knows_token(credentials.credentials):
+            raise Refusal("unauthorized", "a valid bearer token is required", status=401, headers={"WWW-Authenticate": "Bearer"})
+        return credentials.credentials
+
+
 @dataclass
 class Intake:
     fleet: Fleet
     admission: Admission
     ledger: Ledger
+    #: ``Depends(intake.token)``: the caller's bearer token.
+    token: FleetBearer = field(init=False)
 
-    async def token(self, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> str:
-        """The FastAPI dependency for the caller's bearer token (401 without a known one)."""
-        if credentials is None or not self.fleet.knows_token(credentials.credentials):
-            raise Refusal("unauthorized", "a valid bearer token is required", status=401, headers={"WWW-Authenticate": "Bearer"})
-        return credentials.credentials
+    def __post_init__(self) -> None:
+        self.token = FleetBearer(self.fleet)
 
     def authorise(self, token: str, entity_id: str, needed: Role, *, unknown: Refusal | None = None) -> Entity:
         """The entity, if the token holds ``needed`` on it. 404 whether it does not exist or

@@ -59,7 +59,7 @@ class BatchCreated(Model):
 
 
 def router(intake: Intake) -> APIRouter:
-    api = APIRouter(tags=["batch commands"], responses=ERRORS, dependencies=[Depends(web.known_query_only)])
+    api = APIRouter(tags=["batch commands"], responses=ERRORS, route_class=web.KnownQueryRoute)
 
     @api.post("/v1/command/", status_code=201, response_model=BatchCreated)
     async def create_batch(body: BatchBody, token: str = Depends(intake.token)) -> Any:

@@ -82,7 +82,7 @@ IgnoreCooldown = Annotated[bool, Query(alias="ignoreCooldown", description="true
 
 
 def router(intake: Intake) -> APIRouter:
-    api = APIRouter(tags=["entity commands"], responses=ERRORS, dependencies=[Depends(web.known_query_only)])
+    api = APIRouter(tags=["entity commands"], responses=ERRORS, route_class=web.KnownQueryRoute)
 
     @api.post("/v1/entities/{entityId}/commands", status_code=201, response_model=Command)
     async def create_command(body: CommandBody, entity_id: EntityId, ignore_cooldown: IgnoreCooldown = False,

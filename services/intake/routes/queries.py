@@ -21,7 +21,7 @@ MAX_PAGE = 1_000_000
 
 
 def router(intake: Intake) -> APIRouter:
-    api = APIRouter(tags=["queries"], responses=ERRORS, dependencies=[Depends(web.known_query_only)])
+    api = APIRouter(tags=["queries"], responses=ERRORS, route_class=web.KnownQueryRoute)
 
     @api.get("/v1/commands/{id}", response_model=Command)
     async def get_command(id: str, token: str = Depends(intake.token)) -> Any:
