@@ -1,10 +1,11 @@
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from dercmd.events import CommandType as T
-from dercmd.fleet import Fleet, Role
+from dercmd.fleet import Fleet, Role, _built_from_events, _detached, _NeedsComposer
 
 EXAMPLE = Path(__file__).parents[2] / "deploy" / "fleet.example.yaml"
 CHARGING = {T.START_CHARGING, T.STOP_CHARGING}
@@ -142,3 +143,28 @@ def test_a_fleet_of_100_000_entities_loads(tmp_path: Path) -> None:
     assert f.entity("ev-0").device_id == "vd-0" and f.entity("ev-3").device_id == "ev-3"  # type: ignore[union-attr]
     assert f.cooldown_s(f.entity("pv-2"), 600) == 300 and f.cooldown_s(f.entity("pv-5"), 600) == 60  # type: ignore[arg-type]
     assert f.role("t", "ev-42") is Role.CONTRIBUTOR and f.role("t", "pv-2") is None
+
+
+@pytest.mark.parametrize("text", [
+    "a: 1\nb: [1, 2.5, true, null, ~, '3', 2026-01-01, 0x10, .inf, !!str 12]\nc: {d: e, 'f g': \"h\\u00e9\"}\n",
+    "- &a {k: v}\n- *a\n",
+    "a: 1\na: 2\n",
+    "",
+    # what the event builder leaves to PyYAML's composer: the same document still comes out
+    "base: &b {x: 1}\nd:\n  <<: *b\n  y: 2\n",
+    "s: !!set {a, b}\n",
+])
+def test_the_fleet_file_parser_builds_what_yaml_safe_load_builds(text: str) -> None:
+    try:
+        built = _built_from_events(text)
+    except _NeedsComposer:
+        built = _detached(yaml.safe_load(text), {})
+    assert built == yaml.safe_load(text)
+
+
+@pytest.mark.parametrize("text", ["? [1, 2]\n: v\n", "---\na: 1\n---\nb: 2\n", "a: !custom 1\n"])
+def test_a_fleet_file_yaml_cannot_build_is_refused_as_yaml_refuses_it(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "fleet.yaml"
+    path.write_text(text)
+    with pytest.raises(yaml.YAMLError):
+        Fleet.load(path)
