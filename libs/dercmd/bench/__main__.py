@@ -4,6 +4,8 @@ every figure as a markdown table (``--json FILE`` writes them too).
 
 Phases, in order:
 
+0. A fleet file of ``--fleet-load`` entities loaded in a new process (:mod:`.fleetload`):
+   seconds, memory kept and peak, before anything else runs.
 1. Redis bytes per entity (:mod:`.redismem`), while the stack is idle, in its own database.
 2. Burst: one command per entity, produced as fast as the client goes; until every command
    is terminal or ``--timeout``.
@@ -43,7 +45,7 @@ import redis
 from dercmd.fleet import Fleet
 from dercmd.launcher import LaunchError, Stack, isolated_env
 
-from . import fleetgen, procstat, redismem, relay, window
+from . import fleetgen, fleetload, procstat, redismem, relay, window
 from .load import KafkaLoad, Offered, RestLoad, StatusWatcher, new_command_id, receipts
 from .report import machine, ms, per_s, percentile, table, untruthful
 
@@ -69,6 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--relay", choices=relay.KINDS, default="aiokafka", help="bare relay hops: aiokafka getmany or faust take()")
     p.add_argument("--relay-records", type=int, default=None, help="records through the relay (default: the burst size)")
     p.add_argument("--skip-relay", action="store_true")
+    p.add_argument("--fleet-load", type=int, default=100_000, help="entities of the fleet-loading figure (default 100,000; 0 skips it)")
     p.add_argument("--redis-entities", type=int, default=10_000, help="entities for the Redis memory figure (0 skips it)")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/12",
                    help="the stack's Redis database, flushed first (default redis://127.0.0.1:6379/12)")
@@ -348,6 +351,9 @@ def _rows(results: dict[str, Any], args: argparse.Namespace) -> list[tuple[str, 
             rows.append(("dercmd / relay", f"{b['commands_per_s'] / r['records_per_s']:.3f}"))
     for name, cpu in results.get("cpu_s_per_1000", {}).items():
         rows.append((f"CPU s per 1,000 commands (burst): {name}", f"{cpu:.2f}"))
+    if f := results.get("fleet_load"):
+        rows.append((f"fleet file of {f['entities']:,} entities ({f['file_mb']:.1f} MB): load s, MB kept / peak",
+                     f"{f['seconds']:.2f} s, {f['kept_mb']:.0f} / {f['peak_mb']:.0f} MB"))
     if mem := results.get("redis"):
         rows.append(("Redis bytes per entity, both slots filled",
                      f"{mem['bytes_per_entity']:,.0f} ({mem['entities']:,} entities, {mem['keys_per_entity']:.1f} keys each, {mem['outcomes']})"))
@@ -371,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"machine": machine(), "options": {k: str(v) for k, v in vars(args).items()}}
     print(f"bench: work dir {work} (fleet, ledger, logs, each service's metrics at the end)", flush=True)
     ids = fleetgen.write(work / "fleet.yaml", args.entities, pv=args.window, mix=args.mix)
+    if args.fleet_load > 0:
+        print(f"bench: loading a fleet file of {args.fleet_load:,} entities in a new process ...", flush=True)
+        results["fleet_load"] = fleetload.measure(work, args.fleet_load)
     try:
         redis.Redis.from_url(args.redis_url).flushdb()
     except redis.ConnectionError:
