@@ -167,6 +167,11 @@ async def _phases(stack: Stack, args: argparse.Namespace, work: Path, ids: list[
             else:
                 offered = await load.burst([e for _, e in commands])
             not_terminal = await watcher.wait_terminal(list(offered.produced_at), args.timeout)
+            # Every service caught up with the burst, before the CPU is read: status folds the
+            # last events into the ledger after the devices are done (it lingers and trails),
+            # and that work is the burst's too (read at the last terminal status, status's
+            # figure was less than half of what it is).
+            await _caught_up(stack, deadline_s=args.timeout)
             cpu_after = procstat.snapshot(pids)
             burst = _summarise_commands(offered, watcher)
             burst["commands_per_s"] = burst["commands"] / burst["last_terminal_s"] if burst["last_terminal_s"] else None
@@ -180,9 +185,8 @@ async def _phases(stack: Stack, args: argparse.Namespace, work: Path, ids: list[
                 name: (cpu_after[name] - cpu_before[name]) / per_k for name in cpu_before if name in cpu_after
             }
 
-            # -- latency, once every service has caught up with the burst (status folds it
-            # after the devices are done), so the figure is for the offered rate alone
-            await _caught_up(stack, deadline_s=args.timeout)
+            # -- latency (every service has caught up with the burst: the figure is for the
+            # offered rate alone)
             n = int(args.rate * args.latency_seconds)
             if n > 0:
                 await _latency(stack, args, ids, n, load, watcher, results)
