@@ -223,10 +223,9 @@ def _built_from_events(text: str) -> Any:
     loader = _YAML_LOADER(text)
     strings: dict[str, str] = {}
     anchors: dict[str, Any] = {}
-    open_: list[list[Any]] = []  # [container, its pending key] for each open collection
-    no_key = open_  # a sentinel: a mapping waiting for its next key
+    open_: list[list[Any]] = []  # [container, its pending key or _NO_KEY] for each open collection
     root: Any = None
-    documents = 0
+    in_document = False
 
     def add(value: Any) -> None:
         nonlocal root
@@ -236,13 +235,13 @@ def _built_from_events(text: str) -> Any:
         top = open_[-1]
         if type(top[0]) is list:
             top[0].append(value)
-        elif top[1] is no_key:
+        elif top[1] is _NO_KEY:
             if isinstance(value, dict | list):
                 raise _NeedsComposer("a collection as a key")
             top[1] = value
         else:
             top[0][top[1]] = value
-            top[1] = no_key
+            top[1] = _NO_KEY
 
     try:
         while not isinstance(event := loader.get_event(), yaml.StreamEndEvent):
@@ -251,9 +250,7 @@ def _built_from_events(text: str) -> Any:
                 if tag is None or tag == "!":
                     tag = loader.resolve(yaml.ScalarNode, event.value, event.implicit)
                 if tag == _STR:
-                    value = strings.get(event.value)
-                    if value is None:  # a copy of its own, not pinned among the parser's objects
-                        value = strings[event.value] = event.value.encode("utf-8", "surrogatepass").decode("utf-8", "surrogatepass")
+                    value = _own(event.value, strings)
                 else:
                     construct = loader.yaml_constructors.get(tag)
                     if construct is None or tag == _MERGE:
@@ -271,16 +268,18 @@ def _built_from_events(text: str) -> Any:
                     raise _NeedsComposer(event.anchor)  # PyYAML says what is wrong with it
                 add(anchors[event.anchor])
                 continue
-            elif isinstance(event, yaml.DocumentStartEvent) and documents:
-                raise _NeedsComposer("more than one document")
-            else:  # the stream's and the document's start and end
-                documents += isinstance(event, yaml.DocumentStartEvent)
+            elif isinstance(event, yaml.DocumentStartEvent):
+                if in_document:
+                    raise _NeedsComposer("more than one document")
+                in_document = True
+                continue
+            else:  # the stream's start, the document's end
                 continue
             if event.anchor is not None:
                 anchors[event.anchor] = value
             add(value)
             if isinstance(event, yaml.CollectionStartEvent):
-                open_.append([value, no_key])
+                open_.append([value, _NO_KEY])
     finally:
         loader.dispose()
     return root
@@ -288,6 +287,16 @@ def _built_from_events(text: str) -> Any:
 
 _STR = "tag:yaml.org,2002:str"
 _MERGE = "tag:yaml.org,2002:merge"
+_NO_KEY = object()  # a mapping waiting for its next key
+
+
+def _own(value: str, strings: dict[str, str]) -> str:
+    """One object per distinct string, a copy of its own: not pinned among the parser's objects
+    (``str()``, slicing and joining would return the same object)."""
+    copy = strings.get(value)
+    if copy is None:
+        copy = strings[value] = value.encode("utf-8", "surrogatepass").decode("utf-8", "surrogatepass")
+    return copy
 
 
 def _detached(value: Any, strings: dict[str, str]) -> Any:
@@ -298,11 +307,7 @@ def _detached(value: Any, strings: dict[str, str]) -> Any:
     cannot give any of that memory back: 100,000 entities kept ~330 MB instead of ~60 MB.
     """
     if isinstance(value, str):
-        copy = strings.get(value)
-        if copy is None:
-            # A new object (str(), slicing and joining return the same one).
-            copy = strings[value] = value.encode("utf-8", "surrogatepass").decode("utf-8", "surrogatepass")
-        return copy
+        return _own(value, strings)
     if isinstance(value, dict):
         return {_detached(k, strings): _detached(v, strings) for k, v in value.items()}
     if isinstance(value, list):
