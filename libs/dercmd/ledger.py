@@ -17,7 +17,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -296,12 +296,8 @@ class Ledger:
 
     @contextmanager
     def _writing(self) -> Iterator[Connection]:
-        """A write transaction, in this writer's turn."""
-        if self._turns is None:
-            with self.engine.begin() as conn:
-                yield conn
-            return
-        with self._turns.turn(), self.engine.begin() as conn:
+        """A write transaction, in this writer's turn (SQLite files only)."""
+        with self._turns.turn() if self._turns is not None else nullcontext(), self.engine.begin() as conn:
             yield conn
 
     def create_schema(self) -> None:

@@ -47,7 +47,8 @@ def build(settings: Settings) -> Service:
         for start in range(0, len(events), EVENTS_PER_TRANSACTION):
             applied += await asyncio.to_thread(ledger.apply, events[start : start + EVENTS_PER_TRANSACTION])
         # The latest state of each command in this batch: on a compacted topic only the last
-        # one counts, so the states a batch passed through are not published one by one.
+        # one counts, so the states a batch passed through are not published one by one (a
+        # command's events are side by side, so its last one wins).
         latest: dict[str, Applied] = {}
         folded: Counter[str] = Counter()
         ignored = 0
@@ -64,7 +65,6 @@ def build(settings: Settings) -> Service:
             if result.current:
                 # Also for a repeat: the ledger may have committed while the publish failed, and
                 # on a compacted topic a second copy of the same state costs nothing.
-                latest.pop(event.command_id, None)  # keep the topic in the order the states were reached
                 latest[event.command_id] = result
         for status, count in folded.items():
             metrics.STATUS_EVENTS.labels(status).inc(count)
