@@ -28,7 +28,7 @@ from .fleetgen import TOKEN, command_type
 
 TERMINAL = frozenset({"Succeeded", "Failed", "Canceled", "Rejected"})
 #: The statuses whose time the watcher keeps besides the terminal one.
-STAGES = frozenset({"Pending", "Triggered"})
+STAMPED = frozenset({"Pending", "Triggered"})
 
 
 def epoch(iso: str) -> float:
@@ -229,7 +229,7 @@ class StatusWatcher:
                     self.events += 1
                     event = json.loads(record.value)
                     status, command_id = event.get("status"), event.get("commandId")
-                    if status in STAGES:
+                    if status in STAMPED:
                         self.stamps.setdefault(command_id, {}).setdefault(status, epoch(event["at"]))
                     elif status in TERMINAL and command_id not in self.terminal:
                         self.terminal[command_id] = (status, epoch(event["at"]))
