@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
 
-from .redis_keys import CALL_TIMEOUT_S
+from .state.keys import CALL_TIMEOUT_S
 from .service import cancel_all
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,8 @@ from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import Histogram
 
-from . import metrics, redis_keys, web
+from . import metrics, web
+from .state import keys as redis_keys
 from .consumer import BatchConsumer, BatchHandler, InvalidHandler
 from .kafka import Publisher, ensure_topics
 from .settings import Settings

@@ -20,7 +20,8 @@ from importlib import resources
 
 import redis.asyncio as aioredis
 
-from dercmd import redis_keys, topics
+from dercmd import topics
+from dercmd.state import keys as redis_keys
 from dercmd.events import (
     DEFAULT_PERCENTAGE,
     CommandAcceptedV1,
@@ -33,7 +34,7 @@ from dercmd.events import (
     revert_id,
 )
 from dercmd.fleet import Fleet
-from dercmd.scripts import Script
+from dercmd.state.scripts import Script
 
 from .due import Due
 

@@ -24,8 +24,8 @@ from datetime import datetime
 
 import redis.asyncio as aioredis
 
-from dercmd import redis_keys
-from dercmd.scripts import Script
+from dercmd.state import keys as redis_keys
+from dercmd.state.scripts import Script
 
 BUCKETS = 16
 LEASE_MS = 10_000

@@ -8,9 +8,9 @@ from importlib import resources
 
 import redis.asyncio as aioredis
 
-from dercmd import redis_keys
+from dercmd.state import keys as redis_keys
 from dercmd.events import CommandStatus
-from dercmd.scripts import Script
+from dercmd.state.scripts import Script
 
 _SCRIPT = resources.files(__package__).joinpath("delivery.lua").read_text()
 

@@ -21,7 +21,7 @@ from enum import IntEnum
 import redis.asyncio as aioredis
 
 from dercmd.events import DispatchOrderV1
-from dercmd.scripts import Script
+from dercmd.state.scripts import Script
 
 from . import metrics
 

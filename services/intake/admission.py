@@ -15,7 +15,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from aiokafka.errors import KafkaError
 
-from dercmd import redis_keys, topics
+from dercmd import topics
+from dercmd.state import keys as redis_keys
 from dercmd.events import CommandAcceptedV1, CommandStateV1, CommandStatus, Event, StatusEventV1, utcnow
 from dercmd.fleet import Fleet
 from dercmd.group import GroupCommit

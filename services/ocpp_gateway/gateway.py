@@ -39,7 +39,7 @@ from ocpp.routing import after, on
 from ocpp.v16 import ChargePoint, call, call_result
 from ocpp.v16.enums import Action, AuthorizationStatus, MessageTrigger, RegistrationStatus, RemoteStartStopStatus, TriggerMessageStatus
 
-from dercmd import redis_keys
+from dercmd.state import keys as redis_keys
 from dercmd.dispatch.backends.ocpp import OcppSettings
 from dercmd.events import CommandType
 from dercmd.fleet import Entity, Fleet
@@ -61,7 +61,7 @@ from dercmd.protocols.ocpp import (
     message_id,
     parse_profiles,
 )
-from dercmd.scripts import Script
+from dercmd.state.scripts import Script
 from dercmd.settings import Settings
 
 from . import metrics

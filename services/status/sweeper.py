@@ -43,7 +43,8 @@ from datetime import datetime, timedelta
 
 import redis.asyncio as aioredis
 
-from dercmd import redis_keys, topics
+from dercmd import topics
+from dercmd.state import keys as redis_keys
 from dercmd.consumer import retrying
 from dercmd.events import CommandAcceptedV1, CommandCancelV1, CommandStateV1, CommandStatus, DeliveryCheckV1, Event, utcnow
 from dercmd.kafka import Publisher

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import redis.asyncio as aioredis
 
-from dercmd import redis_keys
+from dercmd.state import keys as redis_keys
 from dercmd.arbitration.arbiter import Arbiter, emissions
 from dercmd.events import CommandAcceptedV1, CommandStatus, CommandType, DispatchOrderV1, StatusEventV1
 from dercmd.fleet import Fleet

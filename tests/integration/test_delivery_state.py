@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
 
-from dercmd import redis_keys
+from dercmd.state import keys as redis_keys
 from dercmd.arbitration.arbiter import Arbiter
 from dercmd.dispatch.delivery import Deliveries, Outcome
 from dercmd.events import CommandAcceptedV1, CommandStatus, CommandType

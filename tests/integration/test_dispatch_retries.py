@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from dercmd import redis_keys
+from dercmd.state import keys as redis_keys
 from dercmd.consumer import Item
 from dercmd.dispatch import backends
 from dercmd.dispatch.app import Dispatcher

@@ -20,7 +20,8 @@ import uvicorn
 from fastapi import FastAPI
 from prometheus_client import REGISTRY
 
-from dercmd import redis_keys, topics
+from dercmd import topics
+from dercmd.state import keys as redis_keys
 from dercmd.consumer import Item
 from dercmd.dispatch.app import Dispatcher, add_routes
 from dercmd.dispatch.delivery import Deliveries

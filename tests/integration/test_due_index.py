@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import redis.asyncio as aioredis
 
-from dercmd import redis_keys
+from dercmd.state import keys as redis_keys
 from dercmd.arbitration.app import Arbitration
 from dercmd.arbitration.arbiter import Arbiter
 from dercmd.events import (

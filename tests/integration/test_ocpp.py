@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 import uvicorn
 from fastapi import FastAPI
 
-from dercmd import redis_keys
+from dercmd.state import keys as redis_keys
 from dercmd.dispatch import backends
 from dercmd.dispatch.backends.ocpp import CALLBACK_PATH, OcppBackend, OcppSettings
 from dercmd.dispatch.tokens import ResultTokens

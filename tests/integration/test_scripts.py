@@ -6,7 +6,7 @@ import redis.asyncio as aioredis
 import pytest
 from redis.exceptions import ResponseError
 
-from dercmd.scripts import Script
+from dercmd.state.scripts import Script
 
 SOURCE = "redis.call('INCR', KEYS[1]); return redis.call('GET', KEYS[1]) .. ':' .. ARGV[1]"
 

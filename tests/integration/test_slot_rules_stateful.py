@@ -53,7 +53,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_state_machine_as_test
 
-from dercmd import redis_keys, topics
+from dercmd import topics
+from dercmd.state import keys as redis_keys
 from dercmd.arbitration.app import Arbitration
 from dercmd.arbitration.arbiter import Arbiter
 from dercmd.consumer import Item

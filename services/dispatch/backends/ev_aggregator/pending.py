@@ -20,8 +20,8 @@ from collections.abc import Sequence
 
 import redis.asyncio as aioredis
 
-from dercmd import redis_keys
-from dercmd.scripts import Script
+from dercmd.state import keys as redis_keys
+from dercmd.state.scripts import Script
 
 POLL_KEY = "dercmd:{ev-aggregator}:pending"
 UNTIL_KEY = "dercmd:{ev-aggregator}:pending-until"

@@ -27,7 +27,7 @@ from fastapi import APIRouter
 from pydantic import Field, ValidationError
 from pydantic_settings import SettingsConfigDict
 
-from dercmd import redis_keys
+from dercmd.state import keys as redis_keys
 from dercmd.protocols.ocpp import (
     COMMANDS_PATH,
     OUTCOMES_PATH,

@@ -18,7 +18,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from .redis_keys import CALL_TIMEOUT_S
+from .keys import CALL_TIMEOUT_S
 
 
 class Script:
