@@ -24,7 +24,7 @@ from dercmd import topics
 from dercmd.state import keys as redis_keys
 from dercmd.consumer import Item
 from dercmd.dispatch.app import Dispatcher, add_routes
-from dercmd.dispatch.delivery import Deliveries
+from dercmd.state.delivery import Deliveries
 from dercmd.events import (
     CommandStatus,
     CommandType,

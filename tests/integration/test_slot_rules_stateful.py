@@ -58,7 +58,7 @@ from dercmd.state import keys as redis_keys
 from dercmd.arbitration.app import Arbitration
 from dercmd.arbitration.arbiter import Arbiter
 from dercmd.consumer import Item
-from dercmd.dispatch.delivery import Deliveries
+from dercmd.state.delivery import Deliveries, Stage, Step, Transition
 from dercmd.events import (
     REVERT_SUFFIX,
     CommandAcceptedV1,
@@ -100,7 +100,7 @@ class World:
     async def claim_latest(self) -> DispatchOrderV1:
         """dispatch claims the latest order (with its fence, as in production)."""
         order = self.rec.orders()[-1]
-        assert await self.deliveries.claim(order.entity_id, order.command_id, order.fence, window=order.end_at is not None) == "claimed"
+        assert (await self.deliveries.claim(order.entity_id, order.command_id, order.fence, window=order.end_at is not None)).step is Step.CLAIMED
         return order
 
     async def at(self, when: datetime) -> None:
@@ -180,7 +180,7 @@ async def test_a_deadline_still_ends_a_revert_dispatch_has_not_claimed(world: Wo
     await world.accept(cancel(revert_id("w1"), reason="expired", include_scheduled=False))
     assert world.rec.statuses(revert_id("w1"))[-1] == (CommandStatus.FAILED, "expired")
     assert await world.slot("pv-1", "active") is None
-    assert await world.deliveries.claim("pv-1", stale.command_id, stale.fence) == "stale"
+    assert (await world.deliveries.claim("pv-1", stale.command_id, stale.fence)).step is Step.STALE
 
 
 async def test_the_decision_of_a_window_far_ahead_outlives_it(world: World) -> None:
@@ -454,17 +454,17 @@ class Model:
         # else: delivered (its delivery result is its status), superseded, finished, or a
         # scheduled command a stage deadline leaves to the due-index: nothing
 
-    def claim(self, entity: str, cmd: str) -> str:
+    def claim(self, entity: str, cmd: str) -> Transition:
         """What dispatch's claim of the order of ``cmd`` answers."""
         if cmd in self.claimed:
-            return "inflight"
+            return Transition(Step.FOUND, Stage.INFLIGHT)
         slot = self.slots[entity]
         if slot.active is not None and slot.active.id == cmd:
             self.claimed.add(cmd)
             slot.delivered = cmd
             slot.held = cmd if slot.active.end is not None else None
-            return "claimed"
-        return "stale"
+            return Transition(Step.CLAIMED, Stage.INFLIGHT)
+        return Transition(Step.STALE, Stage.MISSING)
 
 
 # -- the machine ------------------------------------------------------------------------------
@@ -696,7 +696,7 @@ class SlotRules(RuleBasedStateMachine):
         got = self.run(self.deliveries.claim(order.entity_id, order.command_id, order.fence, window=order.end_at is not None))
         expected = self.model.claim(order.entity_id, order.command_id)
         assert got == expected, f"claim of {order.command_id} (fence {order.fence}): {got}, the model says {expected}"
-        if got == "claimed":
+        if got.step is Step.CLAIMED:
             assert order.command_id not in self.terminal, f"claimed {order.command_id} after {self.terminal[order.command_id]}"
         self.settle()
 

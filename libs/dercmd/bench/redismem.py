@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 import redis.asyncio as aioredis
 
 from dercmd.arbitration.arbiter import Arbiter
-from dercmd.dispatch.delivery import Deliveries
+from dercmd.state.delivery import Deliveries
 from dercmd.events import CommandAcceptedV1, CommandType
 from dercmd.fleet import Fleet
 
@@ -50,7 +50,7 @@ async def measure(redis_url: str, fleet: Fleet, entity_ids: list[str]) -> RedisM
             active = await arbiter.decide(_command(f"bench-mem-{n}-a", entity_id, None))
             scheduled = await arbiter.decide(_command(f"bench-mem-{n}-s", entity_id, datetime.now(UTC) + timedelta(hours=1)))
             claim = await deliveries.claim(entity_id, f"bench-mem-{n}-a", active.fence)
-            outcomes.update((active.outcome, scheduled.outcome, claim))
+            outcomes.update((active.outcome, scheduled.outcome, claim.step.value))
 
         # Load both scripts and open every connection first, so neither counts per entity.
         await fill(entity_ids[0], -1)
