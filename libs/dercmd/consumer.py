@@ -52,7 +52,7 @@ from pydantic import ValidationError
 from .events import Event
 from .kafka import Publisher, consumer_kwargs, decode, header
 from .metrics import LATENCY_BUCKETS
-from .settings import Settings
+from .settings import ServiceSettings
 from .topics import Topic
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class _Progress:
 class BatchConsumer(ConsumerRebalanceListener):
     def __init__(
         self,
-        settings: Settings,
+        settings: ServiceSettings,
         topic: Topic,
         group_id: str,
         handler: BatchHandler,

@@ -22,7 +22,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 from . import topics
 from .events import Event, dump
 from .group import GroupCommit
-from .settings import Settings
+from .settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ MAX_RECORD_BYTES = 1_048_576
 DLQ_TRUNCATE_BYTES = 65_536
 
 
-def producer_kwargs(settings: Settings) -> dict[str, Any]:
+def producer_kwargs(settings: ServiceSettings) -> dict[str, Any]:
     return {
         "bootstrap_servers": settings.kafka_bootstrap,
         "linger_ms": settings.kafka_linger_ms,
@@ -53,7 +53,7 @@ def producer_kwargs(settings: Settings) -> dict[str, Any]:
     }
 
 
-def consumer_kwargs(settings: Settings, group_id: str) -> dict[str, Any]:
+def consumer_kwargs(settings: ServiceSettings, group_id: str) -> dict[str, Any]:
     return {
         "bootstrap_servers": settings.kafka_bootstrap,
         "group_id": group_id,
@@ -68,7 +68,7 @@ def consumer_kwargs(settings: Settings, group_id: str) -> dict[str, Any]:
     }
 
 
-async def ensure_topics(settings: Settings) -> None:
+async def ensure_topics(settings: ServiceSettings) -> None:
     """Create every topic with the configured partition count; existing ones are left alone."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=15_000)
     await admin.start()
@@ -138,7 +138,7 @@ class Publisher:
     per broker at a time, and one batch per partition in each): without this, every call
     cost the broker a request of its own (dispatch's many small publishes above all)."""
 
-    def __init__(self, settings: Settings, source: str) -> None:
+    def __init__(self, settings: ServiceSettings, source: str) -> None:
         self._settings = settings
         self.source = source
         self._producer: AIOKafkaProducer | None = None

@@ -30,7 +30,7 @@ from . import metrics, web
 from .state import keys as redis_keys
 from .consumer import BatchConsumer, BatchHandler, InvalidHandler
 from .kafka import Publisher, ensure_topics
-from .settings import Settings
+from .settings import ServiceSettings
 from .topics import Topic
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ async def _watch_loop_lag(period_s: float = 0.1) -> None:
 
 
 class Service:
-    def __init__(self, name: str, settings: Settings, port: int, **fastapi: Any) -> None:
+    def __init__(self, name: str, settings: ServiceSettings, port: int, **fastapi: Any) -> None:
         if not settings.kafka_bootstrap.strip():
             raise SystemExit("DERCMD_KAFKA_BOOTSTRAP is not set (make run sets it for the embedded broker)")
         self.name = name

@@ -1,15 +1,18 @@
 """Every setting, read from ``DERCMD_*`` environment variables.
 
-Defaults work on one machine (``make run``); docker-compose.yml overrides what differs on a
-cluster. The README lists every field (tests/unit/test_docs.py checks it): describe a new
-field where it is declared and add it there.
+Each service reads its own class (:class:`IntakeSettings`, :class:`DispatchSettings`, ...):
+what every service needs is :class:`ServiceSettings`, and a field one service alone reads is
+declared on that service's class. :class:`Settings` is all of them at once (the launcher, the
+benchmark, the tests, the documented list). Defaults work on one machine (``make run``);
+docker-compose.yml overrides what differs on a cluster. The docs list every field
+(tests/unit/test_docs.py checks it): describe a new field where it is declared and add it there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import Literal
+from typing import Literal, Self, TypeVar
 
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -27,14 +30,17 @@ def documented_defaults(settings: BaseSettings) -> list[str]:
             and getattr(settings, name) == field.default]
 
 
-class Settings(BaseSettings):
+class ServiceSettings(BaseSettings):
+    """What every service reads: the broker, Redis and the fleet, where each service listens
+    (services reach each other, and the simulator, by these), and how consumers and producers
+    behave."""
+
     model_config = SettingsConfigDict(env_prefix="DERCMD_", extra="ignore")
 
     environment: Literal["development", "production"] = Field(
         "development",
-        description="`production`: every service refuses to start while a secret holds its documented default (`DERCMD_CALLBACK_SECRET`, the backends' tokens and secrets), the fleet file is the example's, or it grants the example's public bearer tokens.",
+        description="`production`: a service refuses to start while a secret it reads holds its documented default (`DERCMD_CALLBACK_SECRET`, the backends' tokens and secrets), the fleet file is the example's, or it grants the example's public bearer tokens.",
     )
-
     kafka_bootstrap: str = Field(
         "",
         description="Kafka bootstrap servers (host:port,...). Empty: `make run` starts an embedded broker.",
@@ -42,10 +48,6 @@ class Settings(BaseSettings):
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for locks, fences, slots and cooldowns.")
     redis_max_connections: int = Field(
         1024, ge=1, description="Connections each service process opens to Redis at most (a call beyond them fails and is retried)."
-    )
-    database_url: str = Field(
-        "sqlite:///var/dercmd.sqlite3",
-        description="SQLAlchemy URL of the ledger (SQLite file by default; `postgresql+psycopg://...` in production).",
     )
     fleet_file: str = Field(
         EXAMPLE_FLEET, description="Entities, their kind/vendor/backend, and bearer tokens."
@@ -59,22 +61,8 @@ class Settings(BaseSettings):
     ocpp_gateway_port: int = Field(
         8084, description="ocpp_gateway: OCPP 1.6J charge points connect to ws://host:port/ocpp/{chargePointId}; dispatch's calls, /metrics, /health."
     )
-    dispatch_callback_url: str = Field(
-        "",
-        description="URL at which vendor backends reach dispatch (any replica takes any result; behind a load balancer, its address); empty: http://{bind_host}:{dispatch_port}.",
-    )
-    callback_secret: str = Field(
-        "dercmd-dev-callback-secret",
-        description="Key of the HMAC in the token dispatch hands a backend with each command, which authenticates its result (shared by all dispatch replicas; set your own).",
-    )
     sim_modbus_port: int = Field(
         8502, description="simulator: Modbus TCP port of the simulated SunSpec inverters (every sunspec-modbus entity a unit id)."
-    )
-    sim_confirm_delay_ms: int = Field(
-        5, description="simulator: how long a simulated device takes to confirm a command, ms."
-    )
-    cooldown_s: float = Field(
-        600.0, description="Default cooldown between commands to one entity, seconds (fleet file may override; 0 disables)."
     )
     topic_partitions: int = Field(
         2,
@@ -93,14 +81,64 @@ class Settings(BaseSettings):
     batch_max_records: int = Field(
         200, ge=1, description="Most records a consumer takes into one batch (one Redis round trip, one ledger transaction)."
     )
-    status_linger_ms: int = Field(
-        250, ge=0, description="status: a batch smaller than DERCMD_STATUS_BATCH_MAX_RECORDS waits this long after the one before it, ms (bigger batches cost less per event; the ledger and `dercmd.commands.state` lag the status topic by about this much, the status topic itself not at all)."
-    )
-    status_batch_max_records: int = Field(
-        1000, ge=1, description="status: most status events in one batch (folded into the ledger 300 to a transaction)."
-    )
     stall_after_s: float = Field(
         30.0, gt=0, description="A partition with records waiting whose commits have not moved for this long is reported stalled."
+    )
+    kafka_idempotence: bool = Field(
+        False, description="Idempotent producer (Apache Kafka only; the embedded broker refuses it)."
+    )
+    kafka_session_timeout_ms: int = Field(10_000, description="Consumer group session timeout.")
+    kafka_heartbeat_ms: int = Field(2_000, description="Consumer group heartbeat interval.")
+    embedded_kafka_port: int = Field(9092, description="Port of the embedded broker `make run` starts.")
+    log_level: str = Field("INFO", description="Log level of every service.")
+
+    @model_validator(mode="after")
+    def _no_public_secrets_in_production(self) -> Self:
+        if self.environment == "production":
+            public = documented_defaults(self) + (["DERCMD_FLEET_FILE (the example fleet)"] if self.fleet_file == EXAMPLE_FLEET else [])
+            if public:
+                raise ValueError(published_message(public))
+        return self
+
+
+class _Ledger(ServiceSettings):
+    # (a base of every service class that writes the ledger; it inherits the DERCMD_ prefix)
+    database_url: str = Field(
+        "sqlite:///var/dercmd.sqlite3",
+        description="SQLAlchemy URL of the ledger (SQLite file by default; `postgresql+psycopg://...` in production).",
+    )
+
+
+class _SentDeadline(ServiceSettings):
+    deadline_sent_s: float = Field(
+        120.0, gt=0, description="status sweeper: a command Sent this long without a result is checked with its backend, else ends Failed: no_confirmation."
+    )
+
+
+class IntakeSettings(_Ledger):
+    """intake: it writes each accepted command's Pending row."""
+
+
+class ArbitrationSettings(ServiceSettings):
+    cooldown_s: float = Field(
+        600.0, description="Default cooldown between commands to one entity, seconds (fleet file may override; 0 disables)."
+    )
+    due_tick_ms: int = Field(
+        50, ge=1, description="arbitration: how often each replica polls the due-index for scheduled starts and window ends, ms."
+    )
+    due_lead_ms: int = Field(
+        2000, ge=0, description="arbitration: scheduled starts and window ends are acted on this far ahead; their orders wait at dispatch until the time (0: at the time)."
+    )
+
+
+class DispatchSettings(_SentDeadline):
+    dispatch_callback_url: str = Field(
+        "",
+        description="URL at which vendor backends reach dispatch (any replica takes any result; behind a load balancer, its address); empty: http://{bind_host}:{dispatch_port}.",
+    )
+    callback_secret: str = Field(
+        "dercmd-dev-callback-secret",
+        description="Key of the HMAC in the token dispatch hands a backend with each command, which authenticates its result (shared by all dispatch replicas; set your own).",
     )
     dispatch_backend_batch: int = Field(
         200, ge=1, description="dispatch: most commands one backend call carries (where the backend's protocol takes several)."
@@ -124,11 +162,23 @@ class Settings(BaseSettings):
     dispatch_breaker_open_s: float = Field(
         10.0, gt=0, description="dispatch: how long an open circuit stays open before one trial call."
     )
-    due_tick_ms: int = Field(
-        50, ge=1, description="arbitration: how often each replica polls the due-index for scheduled starts and window ends, ms."
+    dispatch_report_after_s: float = Field(
+        1.0,
+        ge=0,
+        description="dispatch: how long after a window's start or end reached a device it asks the backend for the extra measurement report (unless a periodic one is due within 3 s).",
     )
-    due_lead_ms: int = Field(
-        2000, ge=0, description="arbitration: scheduled starts and window ends are acted on this far ahead; their orders wait at dispatch until the time (0: at the time)."
+
+    @property
+    def callback_base_url(self) -> str:
+        return self.dispatch_callback_url or f"http://{self.bind_host}:{self.dispatch_port}"
+
+
+class StatusSettings(_Ledger, _SentDeadline):
+    status_linger_ms: int = Field(
+        250, ge=0, description="status: a batch smaller than DERCMD_STATUS_BATCH_MAX_RECORDS waits this long after the one before it, ms (bigger batches cost less per event; the ledger and `dercmd.commands.state` lag the status topic by about this much, the status topic itself not at all)."
+    )
+    status_batch_max_records: int = Field(
+        1000, ge=1, description="status: most status events in one batch (folded into the ledger 300 to a transaction)."
     )
     recover_after_s: float = Field(
         20.0, gt=0, description="status sweeper: a command Pending (past its start) or Triggered this long is announced to arbitration again from the ledger (its records may have been lost with a broker); arbitration repeats its decision, dispatch never delivers twice."
@@ -139,27 +189,17 @@ class Settings(BaseSettings):
     deadline_triggered_s: float = Field(
         60.0, gt=0, description="status sweeper: a command Triggered this long and not claimed by dispatch ends Failed: expired."
     )
-    deadline_sent_s: float = Field(
-        120.0, gt=0, description="status sweeper: a command Sent this long without a result is checked with its backend, else ends Failed: no_confirmation."
-    )
     sweep_interval_s: float = Field(5.0, gt=0, description="status sweeper: how often open commands are checked against their deadlines, s.")
-    kafka_idempotence: bool = Field(
-        False, description="Idempotent producer (Apache Kafka only; the embedded broker refuses it)."
-    )
-    kafka_session_timeout_ms: int = Field(10_000, description="Consumer group session timeout.")
-    kafka_heartbeat_ms: int = Field(2_000, description="Consumer group heartbeat interval.")
-    embedded_kafka_port: int = Field(9092, description="Port of the embedded broker `make run` starts.")
-    log_level: str = Field("INFO", description="Log level of every service.")
 
-    @property
-    def callback_base_url(self) -> str:
-        return self.dispatch_callback_url or f"http://{self.bind_host}:{self.dispatch_port}"
 
-    # dispatch and simulator: windows, reports, checks
-    dispatch_report_after_s: float = Field(
-        1.0,
-        ge=0,
-        description="dispatch: how long after a window's start or end reached a device it asks the backend for the extra measurement report (unless a periodic one is due within 3 s).",
+class OcppGatewaySettings(ServiceSettings):
+    """ocpp_gateway: its protocol's own settings are :class:`dercmd.protocols.ocpp` ones
+    (``DERCMD_OCPP_*``)."""
+
+
+class SimulatorSettings(ServiceSettings):
+    sim_confirm_delay_ms: int = Field(
+        5, description="simulator: how long a simulated device takes to confirm a command, ms."
     )
     sim_report_interval_s: float = Field(
         60.0, ge=0, description="simulator: interval of every measuring device's periodic measurement report, seconds (0: none)."
@@ -168,20 +208,17 @@ class Settings(BaseSettings):
         3600, ge=1, description="simulator: lifetime of the OAuth2 access tokens the simulated EV aggregator issues, seconds (short: clients renew often)."
     )
 
-    @model_validator(mode="after")
-    def _no_public_secrets_in_production(self) -> Settings:
-        if self.environment == "production":
-            public = documented_defaults(self) + (["DERCMD_FLEET_FILE (the example fleet)"] if self.fleet_file == EXAMPLE_FLEET else [])
-            if public:
-                raise ValueError(published_message(public))
-        return self
+
+class Settings(IntakeSettings, ArbitrationSettings, DispatchSettings, StatusSettings, OcppGatewaySettings, SimulatorSettings):
+    """Every service's settings at once: what the launcher hands the stack it starts, the
+    benchmark and the tests; the documented list of ``DERCMD_*`` variables."""
 
 
 def published_message(public: list[str]) -> str:
     return f"DERCMD_ENVIRONMENT=production, but these hold their documented defaults: {', '.join(public)}; set your own"
 
 
-def refuse_published(settings: Settings, *more: BaseSettings, tokens: Sequence[str] = ()) -> None:
+def refuse_published(settings: ServiceSettings, *more: BaseSettings, tokens: Sequence[str] = ()) -> None:
     """In production, stop the service (a clear message, exit status 1) while any of ``more``
     (a backend's settings) holds a documented default secret, or ``tokens`` names published
     bearer tokens the service would accept."""
@@ -191,12 +228,16 @@ def refuse_published(settings: Settings, *more: BaseSettings, tokens: Sequence[s
             raise SystemExit(f"dercmd: refusing to start: {published_message(public)}")
 
 
+S = TypeVar("S", bound=ServiceSettings)
+
+
 @lru_cache
-def get_settings() -> Settings:
-    """The settings of this process; settings that are not valid (a published secret in
-    production among them) stop it with one clear message instead of a traceback."""
+def get_settings(kind: type[S] = Settings) -> S:  # type: ignore[assignment]
+    """The settings of this process (``kind``: the service's own class); settings that are not
+    valid (a published secret in production among them) stop it with one clear message
+    instead of a traceback."""
     try:
-        return Settings()
+        return kind()
     except ValidationError as exc:
         problems = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
         raise SystemExit(f"dercmd: refusing to start: {problems}") from None

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from . import logs
-from .settings import Settings
+from .settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ def _validation_errors_are_400(schema: dict[str, Any]) -> None:
         schema.setdefault("components", {}).setdefault("schemas", {})["ErrorBody"] = ErrorBody.model_json_schema()
 
 
-def serve(service: str, app: FastAPI, settings: Settings, port: int) -> None:
+def serve(service: str, app: FastAPI, settings: ServiceSettings, port: int) -> None:
     """Run until SIGINT/SIGTERM."""
     logs.configure(service, settings.log_level)
     uvicorn.run(

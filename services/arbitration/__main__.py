@@ -1,6 +1,6 @@
 """arbitration: cooldown and slot rules, atomically in Redis; emits dispatch orders."""
-from dercmd.settings import get_settings
+from dercmd.settings import ArbitrationSettings, get_settings
 
 from .app import build
 
-build(get_settings()).run()
+build(get_settings(ArbitrationSettings)).run()

@@ -15,7 +15,7 @@ from dercmd.events import CommandAcceptedV1, CommandCancelV1
 from dercmd.fleet import Fleet
 from dercmd.kafka import Publisher
 from dercmd.service import Service
-from dercmd.settings import Settings
+from dercmd.settings import ArbitrationSettings
 
 from . import metrics
 from .arbiter import Arbiter, Records, cancel_emissions, emissions, fire_emissions
@@ -117,7 +117,7 @@ def _most_per_bucket(entries: Sequence[Entry]) -> int:
     return max(Counter(bucket_of(e.entity_id) for e in entries).values())
 
 
-def build(settings: Settings) -> Service:
+def build(settings: ArbitrationSettings) -> Service:
     service = Service("arbitration", settings, settings.arbitration_port)
     arbiter = Arbiter(service.redis, Fleet.load(settings.fleet_file), settings.cooldown_s)
     arbitration = Arbitration(service.publisher, arbiter, settings.due_tick_ms / 1000, settings.due_lead_ms)

@@ -37,7 +37,7 @@ from dercmd.clock import SharedClock
 from dercmd.fleet import Fleet
 from dercmd.protocols.common import DeviceReports
 from dercmd.service import Service
-from dercmd.settings import Settings
+from dercmd.settings import DispatchSettings
 from dercmd.state.delivery import Deliveries
 
 from . import backends, metrics
@@ -102,7 +102,7 @@ class Dispatcher:
         return [t.label for t in await self._outcomes.apply_results(results)]
 
 
-def build(settings: Settings) -> Service:
+def build(settings: DispatchSettings) -> Service:
     service = Service("dispatch", settings, settings.dispatch_port)
     dispatcher = Dispatcher(service, Fleet.load(settings.fleet_file))
     service.consume(topics.ORDERS, dispatcher.handle, max_pending=MAX_PENDING_BATCHES)

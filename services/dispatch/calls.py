@@ -16,7 +16,7 @@ from typing import Any
 from dercmd.clock import SharedClock
 from dercmd.consumer import Item, retrying
 from dercmd.events import DeliveryCheckV1, DispatchOrderV1
-from dercmd.settings import Settings
+from dercmd.settings import DispatchSettings
 
 from . import backends, metrics
 from .attempt import Attempt, Failure, Sender
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 
 class Calls:
-    def __init__(self, settings: Settings, pool: BackendPool, sender: Sender, outcomes: Outcomes, checks: Checks,
+    def __init__(self, settings: DispatchSettings, pool: BackendPool, sender: Sender, outcomes: Outcomes, checks: Checks,
                  reports: Reports, clock: SharedClock) -> None:
         self._settings = settings
         self._pool = pool

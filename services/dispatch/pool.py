@@ -7,7 +7,7 @@ import asyncio
 from dataclasses import dataclass
 
 from dercmd.fleet import Fleet
-from dercmd.settings import Settings
+from dercmd.settings import DispatchSettings
 
 from . import backends
 from .resilience import CircuitBreaker, RateLimiter
@@ -23,7 +23,7 @@ class BackendPool:
     """Backends are built on first use, by name (registered ones; an entity of any other fails
     with ``backend_not_available``)."""
 
-    def __init__(self, settings: Settings, fleet: Fleet, context: backends.BackendContext) -> None:
+    def __init__(self, settings: DispatchSettings, fleet: Fleet, context: backends.BackendContext) -> None:
         self._settings = settings
         self._fleet = fleet
         self._context = context

@@ -43,7 +43,7 @@ from dercmd.fleet import Fleet
 from dercmd.kafka import Publisher
 from dercmd.protocols.common import DeviceReport
 from dercmd.service import cancel_all
-from dercmd.settings import Settings
+from dercmd.settings import DispatchSettings
 
 from . import backends, metrics
 
@@ -65,7 +65,7 @@ class _Ask:
 
 
 class Reports:
-    def __init__(self, publisher: Publisher, fleet: Fleet, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, publisher: Publisher, fleet: Fleet, settings: DispatchSettings, *, clock: Callable[[], float] = time.time) -> None:
         self._publisher = publisher
         self._fleet = fleet
         self._secret = settings.callback_secret.encode()

@@ -14,7 +14,7 @@ from dercmd import topics, web
 from dercmd.fleet import Fleet
 from dercmd.ledger import Ledger
 from dercmd.service import Service
-from dercmd.settings import Settings, refuse_published
+from dercmd.settings import IntakeSettings, refuse_published
 
 from . import metrics
 from .admission import Admission
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 PUBLISHED_TOKENS = ("dev-contributor", "dev-viewer", "dev-partner")
 
 
-def build(settings: Settings) -> Service:
+def build(settings: IntakeSettings) -> Service:
     """The intake service: the REST API, and the consumer of the requests topic."""
     fleet = Fleet.load(settings.fleet_file)
     refuse_published(settings, tokens=[t for t in PUBLISHED_TOKENS if fleet.knows_token(t)])

@@ -16,7 +16,7 @@ from dercmd.dispatch.backends.ocpp import OcppSettings
 from dercmd.fleet import Fleet
 from dercmd.protocols.ocpp import COMMANDS_PATH, OUTCOMES_PATH, WS_PATH, GatewayCommand, GatewayOutcomesQuery
 from dercmd.service import Service
-from dercmd.settings import Settings, refuse_published
+from dercmd.settings import OcppGatewaySettings, refuse_published
 
 from .gateway import Gateway
 
@@ -66,7 +66,7 @@ def add_routes(app: FastAPI, gateway: Gateway) -> None:
         return {"gateway": gateway.url, "chargePoints": gateway.describe()}
 
 
-def build(settings: Settings) -> Service:
+def build(settings: OcppGatewaySettings) -> Service:
     service = Service("ocpp_gateway", settings, settings.ocpp_gateway_port)
     ocpp = OcppSettings()
     refuse_published(settings, ocpp)

@@ -62,7 +62,7 @@ from dercmd.protocols.ocpp import (
     parse_profiles,
 )
 from dercmd.state.scripts import Script
-from dercmd.settings import Settings
+from dercmd.settings import OcppGatewaySettings
 
 from . import metrics
 
@@ -233,7 +233,7 @@ class Gateway:
     """Every charge point connected to this replica, and what is done on their connections.
     ``transport`` replaces the network under the results POSTed to dispatch (tests)."""
 
-    def __init__(self, settings: Settings, ocpp: OcppSettings, redis: aioredis.Redis, fleet: Fleet, *,
+    def __init__(self, settings: OcppGatewaySettings, ocpp: OcppSettings, redis: aioredis.Redis, fleet: Fleet, *,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.ocpp = ocpp
         self.url = ocpp.own_url(settings)

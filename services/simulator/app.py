@@ -21,7 +21,7 @@ from dercmd.dispatch.backends.native_window import NativeWindowSettings
 from dercmd.dispatch.backends.ocpp import OcppSettings
 from dercmd.dispatch.backends.vendor_cloud import VendorCloudSettings
 from dercmd.fleet import Fleet
-from dercmd.settings import Settings
+from dercmd.settings import SimulatorSettings
 
 from .backend import SimBackend
 from .ev_aggregator import EvAggregatorSim
@@ -41,7 +41,7 @@ class FaultsBody(BaseModel):
     lose_results: bool | None = None
 
 
-def create_app(settings: Settings, *, callback_transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+def create_app(settings: SimulatorSettings, *, callback_transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
     """``callback_transport`` replaces the network under what the simulator POSTs back:
     results, webhooks and reports (tests). Each simulated backend takes the credentials its
     dispatch backend presents from that backend's settings (``DERCMD_VENDOR_CLOUD_TOKEN``,

@@ -71,7 +71,7 @@ from dercmd.dispatch.backends.ocpp import OcppSettings
 from dercmd.events import CommandType, utcnow
 from dercmd.fleet import Entity, Fleet
 from dercmd.protocols.ocpp import CONNECTOR_ID, REMOTE_TRIGGER, SUBPROTOCOL, SUPPORTED_FEATURE_PROFILES, WS_PATH, profiles_of
-from dercmd.settings import Settings
+from dercmd.settings import SimulatorSettings
 
 from . import metrics
 from .faults import Fault, FaultKind, Faults
@@ -87,7 +87,7 @@ RECONNECT_MIN_S = 0.1
 RECONNECT_MAX_S = 2.0
 
 
-def gateway_ws_url(settings: Settings, ocpp: OcppSettings) -> str:
+def gateway_ws_url(settings: SimulatorSettings, ocpp: OcppSettings) -> str:
     """Where the charge points connect: the gateway's own URL, as a WebSocket URL."""
     base = ocpp.own_url(settings)
     return "ws" + base.removeprefix("http") + WS_PATH

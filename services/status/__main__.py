@@ -1,6 +1,6 @@
 """status: folds status events into the ledger, publishes the latest state per command."""
-from dercmd.settings import get_settings
+from dercmd.settings import StatusSettings, get_settings
 
 from .app import build
 
-build(get_settings()).run()
+build(get_settings(StatusSettings)).run()

@@ -15,7 +15,7 @@ from dercmd.consumer import Item
 from dercmd.events import CommandStatus, StatusEventV1
 from dercmd.ledger import Applied, Ledger
 from dercmd.service import Service
-from dercmd.settings import Settings
+from dercmd.settings import StatusSettings
 
 from . import metrics
 from .sweeper import Sweeper
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 EVENTS_PER_TRANSACTION = 300
 
 
-def build(settings: Settings) -> Service:
+def build(settings: StatusSettings) -> Service:
     service = Service("status", settings, settings.status_port)
     ledger = Ledger(settings.database_url)
     service.starters.append(lambda: asyncio.to_thread(ledger.create_schema))

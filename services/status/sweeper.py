@@ -49,7 +49,7 @@ from dercmd.consumer import retrying
 from dercmd.events import CommandAcceptedV1, CommandCancelV1, CommandStateV1, CommandStatus, DeliveryCheckV1, Event, utcnow
 from dercmd.kafka import Publisher
 from dercmd.ledger import Ledger
-from dercmd.settings import Settings
+from dercmd.settings import StatusSettings
 
 from . import metrics
 
@@ -92,7 +92,7 @@ class LedgerMark:
 
 
 class Sweeper:
-    def __init__(self, settings: Settings, ledger: Ledger, publisher: Publisher, redis: aioredis.Redis,
+    def __init__(self, settings: StatusSettings, ledger: Ledger, publisher: Publisher, redis: aioredis.Redis,
                  offsets: Callable[[], Awaitable[Offsets]]) -> None:
         self._settings = settings
         self._ledger = ledger

@@ -38,7 +38,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from dercmd.events import CommandType, DispatchOrderV1
 from dercmd.fleet import Entity, Fleet
 from dercmd.protocols.common import DeviceReport
-from dercmd.settings import Settings, refuse_published
+from dercmd.settings import DispatchSettings, refuse_published
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -112,7 +112,7 @@ class BackendContext:
     a command counts. Returns each one's delivery state (``emit``, ``deferred``, ``done:...``,
     ``missing``)."""
 
-    settings: Settings
+    settings: DispatchSettings
     fleet: Fleet
     redis: aioredis.Redis
     callback_base_url: str
