@@ -79,3 +79,45 @@ def test_every_relative_link_points_to_an_existing_file_and_heading() -> None:
             elif anchor and file.suffix == ".md" and anchor not in _anchors(file):
                 broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
     assert broken == []
+
+
+def _documented_default(text: str) -> str:
+    return "" if text == "(empty)" else text.strip("`")
+
+
+def test_every_documented_default_is_the_code_s() -> None:
+    rows = dict(re.findall(r"^\| `(DERCMD_[A-Z0-9_]+)` \| ([^|]*?) \|", OPERATIONS, re.M))
+    fields = {f"DERCMD_{name.upper()}": field.default for name, field in Settings.model_fields.items()}
+    for registration in backends.registered().values():
+        prefix = registration.settings.model_config.get("env_prefix")
+        if prefix:  # a backend of dercmd's, not a test's
+            fields |= {f"{prefix}{name.upper()}": field.default for name, field in registration.settings.model_fields.items()}
+    wrong = {}
+    for name, default in fields.items():
+        documented = _documented_default(rows[name])
+        if isinstance(default, bool):
+            same = documented == str(default).lower()
+        elif isinstance(default, int | float):
+            same = float(documented) == default
+        else:
+            same = documented == str(default)
+        if not same:
+            wrong[name] = (documented, default)
+    assert wrong == {}
+
+
+def test_every_metric_is_on_the_operations_page() -> None:
+    import importlib
+
+    from prometheus_client import REGISTRY
+
+    for module in ("consumer", "service", "intake.metrics", "arbitration.metrics", "dispatch.metrics",
+                   "status.metrics", "ocpp_gateway.metrics", "simulator.metrics"):
+        importlib.import_module(f"dercmd.{module}")
+    metrics = [c for c in REGISTRY._collector_to_names if getattr(c, "_name", "").startswith("dercmd_")]
+    assert len(metrics) > 40
+    missing = [
+        c._name for c in metrics
+        if not re.search(rf"`{c._name}{'_total' if c._type == 'counter' else ''}[`{{]", OPERATIONS)
+    ]
+    assert missing == []
