@@ -304,7 +304,7 @@ class Stack:
     def supervise(self, say: Callable[[str], None] = print) -> None:
         """One round of supervision (``dercmd run`` calls it twice a second): start again what
         exited, each after its backoff; ``say`` tells the operator. The broker comes back
-        with its topics (an embedded one comes back empty: see the README on what that
+        with its topics (an embedded one comes back empty: see docs/operations.md on what that
         loses and how the ledger drives open commands on)."""
         now = time.monotonic()
         for name, proc in list(self.procs.items()):

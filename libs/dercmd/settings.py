@@ -4,7 +4,7 @@ Each service reads its own class (:class:`IntakeSettings`, :class:`DispatchSetti
 what every service needs is :class:`ServiceSettings`, and a field one service alone reads is
 declared on that service's class. :class:`Settings` is all of them at once (the launcher, the
 benchmark, the tests, the documented list). Defaults work on one machine (``make run``);
-docker-compose.yml overrides what differs on a cluster. The docs list every field
+docker-compose.yml overrides what differs on a cluster. docs/operations.md lists every field
 (tests/unit/test_docs.py checks it): describe a new field where it is declared and add it there.
 """
 

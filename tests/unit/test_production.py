@@ -1,4 +1,4 @@
-"""DERCMD_ENVIRONMENT=production refuses the secrets and tokens the README publishes."""
+"""DERCMD_ENVIRONMENT=production refuses the secrets and tokens the docs publish (docs/operations.md)."""
 
 import pytest
 from pydantic import ValidationError

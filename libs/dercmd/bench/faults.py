@@ -22,7 +22,7 @@ per phase, from the ledger and the simulator's record of what each device receiv
 Every one must be 0; the exit code is 1 otherwise. A request refused while a service was
 down (a 503, a refused connection) was never accepted: it is counted, not lost. Requests
 produced onto Kafka are not part of the suite: with the embedded broker, which keeps nothing,
-what it acknowledged and nobody read is lost with it (README, "Crashes and restarts").
+what it acknowledged and nobody read is lost with it (docs/operations.md, "Crashes and restarts").
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ DEFAULT_FAULTS = (
     "cut:backend",
 )
 #: Settings of the suite's stack: no cooldown (the load commands the same entities again),
-#: and the ledger's deadlines short enough for a run of minutes (defaults: README).
+#: and the ledger's deadlines short enough for a run of minutes (defaults: docs/operations.md).
 STACK_SETTINGS = {
     "cooldown_s": "0",
     "sim_report_interval_s": "0",

@@ -12,7 +12,7 @@ import httpx
 DEFAULT_URL = "http://127.0.0.1:8080"
 #: The example fleet's token (deploy/fleet.example.yaml), so `make run` then `dercmd send` works.
 DEFAULT_TOKEN = "dev-contributor"
-#: Exit codes (README, "Operator CLI"): 1 an error or refusal, 2 bad usage (as click's own).
+#: Exit codes (docs/api.md, "Operator CLI"): 1 an error or refusal, 2 bad usage (as click's own).
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
