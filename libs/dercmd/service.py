@@ -27,10 +27,10 @@ from fastapi.responses import JSONResponse
 from prometheus_client import Histogram
 
 from . import metrics, web
-from .state.keys import CALL_TIMEOUT_S
 from .consumer import BatchConsumer, BatchHandler, InvalidHandler
 from .kafka import Publisher, ensure_topics
 from .settings import Settings
+from .state.keys import CALL_TIMEOUT_S
 from .topics import Topic
 
 log = logging.getLogger(__name__)
