@@ -1,9 +1,9 @@
 """What keeps dispatch from hammering a backend that cannot take more, and brings a command that
 was not delivered back for another attempt:
 
-- :class:`RateLimiter`: a token bucket per backend in Redis (:mod:`dercmd.state.rates`), so the rate holds over every
-  dispatch replica, and a pause every replica honours once a backend answered 429 with
-  ``Retry-After``.
+- :class:`RateLimiter`: a token bucket per backend in Redis (:mod:`dercmd.state.rates`), so
+  the rate holds over every dispatch replica, and a pause every replica honours once a backend
+  answered 429 with ``Retry-After``.
 - :class:`CircuitBreaker`: per backend and replica; after ``failures`` calls in a row that
   failed as a whole it opens (no calls for ``open_s``), then lets one trial call through
   (half-open), and closes on its success. Its state is a metric.

@@ -3,9 +3,10 @@ dispatch asks this replica to make on them.
 
 Per connection: the charge point is one of the fleet's ``ocpp`` entities (its id in the URL is
 the entity's device id; any other is refused before the handshake completes); the replica
-records itself as the holder in Redis (its link, :mod:`dercmd.state.ocpp`: its URL and the connection's id, expiring
-after three missed heartbeats, re-asserted by each heartbeat), and on close removes that record
-only if it is still this connection's (the charge point may already be connected elsewhere).
+records itself as the holder in Redis (the link of :mod:`dercmd.state.ocpp`: its URL and the
+connection's id, expiring after three missed heartbeats, re-asserted by each heartbeat), and on
+close removes that record only if it is still this connection's (the charge point may already
+be connected elsewhere).
 After the charge point's BootNotification (or its first message, for one that reconnects
 without booting) the gateway asks ``GetConfiguration(SupportedFeatureProfiles)``: what it
 declared decides which commands reach it.
@@ -13,9 +14,8 @@ declared decides which commands reach it.
 What the charge point did is kept in Redis (:mod:`dercmd.state.ocpp`), not in this process, so
 any replica (and dispatch's outcome queries) sees it after a reconnect elsewhere or a restart:
 each command sent, the idTag of a start, the transaction a stop asked to end, the running
-transaction. A StartTransaction whose idTag
-is a command's, or a StopTransaction of a transaction a command asked to stop, is that
-command's result: it is POSTed to the ``resultUrl`` dispatch gave (retried for about a minute;
+transaction. A StartTransaction whose idTag is a command's, or a StopTransaction of a
+transaction a command asked to stop, is that command's result: it is POSTed to the ``resultUrl`` dispatch gave (retried for about a minute;
 dispatch's delivery check reads the same record after that).
 """
 

@@ -3,29 +3,27 @@
 
 Keys (all of one entity under its hash tag, so one script call touches one Redis Cluster slot):
 
-``dercmd:{entity}:slots`` (hash, no expiry)
-    ============== ======================================================= ============ ==========
-    field          what                                                    written by   read by
-    ============== ======================================================= ============ ==========
-    fence          incremented by every slot change (an order's fence)     slots.lua    slots.lua
-    active         the active command's id (or its revert's)               slots.lua    slots.lua
-    active_end     the active command's endAt, ms ("" for none)            slots.lua    slots.lua
-    active_fence   ``fence`` when the active command last changed:         slots.lua    delivery.lua
-                   dispatch refuses an order older than that
-    scheduled      the scheduled command's id                              slots.lua    slots.lua
-    scheduled_start its startAt, ms                                        slots.lua    (kept for readers)
-    cooldown_until when the entity's cooldown ends, ms                     slots.lua    slots.lua, intake
-    delivered      the active command dispatch claimed (arbitration then   delivery.lua slots.lua
-                   never cancels it); cleared when the slot moves on       slots.lua
-    held           the window the device holds now (kept by the claim of   delivery.lua slots.lua
-                   a window), reverted if the slot empties undelivered     slots.lua
-    held_before    what ``held`` was before a claim still in flight,       delivery.lua delivery.lua
-                   restored if that delivery does not get through
-    ============== ======================================================= ============ ==========
+``dercmd:{entity}:slots`` (hash, no expiry). Field: what it holds (written by; read by):
 
-    Writers: arbitration (:class:`Slots.run`, ``slots.lua``) and dispatch's claim
-    (``delivery.lua``, :mod:`dercmd.state.delivery` once it moves here). Readers: the same
-    scripts, and intake's advisory cooldown check (:meth:`Slots.cooldowns_until`).
+- ``fence``: incremented by every slot change, an order's fence (slots.lua; slots.lua)
+- ``active``: the active command's id, or its revert's (slots.lua; slots.lua)
+- ``active_end``: the active command's endAt, ms, "" for none (slots.lua; slots.lua)
+- ``active_fence``: ``fence`` when the active command last changed; dispatch refuses an order
+  older than that (slots.lua; delivery.lua)
+- ``scheduled``: the scheduled command's id (slots.lua; slots.lua)
+- ``scheduled_start``: its startAt, ms (slots.lua; no script: for people and tests)
+- ``cooldown_until``: when the entity's cooldown ends, ms (slots.lua; slots.lua, and intake's
+  advisory check, :meth:`Slots.cooldowns_until`)
+- ``delivered``: the active command dispatch claimed, which arbitration then never cancels
+  (delivery.lua sets it, slots.lua clears it when the slot moves on; both read it)
+- ``held``: the window the device holds now, set by the claim of a window; arbitration reverts
+  it if the slot empties undelivered (delivery.lua sets and restores it, slots.lua clears it at
+  a native window's end; both read it)
+- ``held_before``: what ``held`` was before a claim still in flight, restored if that
+  delivery does not get through (delivery.lua; delivery.lua)
+
+Writers: arbitration (:meth:`Slots.run`, ``slots.lua``) and dispatch's claim (``delivery.lua``,
+moving into this package). Readers: the same scripts, and intake's cooldown check.
 
 ``dercmd:{entity}:decision:<command id>`` (string, JSON, expires ``STATE_TTL_S`` after the
 command's last due time)
