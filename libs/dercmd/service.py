@@ -27,10 +27,10 @@ from fastapi.responses import JSONResponse
 from prometheus_client import Histogram
 
 from . import metrics, web
-from .state import keys as redis_keys
 from .consumer import BatchConsumer, BatchHandler, InvalidHandler
 from .kafka import Publisher, ensure_topics
 from .settings import ServiceSettings
+from .state.keys import CALL_TIMEOUT_S
 from .topics import Topic
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class Service:
         self.settings = settings
         self.port = port
         self.publisher = Publisher(settings, source=f"/dercmd/{name}")
-        # No per-reply timeout: every call is bounded by redis_keys.CALL_TIMEOUT_S as a whole.
+        # No per-reply timeout: every call is bounded by CALL_TIMEOUT_S as a whole.
         # redis-py's pool raises MaxConnectionsError past its size (100 by default), which the
         # concurrent deliveries of a mixed fleet reach on a loaded machine. A pool that makes
         # callers wait instead was measured worse (the wait eats into each call's timeout).
@@ -196,7 +196,7 @@ class Service:
     async def health(self) -> dict[str, Any]:
         """Liveness plus what the service depends on. Unhealthy when a dependency fails, a
         consumer stopped, or a partition has records waiting that nothing gets past."""
-        async with asyncio.timeout(redis_keys.CALL_TIMEOUT_S):
+        async with asyncio.timeout(CALL_TIMEOUT_S):
             await self.redis.ping()
         for check in self.health_checks:
             await check()

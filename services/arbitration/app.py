@@ -1,6 +1,6 @@
 """The arbitration service: decides each batch of ``dercmd.commands.accepted`` (new commands
 and cancels) in one Redis round trip and publishes what the decisions say; and, in every
-replica, polls the due-index for scheduled starts and window ends (see :mod:`.due`)."""
+replica, polls the due-index for scheduled starts and window ends (see :mod:`dercmd.state.due`)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from dercmd.fleet import Fleet
 from dercmd.kafka import Publisher
 from dercmd.service import Service
 from dercmd.settings import ArbitrationSettings
+from dercmd.state.due import Entry, bucket_of
 
 from . import metrics
-from .arbiter import Arbiter, Records, cancel_emissions, emissions, fire_emissions
-from .due import Entry, bucket_of
+from .arbiter import Arbiter, Outcome, Records, cancel_emissions, emissions, fire_emissions
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +101,11 @@ class Arbitration:
             before, after = fire_emissions(entry, decision, now, hold=not self._arbiter.holds_windows(entry.entity_id))
             first += before
             then += after
-            if decision.outcome == "waiting" and decision.at_ms:
+            if decision.outcome is Outcome.WAITING and decision.at_ms:
                 later.append((entry, decision.at_ms))
                 continue
             done.append(entry)
-            if entry.kind == "s" and decision.outcome == "activated":
+            if entry.kind == "s" and decision.outcome is Outcome.ACTIVATED:
                 late = now.timestamp() * 1000 - entry.due  # negative: ahead, within the lead
                 metrics.START_LATENESS.observe(max(0.0, late / 1000))
         await self._publish(first, then)

@@ -1,6 +1,7 @@
-"""The slot rules and the cooldown (``arbitrate.lua``), one Redis script call per command
-(pipelined per batch), and what each decision emits. Knows nothing of Kafka: give it a
-Redis client, a fleet and a clock.
+"""The slot rules as arbitration applies them: which slot operation each event is
+(:mod:`dercmd.state.slots` runs them, one Redis script call per command, pipelined per
+batch), what the due-index must then hold, and what each decision emits. Knows nothing of
+Kafka: give it a Redis client, a fleet and a clock.
 
 Four operations, all on one entity's keys only (so they work on Redis Cluster):
 
@@ -12,16 +13,12 @@ Four operations, all on one entity's keys only (so they work on Redis Cluster):
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import resources
 
 import redis.asyncio as aioredis
 
 from dercmd import topics
-from dercmd.state import keys as redis_keys
 from dercmd.events import (
     DEFAULT_PERCENTAGE,
     CommandAcceptedV1,
@@ -31,14 +28,12 @@ from dercmd.events import (
     DispatchOrderV1,
     Event,
     StatusEventV1,
-    revert_id,
 )
 from dercmd.fleet import Fleet
-from dercmd.state.scripts import Script
+from dercmd.state.due import Due
+from dercmd.state.slots import Cancel, Decide, Decision, End, Operation, Outcome, Payload, Slots, Start
 
-from .due import Due
-
-_SCRIPT = resources.files(__package__).joinpath("arbitrate.lua").read_text()
+__all__ = ["Arbiter", "Decision", "Outcome", "Payload", "Records", "cancel_emissions", "emissions", "fire_emissions"]
 
 
 def _ms(t: datetime) -> int:
@@ -47,82 +42,6 @@ def _ms(t: datetime) -> int:
 
 def _time(ms: int | None) -> datetime | None:
     return datetime.fromtimestamp(ms / 1000, UTC) if ms else None
-
-
-@dataclass(frozen=True, slots=True)
-class Payload:
-    """What a scheduled or windowed command's dispatch order and revert are built from, kept
-    with its decision in Redis (compact: a busy entity holds two)."""
-
-    type: CommandType
-    value: int | None
-    percentage: int | None
-    start_ms: int | None
-    end_ms: int | None
-    assets: tuple[str, ...] | None
-    accepted_ms: int
-    ignore_cooldown: bool
-
-    @classmethod
-    def of(cls, cmd: CommandAcceptedV1) -> Payload:
-        return cls(cmd.type, cmd.value, cmd.percentage, _ms(cmd.trigger_time) if cmd.trigger_time else None,
-                   _ms(cmd.end_at) if cmd.end_at else None, cmd.asset_identifiers, _ms(cmd.accepted_at), cmd.ignore_cooldown)
-
-    def encode(self) -> str:
-        """``type|value|percentage|start|end|accepted|ignore cooldown|assets``: ms times, empty
-        for None, assets a JSON list (last, so it may hold any character). The script reads
-        the end and the ignore flag."""
-        def text(value: int | None) -> str:
-            return "" if value is None else str(value)
-
-        assets = json.dumps(list(self.assets), separators=(",", ":")) if self.assets is not None else ""
-        return "|".join((self.type.value, text(self.value), text(self.percentage), text(self.start_ms), text(self.end_ms),
-                         str(self.accepted_ms), "1" if self.ignore_cooldown else "", assets))
-
-    @classmethod
-    def decode(cls, raw: str) -> Payload:
-        type_, value, percentage, start, end, accepted, ignore, assets = raw.split("|", 7)
-
-        def number(text: str) -> int | None:
-            return int(text) if text else None
-
-        return cls(type=CommandType(type_), value=number(value), percentage=number(percentage), start_ms=number(start),
-                   end_ms=number(end), assets=tuple(json.loads(assets)) if assets else None, accepted_ms=int(accepted),
-                   ignore_cooldown=ignore == "1")
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """A script's answer (see ``arbitrate.lua`` for the outcomes of each operation)."""
-
-    outcome: str
-    fence: int
-    superseded: tuple[str, ...]
-    cooldown_until: datetime | None
-    duplicate: bool
-    payload: Payload | None = None
-    at_ms: int | None = None  # "waiting": when it is due again
-    revert: str | None = None  # "ended" (and "lapsed", "canceled"): the revert dercmd dispatches
-    revert_of: str | None = None  # what that revert returns the device from, when not the command itself
-    reason: str | None = None  # "canceled": canceled | expired
-
-    @classmethod
-    def from_json(cls, raw: bytes | str) -> Decision:
-        d = json.loads(raw)
-        superseded = d.get("superseded") or []  # cjson writes an empty list as {}
-        until = d.get("cooldownUntil") or 0
-        return cls(
-            outcome=d["outcome"],
-            fence=int(d["fence"]),
-            superseded=tuple(superseded) if isinstance(superseded, list) else (),
-            cooldown_until=_time(until),
-            duplicate=bool(d.get("duplicate")),
-            payload=Payload.decode(d["cmd"]) if d.get("cmd") else None,
-            at_ms=d.get("at"),
-            revert=d.get("revert"),
-            revert_of=d.get("revertOf"),
-            reason=d.get("reason"),
-        )
 
 
 Records = list[tuple[topics.Topic, Event, str]]
@@ -139,8 +58,7 @@ class Arbiter:
         now: Callable[[], datetime] | None = None,
         due: Due | None = None,
     ) -> None:
-        self._redis = redis
-        self._script = Script(redis, _SCRIPT)
+        self._slots = Slots(redis, now=now)
         self._fleet = fleet
         self._default_cooldown_s = default_cooldown_s
         self._now = now
@@ -156,18 +74,6 @@ class Arbiter:
         cooldown_s = self._fleet.cooldown_s(entity, self._default_cooldown_s) if entity else self._default_cooldown_s
         return int(cooldown_s * 1000)
 
-    async def _run(self, calls: Sequence[tuple[str, str, str, Sequence[object]]]) -> list[Decision]:
-        """``(op, entity, command, args)`` in one round trip, run in the order given."""
-        now = _ms(self._now()) if self._now else ""
-        runs: list[tuple[list[str], list[object]]] = []
-        for op, entity_id, command_id, args in calls:
-            keys = [redis_keys.slots(entity_id), redis_keys.decision(entity_id, command_id)]
-            if op in ("end", "cancel"):  # they may make its revert active: the revert's own decision
-                keys.append(redis_keys.decision(entity_id, revert_id(command_id)))
-            runs.append((keys, [op, command_id, now, *args]))
-        replies = await self._script.run_many(runs)
-        return [Decision.from_json(raw) for raw in replies]
-
     async def decide(self, cmd: CommandAcceptedV1) -> Decision:
         (decision,) = await self.decide_many([cmd])
         return decision
@@ -175,31 +81,19 @@ class Arbiter:
     async def decide_many(self, events: Sequence[CommandAcceptedV1 | CommandCancelV1]) -> list[Decision]:
         """Decide new commands and cancels in one Redis round trip, in the order given (so one
         entity's are decided in their order), then put what they scheduled on the due-index."""
-        calls: list[tuple[str, str, str, Sequence[object]]] = []
-        for ev in events:
-            if isinstance(ev, CommandCancelV1):
-                calls.append(("cancel", ev.entity_id, ev.command_id, self._cancel_args(ev)))
-                continue
-            start = ev.trigger_time
-            calls.append(("decide", ev.entity_id, ev.id, (
-                _ms(start) if start else 0,
-                _ms(ev.end_at) if ev.end_at else "",
-                self._cooldown_ms(ev.entity_id),
-                "1" if ev.ignore_cooldown else "0",
-                redis_keys.STATE_TTL_S,
-                # Kept only where it is needed later: at its start (by Redis's clock) or its end.
-                Payload.of(ev).encode() if start is not None or ev.end_at is not None else "",
-            )))
-        decisions = await self._run(calls)
+        ops: list[Operation] = [self._cancel(ev) if isinstance(ev, CommandCancelV1) else Decide.of(ev, self._cooldown_ms(ev.entity_id))
+                                for ev in events]
+        decisions = await self._slots.run(ops)
         await self.due.add_many(self._due_entries(events, decisions))
         return decisions
 
-    def _cancel_args(self, ev: CommandCancelV1) -> tuple[object, ...]:
+    @staticmethod
+    def _cancel(ev: CommandCancelV1) -> Cancel:
         # A stage deadline leaves a scheduled command alone (it is waiting for its start or a
         # cooldown, the due-index will act); a caller's cancel or expiresAt does not.
         # A delivered window the caller ends early is reverted on every backend: one that keeps
         # windows natively would hold it until its endAt.
-        return (ev.reason, revert_id(ev.command_id), "1" if ev.include_scheduled else "0", redis_keys.STATE_TTL_S)
+        return Cancel(ev.entity_id, ev.command_id, ev.reason, ev.include_scheduled)
 
     @staticmethod
     def _due_entries(events: Sequence[CommandAcceptedV1 | CommandCancelV1], decisions: Sequence[Decision]) -> list[Due.Entry]:
@@ -209,9 +103,9 @@ class Arbiter:
         for ev, d in zip(events, decisions, strict=True):
             if isinstance(ev, CommandCancelV1):
                 continue
-            if d.outcome == "scheduled" and ev.trigger_time is not None:
+            if d.outcome is Outcome.SCHEDULED and ev.trigger_time is not None:
                 entries.append(Due.Entry("s", ev.entity_id, ev.id, _ms(ev.trigger_time)))
-            elif d.outcome == "activated" and ev.end_at is not None:
+            elif d.outcome is Outcome.ACTIVATED and ev.end_at is not None:
                 entries.append(Due.Entry("e", ev.entity_id, ev.id, _ms(ev.end_at)))
         return entries
 
@@ -222,17 +116,13 @@ class Arbiter:
     async def fire(self, entries: Sequence[Due.Entry]) -> list[Decision]:
         """Run what the due-index says has come: starts and ends, in one round trip; then put
         the ends of the windows that started on the index (before the starts' entries go)."""
-        calls: list[tuple[str, str, str, Sequence[object]]] = []
-        for e in entries:
-            if e.kind == "s":
-                calls.append(("start", e.entity_id, e.command_id, (self._cooldown_ms(e.entity_id), e.due)))
-            else:
-                native = "1" if self.holds_windows(e.entity_id) else "0"
-                calls.append(("end", e.entity_id, e.command_id, (e.at_ms, revert_id(e.command_id), redis_keys.STATE_TTL_S, native)))
-        decisions = await self._run(calls)
+        ops: list[Operation] = [Start(e.entity_id, e.command_id, self._cooldown_ms(e.entity_id), e.due) if e.kind == "s"
+                                else End(e.entity_id, e.command_id, e.at_ms, self.holds_windows(e.entity_id))
+                                for e in entries]
+        decisions = await self._slots.run(ops)
         await self.due.add_many([Due.Entry("e", e.entity_id, e.command_id, d.payload.end_ms)
                                  for e, d in zip(entries, decisions, strict=True)
-                                 if e.kind == "s" and d.outcome == "activated" and d.payload and d.payload.end_ms])
+                                 if e.kind == "s" and d.outcome is Outcome.ACTIVATED and d.payload and d.payload.end_ms])
         return decisions
 
 
@@ -284,14 +174,14 @@ def emissions(cmd: CommandAcceptedV1, decision: Decision, now: datetime) -> tupl
     can say ``Sent``."""
     key = cmd.entity_id
     first = _superseded(key, decision, cmd.id, now)
-    if decision.outcome == "activated":
+    if decision.outcome is Outcome.ACTIVATED:
         before, then = _activation(key, cmd.id, decision.payload or Payload.of(cmd), decision, now, recovered=cmd.recovered)
         return first + before, then
-    if decision.outcome == "cooldown":
+    if decision.outcome is Outcome.COOLDOWN:
         until = decision.cooldown_until
         first.append(_status(cmd.id, key, CommandStatus.FAILED, now, reason="cooldown_active", cooldown_until=until,
                              detail=f"cooldown active until {until.isoformat() if until else '?'}"))
-    elif decision.outcome == "expired":
+    elif decision.outcome is Outcome.EXPIRED:
         first.append(_status(cmd.id, key, CommandStatus.CANCELED, now, reason="expired", detail="its endAt had passed"))
     # "scheduled": stays Pending until its start; "aborted"/"canceled": intake or a cancel
     # said what there is to say.
@@ -306,16 +196,16 @@ def fire_emissions(entry: Due.Entry, decision: Decision, now: datetime, hold: bo
     # Times in the index are whole ms, cut: a ms later is never before the caller's time.
     due = _time(entry.due + 1) if hold and entry.due > _ms(now) else None
     if entry.kind == "s":
-        if decision.outcome == "activated" and decision.payload is not None:
+        if decision.outcome is Outcome.ACTIVATED and decision.payload is not None:
             before, then = _activation(key, command_id, decision.payload, decision, now, not_before=due)
             return _superseded(key, decision, command_id, now) + before, then
-        if decision.outcome == "expired":
+        if decision.outcome is Outcome.EXPIRED:
             return [_status(command_id, key, CommandStatus.CANCELED, now, reason="expired",
                             detail="its endAt passed while it waited for the cooldown to end")], []
         return [], []  # waiting (due again later) or gone (superseded or canceled since)
-    if decision.outcome == "ended" and decision.revert:
+    if decision.outcome is Outcome.ENDED and decision.revert:
         return _revert(key, command_id, decision.payload, decision, now, not_before=due)
-    if decision.outcome == "lapsed":
+    if decision.outcome is Outcome.LAPSED:
         lapsed = _status(command_id, key, CommandStatus.CANCELED, now, reason="expired",
                          detail="its window ended before it could be delivered")
         before, then = _revert(key, command_id, None, decision, now) if decision.revert else ([], [])
@@ -327,7 +217,7 @@ def cancel_emissions(ev: CommandCancelV1, decision: Decision, now: datetime) -> 
     """What a cancel publishes: the command's end (if it had not been delivered), or the
     revert of a delivered window it ended early."""
     key = ev.entity_id
-    if decision.outcome == "canceled":
+    if decision.outcome is Outcome.CANCELED:
         # A repeated cancel (redelivered, or a DELETE and a deadline both on their way) repeats
         # what the first one decided, whatever its own reason.
         reason = decision.reason or ev.reason
@@ -338,6 +228,6 @@ def cancel_emissions(ev: CommandCancelV1, decision: Decision, now: datetime) -> 
             ended = _status(ev.command_id, key, CommandStatus.FAILED, now, reason=reason, detail=ev.detail)
         before, then = _revert(key, ev.command_id, None, decision, now) if decision.revert else ([], [])
         return [ended, *before], then
-    if decision.outcome == "ended" and decision.revert:
+    if decision.outcome is Outcome.ENDED and decision.revert:
         return _revert(key, ev.command_id, decision.payload, decision, now)
     return [], []

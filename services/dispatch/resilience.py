@@ -1,9 +1,9 @@
 """What keeps dispatch from hammering a backend that cannot take more, and brings a command that
 was not delivered back for another attempt:
 
-- :class:`RateLimiter`: a token bucket per backend in Redis, so the rate holds over every
-  dispatch replica, and a pause every replica honours once a backend answered 429 with
-  ``Retry-After``.
+- :class:`RateLimiter`: a token bucket per backend in Redis (:mod:`dercmd.state.rates`), so
+  the rate holds over every dispatch replica, and a pause every replica honours once a backend
+  answered 429 with ``Retry-After``.
 - :class:`CircuitBreaker`: per backend and replica; after ``failures`` calls in a row that
   failed as a whole it opens (no calls for ``open_s``), then lets one trial call through
   (half-open), and closes on its success. Its state is a metric.
@@ -21,40 +21,9 @@ from enum import IntEnum
 import redis.asyncio as aioredis
 
 from dercmd.events import DispatchOrderV1
-from dercmd.state.scripts import Script
+from dercmd.state.rates import RateBucket
 
 from . import metrics
-
-# KEYS[1] the backend's bucket. ARGV[1] "take" | "pause", ARGV[2] rate per s, ARGV[3] burst,
-# ARGV[4] (pause) ms. -> ms to wait before calling (0: call now).
-_BUCKET = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local paused = tonumber(redis.call('HGET', KEYS[1], 'paused_until')) or 0
-if ARGV[1] == 'pause' then
-  local untill = math.max(paused, now + tonumber(ARGV[4]))
-  redis.call('HSET', KEYS[1], 'paused_until', untill)
-  redis.call('PEXPIRE', KEYS[1], math.max(60000, untill - now + 1000))
-  return 0
-end
-if now < paused then return paused - now end
-local rate = tonumber(ARGV[2])
-if rate <= 0 then return 0 end
-local burst = tonumber(ARGV[3])
-local tokens = tonumber(redis.call('HGET', KEYS[1], 'tokens')) or burst
-local at = tonumber(redis.call('HGET', KEYS[1], 'at')) or now
-tokens = math.min(burst, tokens + (now - at) * rate / 1000)
-local wait = 0
-if tokens >= 1 then tokens = tokens - 1 else wait = math.ceil((1 - tokens) * 1000 / rate) end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', now)
-redis.call('PEXPIRE', KEYS[1], 60000)
-return wait
-"""
-
-
-def _bucket_key(backend: str) -> str:
-    return f"dercmd:rate:{{{backend}}}"
-
 
 #: Without a rate, how long a replica goes by the last look at the shared pause before it looks
 #: again: the hot path pays no Redis round trip per call, and another replica's 429 holds here
@@ -64,18 +33,16 @@ UNLIMITED_RECHECK_S = 0.1
 
 class RateLimiter:
     def __init__(self, redis: aioredis.Redis, backend: str, rate_per_s: float, burst: int) -> None:
-        self._script = Script(redis, _BUCKET)
-        self._key = _bucket_key(backend)
+        self._bucket = RateBucket(redis, backend, rate_per_s, burst)
         self._backend = backend
         self._rate = rate_per_s
-        self._burst = burst
         self._clear_until = 0.0  # unlimited: no pause known until then (monotonic)
 
     async def acquire(self) -> None:
         """Wait until a call to the backend may go."""
         if self._rate <= 0 and time.monotonic() < self._clear_until:
             return
-        while (wait_ms := int((await self._script.run_many([([self._key], ("take", self._rate, self._burst))]))[0])) > 0:
+        while (wait_ms := await self._bucket.take()) > 0:
             metrics.RATE_LIMITED_SECONDS.labels(self._backend).inc(wait_ms / 1000)
             await asyncio.sleep(wait_ms / 1000)
         self._clear_until = time.monotonic() + UNLIMITED_RECHECK_S
@@ -83,7 +50,7 @@ class RateLimiter:
     async def pause(self, seconds: float) -> None:
         """The backend asked every caller to wait (429 ``Retry-After``)."""
         self._clear_until = 0.0
-        await self._script.run_many([([self._key], ("pause", self._rate, self._burst, int(seconds * 1000)))])
+        await self._bucket.pause(int(seconds * 1000))
 
 
 class Circuit(IntEnum):

@@ -6,22 +6,21 @@ more. Always in batches: a Kafka batch as it comes, REST requests by group commi
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import redis.asyncio as aioredis
 from aiokafka.errors import KafkaError
 
 from dercmd import topics
-from dercmd.state import keys as redis_keys
 from dercmd.events import CommandAcceptedV1, CommandStateV1, CommandStatus, Event, StatusEventV1, utcnow
 from dercmd.fleet import Fleet
 from dercmd.group import GroupCommit
 from dercmd.kafka import Publisher
 from dercmd.ledger import Ledger
+from dercmd.state.slots import Slots
 from dercmd.web import ApiError
 
 from . import metrics
@@ -38,6 +37,7 @@ class Admission:
         self.ledger = ledger
         self.publisher = publisher
         self.redis = redis
+        self.slots = Slots(redis)
         #: REST's way in: concurrent POSTs share ledger transactions and producer acks.
         self._group: GroupCommit[CommandAcceptedV1, CommandStateV1 | Refusal] = GroupCommit(self._admit_now, max_batch)
 
@@ -45,10 +45,7 @@ class Admission:
         """For a command whose announcement failed: make sure arbitration will never act on
         it, and record it Failed. False if too late (arbitration already decided: the
         command is live after all)."""
-        aborted = json.dumps({"outcome": "aborted", "fence": 0, "superseded": [], "cooldownUntil": 0})
-        async with asyncio.timeout(redis_keys.CALL_TIMEOUT_S):
-            won = await self.redis.set(redis_keys.decision(cmd.entity_id, cmd.id), aborted, nx=True, ex=redis_keys.STATE_TTL_S)
-        if not won:
+        if not await self.slots.abort(cmd.entity_id, cmd.id):
             return False
         failed = StatusEventV1(command_id=cmd.id, entity_id=cmd.entity_id, status=CommandStatus.FAILED,
                                reason="intake_unavailable", detail=why)
@@ -69,17 +66,11 @@ class Admission:
         that slips past this check in the same instant is failed there."""
         if not cmds:
             return {}
-        pipe = self.redis.pipeline(transaction=False)
-        for cmd in cmds:
-            pipe.hget(redis_keys.slots(cmd.entity_id), "cooldown_until")
-        async with asyncio.timeout(redis_keys.CALL_TIMEOUT_S):
-            replies = await pipe.execute()
+        untils = await self.slots.cooldowns_until([cmd.entity_id for cmd in cmds])
         now = utcnow()
         refused: dict[str, Refusal] = {}
-        for cmd, raw in zip(cmds, replies, strict=True):
-            until_ms = int(raw or 0)
-            if until_ms > now.timestamp() * 1000:
-                until = datetime.fromtimestamp(until_ms / 1000, UTC)
+        for cmd, until in zip(cmds, untils, strict=True):
+            if until is not None and until > now:
                 retry_after = max(1, int(-(-(until - now).total_seconds() // 1)))
                 refused[cmd.id] = Refusal(
                     "cooldown_active",

@@ -3,19 +3,19 @@ dispatch asks this replica to make on them.
 
 Per connection: the charge point is one of the fleet's ``ocpp`` entities (its id in the URL is
 the entity's device id; any other is refused before the handshake completes); the replica
-records itself as the holder in Redis (``ocpp_link``: its URL and the connection's id, expiring
-after three missed heartbeats, re-asserted by each heartbeat), and on close removes that record
-only if it is still this connection's (the charge point may already be connected elsewhere).
+records itself as the holder in Redis (the link of :mod:`dercmd.state.ocpp`: its URL and the
+connection's id, expiring after three missed heartbeats, re-asserted by each heartbeat), and on
+close removes that record only if it is still this connection's (the charge point may already
+be connected elsewhere).
 After the charge point's BootNotification (or its first message, for one that reconnects
 without booting) the gateway asks ``GetConfiguration(SupportedFeatureProfiles)``: what it
 declared decides which commands reach it.
 
-What the charge point did is kept in Redis, not in this process, so any replica (and dispatch's
-outcome queries) sees it after a reconnect elsewhere or a restart: each command sent
-(``ocpp_command``), the idTag of a start (``ocpp_tag``), the transaction a stop asked to end
-(``ocpp_stop``), the running transaction (``ocpp_transaction``). A StartTransaction whose idTag
-is a command's, or a StopTransaction of a transaction a command asked to stop, is that
-command's result: it is POSTed to the ``resultUrl`` dispatch gave (retried for about a minute;
+What the charge point did is kept in Redis (:mod:`dercmd.state.ocpp`), not in this process, so
+any replica (and dispatch's outcome queries) sees it after a reconnect elsewhere or a restart:
+each command sent, the idTag of a start, the transaction a stop asked to end, the running
+transaction. A StartTransaction whose idTag is a command's, or a StopTransaction of a
+transaction a command asked to stop, is that command's result: it is POSTed to the ``resultUrl`` dispatch gave (retried for about a minute;
 dispatch's delivery check reads the same record after that).
 """
 
@@ -26,7 +26,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -39,7 +39,6 @@ from ocpp.routing import after, on
 from ocpp.v16 import ChargePoint, call, call_result
 from ocpp.v16.enums import Action, AuthorizationStatus, MessageTrigger, RegistrationStatus, RemoteStartStopStatus, TriggerMessageStatus
 
-from dercmd.state import keys as redis_keys
 from dercmd.dispatch.backends.ocpp import OcppSettings
 from dercmd.events import CommandType
 from dercmd.fleet import Entity, Fleet
@@ -61,8 +60,8 @@ from dercmd.protocols.ocpp import (
     message_id,
     parse_profiles,
 )
-from dercmd.state.scripts import Script
 from dercmd.settings import OcppGatewaySettings
+from dercmd.state.ocpp import CommandState, OcppState
 
 from . import metrics
 
@@ -71,40 +70,6 @@ log = logging.getLogger(__name__)
 logging.getLogger("ocpp").setLevel(logging.WARNING)
 
 T = TypeVar("T")
-
-#: Set ``state`` to ARGV[2] only if it is ARGV[1]: an answer that comes after the charge
-#: point's transaction message must not move the command back.
-_ADVANCE = """
-if redis.call('HGET', KEYS[1], 'state') == ARGV[1] then
-  redis.call('HSET', KEYS[1], 'state', ARGV[2])
-  return 1
-end
-return 0
-"""
-#: A command's transaction message came: it succeeded. Returns its token and result URL.
-_CONFIRM = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-redis.call('HSET', KEYS[1], 'state', 'succeeded', 'txId', ARGV[1])
-return {redis.call('HGET', KEYS[1], 'token'), redis.call('HGET', KEYS[1], 'resultUrl')}
-"""
-#: Hold the link for this connection (refresh its expiry) unless another connection holds it.
-_HOLD = """
-local conn = redis.call('HGET', KEYS[1], 'conn')
-if conn and conn ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'url', ARGV[2], 'conn', ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-return 1
-"""
-#: Let go of the link if this connection still holds it.
-_RELEASE = """
-if redis.call('HGET', KEYS[1], 'conn') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-#: The transaction ended: forget it if it is still the running one.
-_END_TRANSACTION = """
-if redis.call('HGET', KEYS[1], 'id') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 #: CALLERROR codes that mean the charge point could not take the message now and did not act.
 _RETRIABLE = (InternalError, GenericError)
@@ -237,16 +202,11 @@ class Gateway:
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.ocpp = ocpp
         self.url = ocpp.own_url(settings)
-        self.redis = redis
         self.charge_points: dict[str, Entity] = {e.device_id: e for e in fleet.entities.values() if e.backend == "ocpp"}
         self.connections: dict[str, Connection] = {}
         self._http = httpx.AsyncClient(timeout=5.0, transport=transport)
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._advance = Script(redis, _ADVANCE)
-        self._confirm = Script(redis, _CONFIRM)
-        self._hold = Script(redis, _HOLD)
-        self._release = Script(redis, _RELEASE)
-        self._end_transaction = Script(redis, _END_TRANSACTION)
+        self.state = OcppState(redis)
 
     async def aclose(self) -> None:
         """Close every connection (each lets go of its link), stop reporting."""
@@ -264,10 +224,6 @@ class Gateway:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
-
-    async def _redis(self, run: Callable[[], Awaitable[T]]) -> T:
-        async with asyncio.timeout(redis_keys.CALL_TIMEOUT_S):
-            return await run()
 
     # -- connections ---------------------------------------------------------------------
 
@@ -293,7 +249,7 @@ class Gateway:
         metrics.CONNECTED.inc()
         try:
             await self._take_link(connection)
-            await self._redis(lambda: self.redis.set(redis_keys.ocpp_seen(entity.id), _now(), nx=True))
+            await self.state.mark_seen(entity.id, _now())
             await connection.charge_point.start()
         except WebSocketDisconnect:
             pass
@@ -307,24 +263,17 @@ class Gateway:
             if self.connections.get(charge_point_id) is connection:
                 del self.connections[charge_point_id]
             with contextlib.suppress(Exception):
-                await self._release.run([redis_keys.ocpp_link(entity.id)], [connection.id])
+                await self.state.release_link(entity.id, connection.id)
             with contextlib.suppress(Exception):
                 await websocket.close()
 
     async def _take_link(self, connection: Connection) -> None:
         """This connection is the charge point's newest: it holds the link, whoever did before."""
-        key = redis_keys.ocpp_link(connection.entity.id)
-
-        async def take() -> None:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.delete(key).hset(key, mapping={"url": self.url, "conn": connection.id}).expire(key, self.ocpp.link_ttl_s)
-                await pipe.execute()
-
-        await self._redis(take)
+        await self.state.take_link(connection.entity.id, self.url, connection.id, self.ocpp.link_ttl_s)
 
     async def hold(self, connection: Connection) -> None:
         if not connection.closed.is_set():
-            await self._hold.run([redis_keys.ocpp_link(connection.entity.id)], [connection.id, self.url, self.ocpp.link_ttl_s])
+            await self.state.hold_link(connection.entity.id, connection.id, self.url, self.ocpp.link_ttl_s)
 
     def ask_profiles(self, connection: Connection, *, again: bool = False) -> None:
         """Ask what the charge point supports, unless that is known (or being asked) already."""
@@ -408,40 +357,28 @@ class Gateway:
         if profile is None or profile not in connection.profiles:
             return 422, GatewayError(key="command_not_supported",
                                      message=f"declared profiles {sorted(connection.profiles)}; {command.type} needs {profile}")
-        entity_id = connection.entity.id
-        record = redis_keys.ocpp_command(entity_id, command.command_id)
-        fields = {"type": command.type.value, "idTag": command.id_tag, "token": command.token, "resultUrl": command.result_url,
-                  "state": "sending"}
+        entity_id, command_id = connection.entity.id, command.command_id
         payload: Any
+        transaction_id: int | None = None
         if command.type is CommandType.START_CHARGING:
             payload = call.RemoteStartTransaction(id_tag=command.id_tag, connector_id=CONNECTOR_ID)
-            side = (redis_keys.ocpp_tag(entity_id, command.id_tag), command.command_id)
         else:
-            running = await self._redis(lambda: self.redis.hget(redis_keys.ocpp_transaction(entity_id), "id"))
-            if running is None:
+            transaction_id = await self.state.running_transaction(entity_id)
+            if transaction_id is None:
                 return 409, GatewayError(key="no_transaction", message="no transaction is running on the charge point")
-            transaction_id = int(running)
             payload = call.RemoteStopTransaction(transaction_id=transaction_id)
-            fields["txId"] = str(transaction_id)
-            side = (redis_keys.ocpp_stop(entity_id, transaction_id), command.command_id)
-
-        async def write() -> None:
-            # Before sending: the transaction message may come before (or instead of) the answer.
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.delete(record).hset(record, mapping=fields).expire(record, redis_keys.STATE_TTL_S)
-                pipe.set(side[0], side[1], ex=redis_keys.STATE_TTL_S)
-                await pipe.execute()
-
-        await self._redis(write)
+        # Before sending: the transaction message may come before (or instead of) the answer.
+        await self.state.record_command(entity_id, command_id, command.type, command.id_tag, command.token, command.result_url,
+                                        transaction_id)
         try:
             answer = await self.call(connection, payload, message_id(command.command_id))
         except NotSent as exc:
-            await self._set_state(record, "sending", "unsent")
+            await self.state.advance(entity_id, command_id, CommandState.SENDING, CommandState.UNSENT)
             return (404 if exc.key == "not_connected" else 503), GatewayError(key=exc.key, message="the call was not sent")
         except NoAnswer as exc:
             return 504, GatewayError(key=exc.key, message=f"no answer within {self.ocpp.call_timeout_s} s")
         except OCPPError as exc:
-            await self._set_state(record, "sending", "call_error")
+            await self.state.advance(entity_id, command_id, CommandState.SENDING, CommandState.CALL_ERROR)
             detail = f"{exc.code}: {exc.description}"
             if isinstance(exc, (NotSupportedError, NotImplementedError)):
                 return 422, GatewayError(key="command_not_supported", message=detail)
@@ -451,11 +388,8 @@ class Gateway:
                                          retry_after_s=float(retry) if isinstance(retry, (int, float)) else None)
             return 502, GatewayError(key="call_error", message=detail)
         accepted = answer.status == RemoteStartStopStatus.accepted
-        await self._set_state(record, "sending", "accepted" if accepted else "rejected")
+        await self.state.advance(entity_id, command_id, CommandState.SENDING, CommandState.ACCEPTED if accepted else CommandState.REJECTED)
         return 200, GatewayAnswer(status="Accepted" if accepted else "Rejected")
-
-    async def _set_state(self, record: str, before: str, after: str) -> None:
-        await self._advance.run([record], [before, after])
 
     async def read_back(self, charge_point_id: str, command_ids: list[str]) -> tuple[int, GatewayFindings | GatewayError]:
         """Commands the charge point accepted with no transaction message yet: its connector,
@@ -467,24 +401,19 @@ class Gateway:
             return 404, GatewayError(key="not_connected", message=f"{charge_point_id} is not connected to {self.url}")
         entity_id = connection.entity.id
 
-        async def read() -> list[Any]:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for command_id in command_ids:
-                    pipe.hmget(redis_keys.ocpp_command(entity_id, command_id), "type", "state")
-                return list(await pipe.execute())
-
-        records = [(_text(t) if t else None, _text(s) if s else None) for t, s in await self._redis(read)]
+        records = await self.state.commands(entity_id, command_ids)
         status: str | None = None
         why = "the charge point cannot be read back (no RemoteTrigger profile)"
-        if any(state == "accepted" for _, state in records) and REMOTE_TRIGGER in (connection.profiles or ()):
+        if any(r.state is CommandState.ACCEPTED for r in records) and REMOTE_TRIGGER in (connection.profiles or ()):
             status, why = await self._connector_status(connection)
         findings: list[GatewayFinding] = []
-        for command_id, (type, state) in zip(command_ids, records, strict=True):
-            done = state == "succeeded" or (state == "accepted" and status is not None and (
-                (type == CommandType.START_CHARGING and status in CHARGING_STATUSES)
-                or (type == CommandType.STOP_CHARGING and status in IDLE_STATUSES)))
-            if done and state == "accepted":
-                await self._set_state(redis_keys.ocpp_command(entity_id, command_id), "accepted", "succeeded")
+        for command_id, record in zip(command_ids, records, strict=True):
+            accepted = record.state is CommandState.ACCEPTED
+            done = record.state is CommandState.SUCCEEDED or (accepted and status is not None and (
+                (record.type is CommandType.START_CHARGING and status in CHARGING_STATUSES)
+                or (record.type is CommandType.STOP_CHARGING and status in IDLE_STATUSES)))
+            if done and accepted:
+                await self.state.advance(entity_id, command_id, CommandState.ACCEPTED, CommandState.SUCCEEDED)
             findings.append(GatewayFinding(command_id=command_id, finding="SUCCEEDED" if done else "PENDING",
                                            message=f"connector {CONNECTOR_ID} {status}" if status else why))
         return 200, GatewayFindings(findings=findings)
@@ -510,37 +439,23 @@ class Gateway:
     async def transaction_started(self, entity_id: str, id_tag: str) -> int:
         """A new transaction id for the charge point; the command whose idTag it carries
         succeeded."""
-
-        async def start() -> tuple[int, Any]:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.incr(redis_keys.ocpp_transaction_seq(entity_id)).get(redis_keys.ocpp_tag(entity_id, id_tag))
-                transaction_id, command_id = await pipe.execute()
-            running = redis_keys.ocpp_transaction(entity_id)
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.delete(running).hset(running, mapping={"id": transaction_id, "idTag": id_tag}).expire(running, redis_keys.STATE_TTL_S)
-                await pipe.execute()
-            return int(transaction_id), command_id
-
-        transaction_id, command_id = await self._redis(start)
+        transaction_id, command_id = await self.state.start_transaction(entity_id, id_tag)
         if command_id is not None:
-            await self._confirmed(entity_id, _text(command_id), transaction_id)
+            await self._confirmed(entity_id, command_id, transaction_id)
         return transaction_id
 
     async def transaction_stopped(self, entity_id: str, transaction_id: int) -> None:
         """The transaction ended; the command that asked for that succeeded."""
-
-        command_id = await self._redis(lambda: self.redis.get(redis_keys.ocpp_stop(entity_id, transaction_id)))
-        await self._end_transaction.run([redis_keys.ocpp_transaction(entity_id)], [transaction_id])
+        command_id = await self.state.stop_transaction(entity_id, transaction_id)
         if command_id is not None:
-            await self._confirmed(entity_id, _text(command_id), transaction_id)
+            await self._confirmed(entity_id, command_id, transaction_id)
 
     async def _confirmed(self, entity_id: str, command_id: str, transaction_id: int) -> None:
-        found = await self._confirm.run([redis_keys.ocpp_command(entity_id, command_id)], [transaction_id])
-        if not found:
+        found = await self.state.confirm(entity_id, command_id, transaction_id)
+        if found is None:
             return
-        token, result_url = (_text(v) for v in found)
-        result = OcppResult(command_id=command_id, token=token, succeeded=True)
-        self._spawn(self._report(result_url, result, entity_id), f"result {command_id}")
+        result = OcppResult(command_id=command_id, token=found.token, succeeded=True)
+        self._spawn(self._report(found.result_url, result, entity_id), f"result {command_id}")
 
     async def _report(self, url: str, result: OcppResult, entity_id: str) -> None:
         """POST one result to dispatch, retried for about a minute (dispatch may be restarting;
@@ -572,6 +487,3 @@ class Gateway:
             for cp, c in sorted(self.connections.items())
         ]
 
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -27,7 +27,7 @@ on still Pending or Triggered and announce thousands of delivered commands again
   terminal status.
 
 Each decision is atomic in Redis where it is taken, so replicas of the status service could
-all sweep safely; a Redis lease (``dercmd:sweeper``) still lets one sweep at a time, to
+all sweep safely; a Redis lease (:mod:`dercmd.state.leases`) still lets one sweep at a time, to
 spare the work. A command handed on is handed on again only after ``REASK_S`` (a delivery
 check) or ``DERCMD_RECOVER_AFTER_S`` (an announcement).
 """
@@ -44,18 +44,17 @@ from datetime import datetime, timedelta
 import redis.asyncio as aioredis
 
 from dercmd import topics
-from dercmd.state import keys as redis_keys
 from dercmd.consumer import retrying
 from dercmd.events import CommandAcceptedV1, CommandCancelV1, CommandStateV1, CommandStatus, DeliveryCheckV1, Event, utcnow
 from dercmd.kafka import Publisher
 from dercmd.ledger import Ledger
 from dercmd.settings import StatusSettings
+from dercmd.state.leases import SweeperLease
 
 from . import metrics
 
 log = logging.getLogger(__name__)
 
-LEASE_KEY = "dercmd:sweeper"
 REASK_S = 30.0
 BATCH = 1000
 
@@ -97,10 +96,9 @@ class Sweeper:
         self._settings = settings
         self._ledger = ledger
         self._publisher = publisher
-        self._redis = redis
         self._offsets = offsets
         self._mark = LedgerMark()
-        self._me = uuid.uuid4().hex
+        self._lease_held = SweeperLease(redis, uuid.uuid4().hex)
         self._asked: dict[str, float] = {}  # command id -> monotonic time it was last asked about
 
     async def run(self) -> None:
@@ -118,14 +116,7 @@ class Sweeper:
 
     async def _lease(self, interval: float) -> bool:
         """Hold the sweeper's lease for the next few rounds (or keep holding it)."""
-        ttl_ms = int(interval * 3000)
-        async with asyncio.timeout(redis_keys.CALL_TIMEOUT_S):
-            if await self._redis.set(LEASE_KEY, self._me, nx=True, px=ttl_ms):
-                return True
-            if (await self._redis.get(LEASE_KEY)) == self._me.encode():
-                await self._redis.pexpire(LEASE_KEY, ttl_ms)
-                return True
-        return False
+        return await self._lease_held.hold(int(interval * 3000))
 
     async def sweep(self) -> int:
         """One round; the number of commands handed on (none while the ledger is behind)."""

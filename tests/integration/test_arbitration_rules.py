@@ -8,10 +8,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import redis.asyncio as aioredis
 
-from dercmd.state import keys as redis_keys
 from dercmd.arbitration.arbiter import Arbiter, emissions
 from dercmd.events import CommandAcceptedV1, CommandStatus, CommandType, DispatchOrderV1, StatusEventV1
 from dercmd.fleet import Fleet
+from dercmd.state.slots import Slots
 
 from .arbitration_support import Clock
 
@@ -76,8 +76,8 @@ async def test_future_command_is_scheduled_and_overwrites_the_scheduled_one(arbi
     s2 = await a.decide(cmd("s2", start=T0 + timedelta(hours=3)))
     assert (s1.outcome, s1.fence, s1.superseded) == ("scheduled", 1, ())
     assert (s2.outcome, s2.fence, s2.superseded) == ("scheduled", 2, ("s1",))
-    slots = await client.hgetall(redis_keys.slots("pv-1"))
-    assert slots[b"scheduled"] == b"s2" and b"active" not in slots
+    slots = await Slots(client).read("pv-1")
+    assert slots.scheduled == "s2" and slots.active is None
 
 
 async def test_immediate_command_deletes_the_scheduled_one(arbiter) -> None:  # type: ignore[no-untyped-def]
@@ -85,25 +85,25 @@ async def test_immediate_command_deletes_the_scheduled_one(arbiter) -> None:  # 
     await a.decide(cmd("s1", start=T0 + timedelta(hours=1)))
     d = await a.decide(cmd("now"))
     assert (d.outcome, d.superseded) == ("activated", ("s1",))
-    slots = await client.hgetall(redis_keys.slots("pv-1"))
-    assert slots[b"active"] == b"now" and b"scheduled" not in slots
+    slots = await Slots(client).read("pv-1")
+    assert slots.active == "now" and slots.scheduled is None
 
 
 async def test_a_window_already_over_is_ignored(arbiter) -> None:  # type: ignore[no-untyped-def]
     a, _, client = arbiter
     d = await a.decide(cmd("old", start=T0 - timedelta(hours=2), end=T0 - timedelta(seconds=1)))
     assert d.outcome == "expired"
-    assert await client.hget(redis_keys.slots("pv-1"), "active") is None
+    assert (await Slots(client).read("pv-1")).active is None
 
 
 async def test_a_redelivered_command_changes_nothing(arbiter) -> None:  # type: ignore[no-untyped-def]
     a, clock, client = arbiter
     first = await a.decide(cmd("c1"))
-    before = await client.hgetall(redis_keys.slots("pv-1"))
+    before = await Slots(client).read("pv-1")
     clock.now = T0 + timedelta(hours=1)  # even outside the cooldown
     again = await a.decide(cmd("c1"))
     assert again.duplicate and (again.outcome, again.fence) == (first.outcome, first.fence)
-    assert await client.hgetall(redis_keys.slots("pv-1")) == before
+    assert await Slots(client).read("pv-1") == before
 
 
 async def test_a_zero_cooldown_disables_it(arbiter) -> None:  # type: ignore[no-untyped-def]

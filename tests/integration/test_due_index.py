@@ -10,7 +10,6 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import redis.asyncio as aioredis
 
-from dercmd.state import keys as redis_keys
 from dercmd.arbitration.app import Arbitration
 from dercmd.arbitration.arbiter import Arbiter
 from dercmd.events import (
@@ -21,6 +20,8 @@ from dercmd.events import (
     revert_id,
 )
 from dercmd.fleet import Fleet
+from dercmd.state.slots import Slots
+from dercmd.state.testing import set_slot_fields
 
 from .arbitration_support import Clock, Recorder
 
@@ -76,9 +77,9 @@ async def test_a_scheduled_window_starts_at_its_start_and_is_reverted_at_its_end
     assert rec.statuses("w1") == [(CommandStatus.TRIGGERED, None)]
     (order,) = rec.orders()
     assert (order.command_id, order.percentage, order.start_at, order.end_at, order.asset_identifiers) == ("w1", 30, start, end, ("a",))
-    assert (await client.hget(redis_keys.slots("pv-1"), "active")) == b"w1"
+    assert (await Slots(client).read("pv-1")).active == "w1"
 
-    await client.hset(redis_keys.slots("pv-1"), "delivered", "w1")  # dispatch claimed it
+    await set_slot_fields(client, "pv-1", delivered="w1")  # dispatch claimed it
     clock.now = end
     await arb.tick()
     revert = rec.orders()[-1]
@@ -93,7 +94,7 @@ async def test_an_immediate_window_activates_now_and_ends_on_time(world) -> None
     arb, _, clock, rec, client = world
     await accept(arb, window("w1", T0, T0 + timedelta(seconds=30)))
     assert rec.orders()[0].command_id == "w1"
-    await client.hset(redis_keys.slots("pv-1"), "delivered", "w1")
+    await set_slot_fields(client, "pv-1", delivered="w1")
     clock.now = T0 + timedelta(seconds=30)
     await arb.tick()
     assert rec.orders()[-1].revert_of == "w1"
@@ -102,11 +103,11 @@ async def test_an_immediate_window_activates_now_and_ends_on_time(world) -> None
 async def test_a_native_window_is_not_reverted_by_dercmd(world) -> None:  # type: ignore[no-untyped-def]
     arb, _, clock, rec, client = world
     await accept(arb, window("n1", T0, T0 + timedelta(seconds=30), entity="dev-1"))
-    await client.hset(redis_keys.slots("dev-1"), "delivered", "n1")
+    await set_slot_fields(client, "dev-1", delivered="n1")
     clock.now = T0 + timedelta(seconds=31)
     await arb.tick()
     assert [o.command_id for o in rec.orders()] == ["n1"]
-    assert await client.hget(redis_keys.slots("dev-1"), "active") is None  # the slot empties all the same
+    assert (await Slots(client).read("dev-1")).active is None  # the slot empties all the same
 
 
 async def test_a_window_that_ends_before_it_was_delivered_lapses(world) -> None:  # type: ignore[no-untyped-def]
@@ -147,7 +148,7 @@ async def test_a_scheduled_window_whose_end_passes_in_the_cooldown_expires(world
 async def test_reverts_are_exempt_from_the_cooldown(world) -> None:  # type: ignore[no-untyped-def]
     arb, _, clock, rec, client = world
     await accept(arb, window("w1", T0, T0 + timedelta(minutes=1)))  # cooldown until T0 + 10 min
-    await client.hset(redis_keys.slots("pv-1"), "delivered", "w1")
+    await set_slot_fields(client, "pv-1", delivered="w1")
     clock.now = T0 + timedelta(minutes=1)
     await arb.tick()
     assert rec.orders()[-1].revert_of == "w1"
@@ -156,7 +157,7 @@ async def test_reverts_are_exempt_from_the_cooldown(world) -> None:  # type: ign
 async def test_a_newer_command_supersedes_a_revert_not_yet_claimed(world) -> None:  # type: ignore[no-untyped-def]
     arb, _, clock, rec, client = world
     await accept(arb, window("w1", T0, T0 + timedelta(minutes=1), ignore=True))
-    await client.hset(redis_keys.slots("pv-1"), "delivered", "w1")
+    await set_slot_fields(client, "pv-1", delivered="w1")
     clock.now = T0 + timedelta(minutes=1)
     await arb.tick()
     await accept(arb, window("w2", None, None, ignore=True))
@@ -167,7 +168,7 @@ async def test_cancel_of_a_scheduled_command(world) -> None:  # type: ignore[no-
     arb, _, clock, rec, client = world
     await accept(arb, window("w1", T0 + timedelta(minutes=5), T0 + timedelta(minutes=20)), cancel("w1"))
     assert rec.statuses("w1") == [(CommandStatus.CANCELED, "canceled")]
-    assert await client.hget(redis_keys.slots("pv-1"), "scheduled") is None
+    assert (await Slots(client).read("pv-1")).scheduled is None
     clock.now = T0 + timedelta(minutes=5)
     await arb.tick()
     assert rec.orders() == []  # its due entry does nothing
@@ -177,14 +178,14 @@ async def test_cancel_of_an_active_command_not_yet_claimed(world) -> None:  # ty
     arb, _, _, rec, client = world
     await accept(arb, window("w1", None, None), cancel("w1"))
     assert rec.statuses("w1")[-1] == (CommandStatus.CANCELED, "canceled")
-    slots = await client.hgetall(redis_keys.slots("pv-1"))
-    assert b"active" not in slots and int(slots[b"active_fence"]) > rec.orders()[0].fence  # its order is stale now
+    slots = await Slots(client).read("pv-1")
+    assert slots.active is None and slots.active_fence is not None and slots.active_fence > rec.orders()[0].fence  # its order is stale now
 
 
 async def test_cancel_of_a_delivered_window_ends_it_with_a_revert(world) -> None:  # type: ignore[no-untyped-def]
     arb, _, clock, rec, client = world
     await accept(arb, window("w1", T0, T0 + timedelta(hours=1)))
-    await client.hset(redis_keys.slots("pv-1"), "delivered", "w1")
+    await set_slot_fields(client, "pv-1", delivered="w1")
     await accept(arb, cancel("w1"))
     assert rec.statuses("w1") == [(CommandStatus.TRIGGERED, None)]  # its delivery result stays its status
     assert rec.orders()[-1].revert_of == "w1"
@@ -196,7 +197,7 @@ async def test_cancel_of_a_delivered_window_ends_it_with_a_revert(world) -> None
 async def test_cancel_of_a_delivered_command_without_window_does_nothing(world) -> None:  # type: ignore[no-untyped-def]
     arb, arbiter, _, rec, client = world
     await accept(arb, window("c1", None, None))
-    await client.hset(redis_keys.slots("pv-1"), "delivered", "c1")
+    await set_slot_fields(client, "pv-1", delivered="c1")
     (d,) = await arbiter.decide_many([cancel("c1")])
     assert d.outcome == "finished"
 
@@ -220,10 +221,10 @@ async def test_a_stage_deadline_leaves_a_waiting_scheduled_command_alone(world) 
 async def test_redelivered_cancel_repeats_its_events_and_changes_nothing(world) -> None:  # type: ignore[no-untyped-def]
     arb, _, _, rec, client = world
     await accept(arb, window("w1", T0 + timedelta(minutes=5), None), cancel("w1"))
-    before = await client.hgetall(redis_keys.slots("pv-1"))
+    before = await Slots(client).read("pv-1")
     await accept(arb, cancel("w1"))
     assert rec.statuses("w1") == [(CommandStatus.CANCELED, "canceled")] * 2  # the same event id: dropped downstream
-    assert await client.hgetall(redis_keys.slots("pv-1")) == before
+    assert await Slots(client).read("pv-1") == before
 
 
 async def test_two_replicas_activate_each_start_exactly_once(world, redis_url: str) -> None:  # type: ignore[no-untyped-def]
@@ -276,7 +277,7 @@ async def test_an_end_within_the_lead_waits_for_the_claim_and_its_revert_waits_f
     await accept(arb, window("w1", T0, end))  # delivered soon, but not claimed yet
     await arb.tick()
     assert rec.statuses("w1") == [(CommandStatus.TRIGGERED, None)]  # not lapsed: its end has not come
-    await client.hset(redis_keys.slots("pv-1"), "delivered", "w1")
+    await set_slot_fields(client, "pv-1", delivered="w1")
     clock.now = T0 + timedelta(milliseconds=500)
     await arb.tick()
     revert = rec.orders()[-1]

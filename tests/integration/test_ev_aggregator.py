@@ -23,7 +23,6 @@ from fastapi import FastAPI
 
 from dercmd.dispatch import backends
 from dercmd.dispatch.backends.ev_aggregator import CALLBACK_PATH, EvAggregatorBackend
-from dercmd.dispatch.backends.ev_aggregator.pending import POLL_KEY
 from dercmd.events import CommandType, DispatchOrderV1
 from dercmd.fleet import Entity, EntityKind, Fleet
 from dercmd.launcher import free_port
@@ -172,7 +171,7 @@ async def test_each_type_is_one_action_confirmed_by_webhook(harness: Harness, ty
     assert harness.reports.results == [backends.DeviceResult("ev-7", delivery.order.command_id, True, None)]
     assert await harness.received("ev-7") == [delivery.order.command_id]
     # The webhook took it out of polling: nothing is left to ask about.
-    assert await harness.context.redis.zcard(POLL_KEY) == 0
+    assert await harness.backend.pending.waiting() == 0
 
 
 async def test_the_same_command_sent_again_is_the_same_action_never_a_second(harness: Harness) -> None:
@@ -265,7 +264,7 @@ async def test_a_lost_webhook_is_made_up_by_polling(harness: Harness) -> None:
     assert harness.reports.of(delivery.order.command_id) == [(True, None)]
     await asyncio.sleep(3 * POLL_S)
     assert harness.reports.of(delivery.order.command_id) == [(True, None)]  # polled once it ended, then left alone
-    assert await harness.context.redis.zcard(POLL_KEY) == 0
+    assert await harness.backend.pending.waiting() == 0
 
 
 async def test_two_replicas_poll_an_action_once_between_them(harness: Harness) -> None:

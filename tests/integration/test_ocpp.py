@@ -20,7 +20,6 @@ import redis.asyncio as aioredis
 import uvicorn
 from fastapi import FastAPI
 
-from dercmd.state import keys as redis_keys
 from dercmd.dispatch import backends
 from dercmd.dispatch.backends.ocpp import CALLBACK_PATH, OcppBackend, OcppSettings
 from dercmd.dispatch.tokens import ResultTokens
@@ -33,6 +32,8 @@ from dercmd.settings import Settings
 from dercmd.simulator.faults import FaultKind, FaultPlan, Faults
 from dercmd.simulator.ocpp import OcppChargePoints, SimChargePoint
 from dercmd.simulator.recorder import Recorder
+from dercmd.state.ocpp import CommandState, OcppState
+from dercmd.state.testing import set_ocpp_command, set_ocpp_link, set_ocpp_seen
 
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 DISPATCH = "http://dispatch.test"
@@ -172,7 +173,7 @@ async def test_start_then_stop_charging_each_succeed_by_their_transaction_messag
     assert (await rig.result_of(stop.order.command_id)).succeeded
     assert await rig.finding(stop) is backends.Finding.SUCCEEDED
     assert rig.received("cp-1") == [(start.order.command_id, "StartCharging"), (stop.order.command_id, "StopCharging")]
-    assert await rig.redis.exists(redis_keys.ocpp_transaction("cp-1")) == 0
+    assert await OcppState(rig.redis).transaction("cp-1") is None
 
 
 async def test_one_call_takes_several_charge_points_and_one_charge_points_commands_in_order(rig: Rig) -> None:
@@ -203,9 +204,11 @@ async def test_a_stop_with_nothing_to_stop_is_refused_and_a_start_while_charging
     assert isinstance(no_transaction, backends.Refused) and no_transaction.reason == "no_transaction"
     first = await rig.start_charging("cp-2")
     second = await rig.start_charging("cp-2")  # the running transaction is stopped first
-    [running] = await rig.redis.hmget(redis_keys.ocpp_transaction("cp-2"), "id")
-    tx_of = {c: (await rig.redis.hget(redis_keys.ocpp_command("cp-2", c.order.command_id), "txId")) for c in (first, second)}
-    assert running == tx_of[second] != tx_of[first]
+    state = OcppState(rig.redis)
+    running = await state.transaction("cp-2")
+    tx_of = {c: record.transaction_id if (record := await state.command("cp-2", c.order.command_id)) else None
+             for c in (first, second)}
+    assert running is not None and running.id == tx_of[second] != tx_of[first]
     [old] = await rig.send(rig.delivery("cp-2", CommandType.STOP_CHARGING))
     assert isinstance(old, backends.Accepted)
     assert [t for _, t in rig.received("cp-2")] == ["StartCharging", "StartCharging", "StopCharging"]
@@ -222,19 +225,19 @@ async def test_a_type_the_charge_point_did_not_declare_is_refused_as_not_support
 async def test_a_charge_point_never_seen_is_refused_and_one_offline_not_delivered(rig: Rig) -> None:
     [answer] = await rig.send(rig.delivery("cp-offline", CommandType.START_CHARGING))
     assert isinstance(answer, backends.Refused) and answer.reason == "unknown_device"
-    await rig.redis.set(redis_keys.ocpp_seen("cp-offline"), "2026-01-01T00:00:00Z")
+    await set_ocpp_seen(rig.redis, "cp-offline", "2026-01-01T00:00:00Z")
     [answer] = await rig.send(rig.delivery("cp-offline", CommandType.START_CHARGING))
     assert isinstance(answer, backends.NotDelivered) and answer.reason == "not_connected"
     # A link left behind by a gateway that died: the request cannot leave either.
-    await rig.redis.hset(redis_keys.ocpp_link("cp-offline"), mapping={"url": f"http://127.0.0.1:{free_port()}", "conn": "x"})
+    await set_ocpp_link(rig.redis, "cp-offline", f"http://127.0.0.1:{free_port()}", "x")
     [answer] = await rig.send(rig.delivery("cp-offline", CommandType.START_CHARGING))
     assert isinstance(answer, backends.NotDelivered) and answer.reason == "not_connected"
 
 
 async def test_the_link_follows_the_connection(rig: Rig) -> None:
-    link = await rig.redis.hgetall(redis_keys.ocpp_link("cp-4"))
-    assert link[b"url"].decode() == rig.gateway.url
-    assert 0 < await rig.redis.ttl(redis_keys.ocpp_link("cp-4")) <= 15
+    link = await OcppState(rig.redis).link("cp-4")
+    assert link.url == rig.gateway.url
+    assert 0 < link.ttl_s <= 15
     old = rig.gateway.connections["cp-4"]
     await old.websocket.close()
 
@@ -243,7 +246,7 @@ async def test_the_link_follows_the_connection(rig: Rig) -> None:
         return new is not None and new is not old and new.profiles is not None
 
     await until(reconnected)
-    assert (await rig.redis.hgetall(redis_keys.ocpp_link("cp-4")))[b"conn"].decode() == rig.gateway.connections["cp-4"].id
+    assert (await OcppState(rig.redis).link("cp-4")).conn == rig.gateway.connections["cp-4"].id
     await rig.start_charging("cp-4")
 
 
@@ -264,7 +267,7 @@ async def test_dispatch_reaches_the_replica_that_holds_the_charge_point(rig: Rig
         await until(lambda: "cp-1" not in rig.gateway.connections)
         running = asyncio.ensure_future(moved.run())
         await until(lambda: "cp-1" in other.connections and other.connections["cp-1"].profiles is not None)
-        assert (await rig.redis.hget(redis_keys.ocpp_link("cp-1"), "url")).decode() == other.url != rig.gateway.url
+        assert (await OcppState(rig.redis).link("cp-1")).url == other.url != rig.gateway.url
         start = await rig.start_charging("cp-1")  # the rebooted charge point was idle
         stop = rig.delivery("cp-1", CommandType.STOP_CHARGING)
         assert isinstance((await rig.send(stop))[0], backends.Accepted)
@@ -355,7 +358,7 @@ async def test_a_lost_transaction_message_is_found_by_reading_the_charge_point_b
 async def test_a_command_sent_and_never_answered_is_pending_not_unknown(rig: Rig) -> None:
     """Sent without an answer, the charge point may have it: asking must never let it be sent again."""
     d = rig.delivery("cp-5", CommandType.START_CHARGING)
-    await rig.redis.hset(redis_keys.ocpp_command("cp-5", d.order.command_id), mapping={"type": "StartCharging", "state": "sending"})
+    await set_ocpp_command(rig.redis, "cp-5", d.order.command_id, CommandType.START_CHARGING, CommandState.SENDING)
     assert await rig.finding(d) is backends.Finding.PENDING
     assert await rig.finding(rig.delivery("cp-5", CommandType.START_CHARGING)) is backends.Finding.UNKNOWN
 

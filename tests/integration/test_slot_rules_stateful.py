@@ -54,7 +54,6 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_state_machine_as_test
 
 from dercmd import topics
-from dercmd.state import keys as redis_keys
 from dercmd.arbitration.app import Arbitration
 from dercmd.arbitration.arbiter import Arbiter
 from dercmd.consumer import Item
@@ -70,6 +69,8 @@ from dercmd.events import (
     revert_id,
 )
 from dercmd.fleet import Fleet
+from dercmd.state.keys import STATE_TTL_S
+from dercmd.state.slots import Slots
 
 from .arbitration_support import Clock, Recorder
 
@@ -109,8 +110,8 @@ class World:
             pass
 
     async def slot(self, entity: str, field: str) -> str | None:
-        raw = await self.client.hget(redis_keys.slots(entity), field)
-        return raw.decode() if raw is not None else None
+        value = getattr(await Slots(self.client).read(entity), field)
+        return str(value) if value is not None else None
 
 
 @pytest.fixture
@@ -190,12 +191,13 @@ async def test_the_decision_of_a_window_far_ahead_outlives_it(world: World) -> N
     started, or its window was never reverted (the device held the limit for good)."""
     start, end = T0 + timedelta(days=20), T0 + timedelta(days=44)
     await world.accept(window("far", start, end), window("open", T0 + timedelta(days=10), None, entity="pv-2"))
-    far_ttl = await world.client.ttl(redis_keys.decision("pv-1", "far"))
-    open_ttl = await world.client.ttl(redis_keys.decision("pv-2", "open"))
-    assert far_ttl >= (end - T0).total_seconds() + redis_keys.STATE_TTL_S - 5
-    assert open_ttl >= timedelta(days=10).total_seconds() + redis_keys.STATE_TTL_S - 5
+    slots = Slots(world.client)
+    far_ttl = await slots.decision_ttl("pv-1", "far")
+    open_ttl = await slots.decision_ttl("pv-2", "open")
+    assert far_ttl >= (end - T0).total_seconds() + STATE_TTL_S - 5
+    assert open_ttl >= timedelta(days=10).total_seconds() + STATE_TTL_S - 5
     await world.accept(window("now", None, None, entity="pv-2"))  # an immediate command: kept as long as before
-    assert await world.client.ttl(redis_keys.decision("pv-2", "now")) <= redis_keys.STATE_TTL_S
+    assert await slots.decision_ttl("pv-2", "now") <= STATE_TTL_S
 
 
 @pytest.mark.parametrize(("first", "then", "ends"), [
@@ -786,19 +788,15 @@ class SlotRules(RuleBasedStateMachine):
         assert orders == want_orders, f"orders published: {orders}\nthe model expects: {want_orders}"
 
     def check_slots(self) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        for entity in ENTITIES:
-            pipe.hgetall(redis_keys.slots(entity))
-        replies = self.run(pipe.execute())
-        for entity, raw in zip(ENTITIES, replies, strict=True):
+        records = self.run(Slots(self.client).read_many(ENTITIES))
+        for entity, h in zip(ENTITIES, records, strict=True):
             slot = self.model.slots[entity]
-            h = {k.decode(): v.decode() for k, v in raw.items()}
-            got = (h.get("active"), h.get("scheduled"), h.get("delivered"), h.get("held"), int(h.get("cooldown_until", 0)))
+            got = (h.active, h.scheduled, h.delivered, h.held, h.cooldown_until or 0)
             want = (slot.active.id if slot.active else None, slot.scheduled.spec.id if slot.scheduled else None,
                     slot.delivered, slot.held, slot.cooldown_until)
             assert got == want, f"{entity} at +{(self.now - T0_MS) // S}s: (active, scheduled, delivered, held, cooldownUntil) {got}, the model says {want}"
             if slot.active is not None:
-                assert h.get("active_end", "") == (str(slot.active.end) if slot.active.end is not None else "")
+                assert (h.active_end or "") == (str(slot.active.end) if slot.active.end is not None else "")
 
 
 def test_the_slot_rules_hold_for_any_sequence_of_commands_claims_and_time(redis_url: str) -> None:

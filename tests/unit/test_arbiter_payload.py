@@ -1,6 +1,6 @@
 from datetime import UTC, datetime
 
-from dercmd.arbitration.arbiter import Payload
+from dercmd.state.slots import Payload
 from dercmd.events import CommandAcceptedV1, CommandType
 
 

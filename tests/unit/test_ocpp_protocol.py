@@ -10,6 +10,7 @@ from dercmd.dispatch import backends
 from dercmd.dispatch.backends.ocpp import _answer, _outcome
 from dercmd.events import CommandType
 from dercmd.protocols.ocpp import MAX_ID_TAG, MAX_MESSAGE_ID, id_tag, message_id, parse_profiles, profiles_of
+from dercmd.state.ocpp import CommandState
 
 
 def test_an_id_tag_fits_ocpp_and_names_its_command() -> None:
@@ -53,8 +54,8 @@ def test_the_gateways_answer_is_one_of_the_outcomes(status: int, body: dict[str,
 
 def test_a_call_sent_and_never_answered_is_never_unknown() -> None:
     """UNKNOWN lets dispatch send it again: only for what provably did not reach the charge point."""
-    assert _outcome("sending").finding is backends.Finding.PENDING
-    assert _outcome("accepted").finding is backends.Finding.PENDING
-    assert _outcome("succeeded").finding is backends.Finding.SUCCEEDED
-    assert _outcome("rejected").finding is backends.Finding.FAILED
-    assert {_outcome(s).finding for s in ("unsent", "call_error", None)} == {backends.Finding.UNKNOWN}
+    assert _outcome(CommandState.SENDING).finding is backends.Finding.PENDING
+    assert _outcome(CommandState.ACCEPTED).finding is backends.Finding.PENDING
+    assert _outcome(CommandState.SUCCEEDED).finding is backends.Finding.SUCCEEDED
+    assert _outcome(CommandState.REJECTED).finding is backends.Finding.FAILED
+    assert {_outcome(s).finding for s in (CommandState.UNSENT, CommandState.CALL_ERROR, None)} == {backends.Finding.UNKNOWN}

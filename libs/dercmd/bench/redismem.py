@@ -1,7 +1,8 @@
 """Redis bytes per entity with both slots filled (BRIEF 8: under 1 KB).
 
-In an empty Redis database, for each of M entities: arbitration's ``Arbiter.decide`` for one
-immediate command (fills the active slot) and one scheduled an hour ahead (fills the
+In an empty Redis database, for each of M entities: arbitration's decision
+(what arbitration's ``Arbiter.decide`` does: :class:`dercmd.state.slots.Slots`, and the
+due-index entry of a scheduled command) for one immediate command (fills the active slot) and one scheduled an hour ahead (fills the
 scheduled slot), and dispatch's ``Deliveries.claim`` of the active one: the keys a busy
 entity holds (slots hash, two decisions, one delivery state). The figure is
 (``INFO memory`` used_memory after - before) / M. used_memory is the whole server's, so it
@@ -18,10 +19,11 @@ from datetime import UTC, datetime, timedelta
 
 import redis.asyncio as aioredis
 
-from dercmd.arbitration.arbiter import Arbiter
 from dercmd.state.delivery import Deliveries
 from dercmd.events import CommandAcceptedV1, CommandType
 from dercmd.fleet import Fleet
+from dercmd.state.due import Due, Entry
+from dercmd.state.slots import Decide, Outcome, Slots
 
 _CONCURRENCY = 50
 
@@ -42,15 +44,23 @@ def _command(command_id: str, entity_id: str, trigger_time: datetime | None) -> 
 async def measure(redis_url: str, fleet: Fleet, entity_ids: list[str]) -> RedisMemory:
     client = aioredis.from_url(redis_url)
     try:
-        arbiter = Arbiter(client, fleet, default_cooldown_s=0)
+        slots, due = Slots(client), Due(client)
+
+        def cooldown_ms(entity_id: str) -> int:  # as arbitration's, with no default cooldown
+            entity = fleet.entity(entity_id)
+            return int(fleet.cooldown_s(entity, 0) * 1000) if entity else 0
+
         deliveries = Deliveries(client)
         outcomes: Counter[str] = Counter()
 
         async def fill(entity_id: str, n: int) -> None:
-            active = await arbiter.decide(_command(f"bench-mem-{n}-a", entity_id, None))
-            scheduled = await arbiter.decide(_command(f"bench-mem-{n}-s", entity_id, datetime.now(UTC) + timedelta(hours=1)))
+            (active,) = await slots.run([Decide.of(_command(f"bench-mem-{n}-a", entity_id, None), cooldown_ms(entity_id))])
+            later = _command(f"bench-mem-{n}-s", entity_id, datetime.now(UTC) + timedelta(hours=1))
+            (scheduled,) = await slots.run([Decide.of(later, cooldown_ms(entity_id))])
+            if scheduled.outcome is Outcome.SCHEDULED and later.trigger_time is not None:
+                await due.add_many([Entry("s", entity_id, later.id, int(later.trigger_time.timestamp() * 1000))])
             claim = await deliveries.claim(entity_id, f"bench-mem-{n}-a", active.fence)
-            outcomes.update((active.outcome, scheduled.outcome, claim.step.value))
+            outcomes.update((active.outcome.value, scheduled.outcome.value, claim.step.value))
 
         # Load both scripts and open every connection first, so neither counts per entity.
         await fill(entity_ids[0], -1)

@@ -5,7 +5,7 @@ both sides and the simulated charge points share.
 Charge points connect to ``ws://<gateway>/ocpp/<chargePointId>`` with the subprotocol
 ``ocpp1.6``; the charge point id is the entity's device id. dispatch reaches the gateway
 replica that holds a charge point's connection over HTTP (the replica records itself in Redis,
-:mod:`dercmd.state.keys`):
+:mod:`dercmd.state.ocpp`):
 
     POST {gateway}/internal/v1/charge-points/{chargePointId}/commands
         Authorization: Bearer <DERCMD_OCPP_GATEWAY_TOKEN>

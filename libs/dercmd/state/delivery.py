@@ -6,8 +6,8 @@ Keys (entity ``E``, command ``C``):
   stage, written and read by dispatch only (this module). Its value is ``inflight``,
   ``accepted``, ``sent``, ``retry``, ``result:<outcome>`` or ``done:<outcome>``, where
   ``<outcome>`` is :meth:`Outcome.encode`.
-- the entity's slots hash (:mod:`.slots`): a claim reads ``active_fence`` and writes
-  ``delivered``, ``held`` and ``held_before``.
+- the entity's slots hash (:mod:`.slots` documents every field): a claim reads
+  ``active_fence`` and writes ``delivered``, ``held`` and ``held_before``.
 
 Every call answers a :class:`Transition`, decoded from the script's reply in one place
 (:func:`_decode`): what the call did (:class:`Step`), the stage the command is in after it
@@ -30,16 +30,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from importlib import resources
 
 import redis.asyncio as aioredis
 
 from dercmd.events import CommandStatus
 
 from .keys import STATE_TTL_S, delivery, slots
-from .scripts import Script
+from .scripts import Script, source
 
-_SCRIPT = resources.files(__package__).joinpath("delivery.lua").read_text()
+_SCRIPT = source("delivery.lua")
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,12 +13,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Sequence
+from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from .keys import CALL_TIMEOUT_S
+
+
+def source(name: str) -> str:
+    """The text of ``name`` (e.g. ``"slots.lua"``), a script kept beside the module that runs it."""
+    return resources.files(__package__).joinpath(name).read_text()
 
 
 class Script:

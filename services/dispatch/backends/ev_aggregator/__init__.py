@@ -11,8 +11,8 @@ goes through the command's delivery state, so a second one changes nothing):
   dispatch's server, any replica) at start-up and every minute; a POST counts only if its
   ``X-Signature`` is the HMAC of its raw body under ``DERCMD_EV_AGGREGATOR_WEBHOOK_SECRET``;
 - by **polling**, for webhooks that never come: every accepted (or unknown) delivery is put
-  in Redis (:mod:`.pending`), and each replica polls the ones due by idempotency key every
-  ``DERCMD_EV_AGGREGATOR_POLL_INTERVAL_S``, under a lease so that replicas do not poll one
+  in Redis (:mod:`dercmd.state.ev_pending`), and each replica polls the ones due by
+  idempotency key every ``DERCMD_EV_AGGREGATOR_POLL_INTERVAL_S``, under a lease so that replicas do not poll one
   action together. A webhook's result takes the action out of polling.
 
 A call carries one command (the API takes one action per request), so dispatch's rate limit
@@ -50,6 +50,7 @@ from dercmd.protocols.ev_aggregator import (
     verify,
 )
 from dercmd.settings import Settings
+from dercmd.state.ev_pending import PendingActions
 from dercmd.web import error
 
 from ..base import (
@@ -69,7 +70,6 @@ from ..base import (
     register,
 )
 from ..bulk_rest import translate, translated
-from .pending import PendingActions
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 (:mod:`dercmd.ocpp_gateway`; the exchange is :mod:`dercmd.protocols.ocpp`).
 
 A charge point holds one WebSocket to one gateway replica, which records itself in Redis
-(``redis_keys.ocpp_link``). For each command this backend reads that record and asks that
+(:mod:`dercmd.state.ocpp`). For each command this backend reads that record and asks that
 replica over HTTP to make the OCPP call on the open connection: StartCharging is
 RemoteStartTransaction on connector 1 with an idTag derived from the command, StopCharging is
 RemoteStopTransaction of the transaction the charge point runs. The charge point's
@@ -27,7 +27,6 @@ from fastapi import APIRouter
 from pydantic import Field, ValidationError
 from pydantic_settings import SettingsConfigDict
 
-from dercmd.state import keys as redis_keys
 from dercmd.protocols.ocpp import (
     COMMANDS_PATH,
     OUTCOMES_PATH,
@@ -41,6 +40,7 @@ from dercmd.protocols.ocpp import (
     id_tag,
 )
 from dercmd.settings import Settings
+from dercmd.state.ocpp import CommandState, OcppState
 
 from ..base import (
     Accepted,
@@ -106,7 +106,7 @@ class OcppBackend:
 
     def __init__(self, context: BackendContext, settings: OcppSettings, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
         """``transport`` replaces the network under the calls to the gateway (tests)."""
-        self._redis = context.redis
+        self._state = OcppState(context.redis)
         self._reconnect_wait_s = settings.reconnect_wait_s
         self._result_url = context.callback_base_url.rstrip("/") + CALLBACK_PATH
         self._http = httpx.AsyncClient(
@@ -125,14 +125,9 @@ class OcppBackend:
     async def send(self, deliveries: Sequence[Delivery]) -> list[Accepted | BackendError]:
         """Each charge point's commands in order, the charge points at once."""
         try:
-            async with asyncio.timeout(redis_keys.CALL_TIMEOUT_S):
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for d in deliveries:
-                        pipe.hget(redis_keys.ocpp_link(d.entity.id), "url").exists(redis_keys.ocpp_seen(d.entity.id))
-                    replies = await pipe.execute()
+            links = await self._state.links([d.entity.id for d in deliveries])
         except Exception as exc:  # nothing was sent
             raise NotDelivered("gateway_lookup_failed", repr(exc)) from exc
-        urls, seen = replies[0::2], replies[1::2]
         answers: list[Accepted | BackendError | None] = [None] * len(deliveries)
         by_entity: dict[str, list[int]] = defaultdict(list)
         for i, d in enumerate(deliveries):
@@ -140,7 +135,7 @@ class OcppBackend:
 
         async def one_charge_point(positions: list[int]) -> None:
             for i in positions:
-                answers[i] = await self._deliver(deliveries[i], _text(urls[i]), bool(seen[i]))
+                answers[i] = await self._deliver(deliveries[i], links[i].url, links[i].seen)
 
         await asyncio.gather(*(one_charge_point(p) for p in by_entity.values()))
         return [a for a in answers if a is not None]
@@ -165,8 +160,7 @@ class OcppBackend:
                 return answer
             await asyncio.sleep(0.05)
             try:
-                async with asyncio.timeout(redis_keys.CALL_TIMEOUT_S):
-                    gateway = _text(await self._redis.hget(redis_keys.ocpp_link(delivery.entity.id), "url"))
+                gateway = await self._state.gateway_url(delivery.entity.id)
             except Exception:
                 return answer
 
@@ -196,20 +190,14 @@ class OcppBackend:
         for start in range(0, len(queries), OUTCOMES_PER_CALL):
             chunk = queries[start : start + OUTCOMES_PER_CALL]
             try:
-                async with asyncio.timeout(redis_keys.CALL_TIMEOUT_S):
-                    async with self._redis.pipeline(transaction=False) as pipe:
-                        for q in chunk:
-                            pipe.hget(redis_keys.ocpp_command(q.entity.id, q.command_id), "state")
-                            pipe.hget(redis_keys.ocpp_link(q.entity.id), "url")
-                        replies = await pipe.execute()
+                recorded = await self._state.command_states([(q.entity.id, q.command_id) for q in chunk])
             except Exception as exc:
                 raise NotDelivered("outcome_lookup_failed", repr(exc)) from exc
-            states, urls = [_text(r) for r in replies[0::2]], [_text(r) for r in replies[1::2]]
-            found = [_outcome(s) for s in states]
+            found = [_outcome(state) for state, _ in recorded]
             # Accepted, no transaction message: ask the charge point itself, one call per charge point.
             asking: dict[tuple[str, str], list[int]] = defaultdict(list)
-            for i, (q, state, url) in enumerate(zip(chunk, states, urls, strict=True)):
-                if state == "accepted" and url:
+            for i, (q, (state, url)) in enumerate(zip(chunk, recorded, strict=True)):
+                if state is CommandState.ACCEPTED and url:
                     asking[(url, q.entity.device_id)].append(i)
             read = await asyncio.gather(*(self._read_back(url, cp, [chunk[i].command_id for i in positions])
                                           for (url, cp), positions in asking.items()))
@@ -236,18 +224,14 @@ class OcppBackend:
         return [None] * len(command_ids)
 
 
-def _text(value: bytes | str | None) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _outcome(state: str | None) -> CommandOutcome:
-    if state == "succeeded":
+def _outcome(state: CommandState | None) -> CommandOutcome:
+    if state is CommandState.SUCCEEDED:
         return CommandOutcome(Finding.SUCCEEDED)
-    if state == "accepted":
+    if state is CommandState.ACCEPTED:
         return CommandOutcome(Finding.PENDING, "accepted, no transaction message yet")
-    if state == "sending":
+    if state is CommandState.SENDING:
         return CommandOutcome(Finding.PENDING, "sent and never answered: the charge point may have it")
-    if state == "rejected":
+    if state is CommandState.REJECTED:
         return CommandOutcome(Finding.FAILED, "the charge point rejected it")
     return CommandOutcome(Finding.UNKNOWN, f"gateway record: {state or 'none'}")
 

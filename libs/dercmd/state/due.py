@@ -12,6 +12,11 @@ removed only after what it caused is published. A replica that dies in between l
 lease to run out, and another takes the entry again; the scripts remember what they did, so
 that second time re-publishes the same events (consumers drop copies) and changes nothing.
 Times come from Redis's clock (``TIME`` in the scripts): hosts may disagree by seconds.
+
+Keys: ``dercmd:due:{NN}`` (sorted sets, ``NN`` 00-15; no expiry), members
+``kind|command id|at ms|entity id`` (:class:`Entry`) scored by when they are due. Written by
+arbitration (:meth:`Due.add_many`, :meth:`Due.settle`, ``due_take.lua``'s lease), read by
+arbitration only.
 """
 
 from __future__ import annotations
@@ -24,30 +29,16 @@ from datetime import datetime
 
 import redis.asyncio as aioredis
 
-from dercmd.state import keys as redis_keys
-from dercmd.state.scripts import Script
+from .keys import CALL_TIMEOUT_S
+from .scripts import Script, source
 
 BUCKETS = 16
 LEASE_MS = 10_000
 
-# KEYS[1] a bucket; ARGV[1] now ms or "" (Redis's clock); ARGV[2] most entries; ARGV[3] lease ms;
-# ARGV[4] lead ms (entries due up to this far ahead count as due).
-# Returns [member, score, member, score, ...] of the entries due, now leased.
-_TAKE = """
-local now = tonumber(ARGV[1])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now + tonumber(ARGV[4]), 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
-for i = 1, #due, 2 do
-  redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[3]), due[i])
-end
-return due
-"""
+_TAKE = source("due_take.lua")
 
 
-def bucket_key(bucket: int) -> str:
+def _bucket_key(bucket: int) -> str:
     return f"dercmd:due:{{{bucket:02d}}}"
 
 
@@ -96,14 +87,14 @@ class Due:
             return
         pipe = self._redis.pipeline(transaction=False)
         for e in entries:
-            pipe.zadd(bucket_key(bucket_of(e.entity_id)), {e.member: e.at_ms})
-        async with asyncio.timeout(redis_keys.CALL_TIMEOUT_S):
+            pipe.zadd(_bucket_key(bucket_of(e.entity_id)), {e.member: e.at_ms})
+        async with asyncio.timeout(CALL_TIMEOUT_S):
             await pipe.execute()
 
     async def take(self, limit: int, lease_ms: int = LEASE_MS, lead_ms: int = 0) -> list[Entry]:
         """Lease up to ``limit`` entries of each bucket due within ``lead_ms``, earliest first."""
         now = int(self._now().timestamp() * 1000) if self._now else ""
-        replies = await self._take.run_many([([bucket_key(bucket)], [now, limit, lease_ms, lead_ms]) for bucket in range(BUCKETS)])
+        replies = await self._take.run_many([([_bucket_key(bucket)], [now, limit, lease_ms, lead_ms]) for bucket in range(BUCKETS)])
         taken = [Entry.parse(member, float(score)) for reply in replies for member, score in zip(reply[::2], reply[1::2], strict=True)]
         return sorted(taken, key=lambda e: e.due)
 
@@ -113,8 +104,8 @@ class Due:
             return
         pipe = self._redis.pipeline(transaction=False)
         for e in done:
-            pipe.zrem(bucket_key(bucket_of(e.entity_id)), e.member)
+            pipe.zrem(_bucket_key(bucket_of(e.entity_id)), e.member)
         for e, at_ms in later:
-            pipe.zadd(bucket_key(bucket_of(e.entity_id)), {e.member: at_ms})
-        async with asyncio.timeout(redis_keys.CALL_TIMEOUT_S):
+            pipe.zadd(_bucket_key(bucket_of(e.entity_id)), {e.member: at_ms})
+        async with asyncio.timeout(CALL_TIMEOUT_S):
             await pipe.execute()

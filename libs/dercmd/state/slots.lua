@@ -2,6 +2,9 @@
 -- 1-3), a scheduled command coming due (rule 4), an active window ending (rule 5), and ending
 -- a command early (a caller's cancel, or a deadline).
 --
+-- Run by slots.py (Slots.run), whose docstring lists every field of the slots hash and who
+-- writes and reads it.
+--
 -- KEYS[1]  slots hash of the entity        (dercmd:{entity}:slots)
 -- KEYS[2]  decision key of the command     (dercmd:{entity}:decision:<command id>)
 -- KEYS[3]  end and cancel: decision key of the revert they may dispatch (its own decision,

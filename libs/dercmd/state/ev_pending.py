@@ -1,4 +1,4 @@
-"""The actions whose outcome dispatch still waits for, in Redis so that every dispatch replica
+"""The EV aggregator's actions whose outcome dispatch still waits for, in Redis so that every dispatch replica
 sees them (any replica may have sent the command, any takes its webhook, any polls).
 
 Two keys under one hash tag (one slot: the actions in flight to an aggregator's vehicles are
@@ -10,6 +10,12 @@ A poll *leases* what is due (its score moves one interval ahead, atomically, in 
 clock): two replicas never poll the same action in one interval, and an action whose poller
 died is polled again an interval later. A member past its give-up time is dropped by the
 lease instead: by then the status service's deadline sweeper has asked the backend itself.
+
+Keys (written and read by dispatch's ``ev-aggregator`` backend only, through
+:class:`PendingActions`; both expire twice the give-up time after the last add):
+
+- ``dercmd:{ev-aggregator}:pending`` (sorted set): members scored by when they are next polled, ms;
+- ``dercmd:{ev-aggregator}:pending-until`` (hash): member -> when it is given up, ms.
 """
 
 from __future__ import annotations
@@ -20,51 +26,21 @@ from collections.abc import Sequence
 
 import redis.asyncio as aioredis
 
-from dercmd.state import keys as redis_keys
-from dercmd.state.scripts import Script
+from .keys import CALL_TIMEOUT_S
+from .scripts import Script, source
 
-POLL_KEY = "dercmd:{ev-aggregator}:pending"
-UNTIL_KEY = "dercmd:{ev-aggregator}:pending-until"
+_POLL_KEY = "dercmd:{ev-aggregator}:pending"
+_UNTIL_KEY = "dercmd:{ev-aggregator}:pending-until"
 
-# KEYS[1] the poll set, KEYS[2] the give-up hash; ARGV[1] first poll after ms, ARGV[2] give up
-# after ms, then members. Times are Redis's (TIME): hosts may disagree.
-_ADD = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-for i = 3, #ARGV do
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[i])
-  redis.call('HSET', KEYS[2], ARGV[i], now + tonumber(ARGV[2]))
-end
-redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[2]))
-redis.call('PEXPIRE', KEYS[2], 2 * tonumber(ARGV[2]))
-return #ARGV - 2
-"""
-
-# KEYS as above; ARGV[1] most members, ARGV[2] lease ms. Returns the members leased.
-_TAKE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
-local taken = {}
-for _, member in ipairs(due) do
-  local give_up = tonumber(redis.call('HGET', KEYS[2], member))
-  if give_up == nil or give_up <= now then
-    redis.call('ZREM', KEYS[1], member)
-    redis.call('HDEL', KEYS[2], member)
-  else
-    redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), member)
-    taken[#taken + 1] = member
-  end
-end
-return taken
-"""
+_ADD = source("ev_pending_add.lua")
+_TAKE = source("ev_pending_take.lua")
 
 
-def member(entity_id: str, command_id: str) -> str:
+def _member(entity_id: str, command_id: str) -> str:
     return json.dumps([entity_id, command_id], separators=(",", ":"))
 
 
-def parse(raw: bytes | str) -> tuple[str, str]:
+def _parse(raw: bytes | str) -> tuple[str, str]:
     entity_id, command_id = json.loads(raw)
     return entity_id, command_id
 
@@ -80,20 +56,25 @@ class PendingActions:
     async def add(self, commands: Sequence[tuple[str, str]]) -> None:
         """Wait for these ``(entity id, command id)``: first polled ``first_poll_s`` from now."""
         if commands:
-            await self._add.run([POLL_KEY, UNTIL_KEY], [self._first_poll_ms, self._give_up_ms, *(member(e, c) for e, c in commands)])
+            await self._add.run([_POLL_KEY, _UNTIL_KEY], [self._first_poll_ms, self._give_up_ms, *(_member(e, c) for e, c in commands)])
 
     async def take(self, limit: int, lease_s: float) -> list[tuple[str, str]]:
         """Lease up to ``limit`` due commands for ``lease_s`` (then they are due again)."""
-        replies = await self._take.run([POLL_KEY, UNTIL_KEY], [limit, int(lease_s * 1000)])
-        return [parse(raw) for raw in replies]
+        replies = await self._take.run([_POLL_KEY, _UNTIL_KEY], [limit, int(lease_s * 1000)])
+        return [_parse(raw) for raw in replies]
+
+    async def waiting(self) -> int:
+        """How many actions are waited for (operations, tests)."""
+        async with asyncio.timeout(CALL_TIMEOUT_S):
+            return int(await self._redis.zcard(_POLL_KEY))
 
     async def remove(self, commands: Sequence[tuple[str, str]]) -> None:
         """Stop waiting for these (their outcome is known)."""
         if not commands:
             return
-        members = [member(e, c) for e, c in commands]
+        members = [_member(e, c) for e, c in commands]
         pipe = self._redis.pipeline(transaction=False)
-        pipe.zrem(POLL_KEY, *members)
-        pipe.hdel(UNTIL_KEY, *members)
-        async with asyncio.timeout(redis_keys.CALL_TIMEOUT_S):
+        pipe.zrem(_POLL_KEY, *members)
+        pipe.hdel(_UNTIL_KEY, *members)
+        async with asyncio.timeout(CALL_TIMEOUT_S):
             await pipe.execute()
