@@ -23,7 +23,7 @@ Keys (all of one entity under its hash tag, so one script call touches one Redis
   delivery does not get through (delivery.lua; delivery.lua)
 
 Writers: arbitration (:meth:`Slots.run`, ``slots.lua``) and dispatch's claim (``delivery.lua``,
-moving into this package). Readers: the same scripts, and intake's cooldown check.
+:mod:`.delivery`). Readers: the same scripts, and intake's cooldown check.
 
 ``dercmd:{entity}:decision:<command id>`` (string, JSON, expires ``STATE_TTL_S`` after the
 command's last due time)
