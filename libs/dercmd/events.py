@@ -296,6 +296,9 @@ class DispatchOrderV1(CommandFields, Event):
     #: Not to be sent before this time: arbitration acts on due starts and ends a little
     #: ahead (``DERCMD_DUE_LEAD_MS``) so the order waits at dispatch, not in the pipeline.
     not_before: datetime | None = None
+    #: The caller's deadline: no backend call is made after it; the command ends
+    #: ``Failed: expired`` instead.
+    expires_at: datetime | None = None
     #: Ordered for a command announced again by recovery: where dispatch has no record of it
     #: (Redis lost it), the backend is asked whether it has it before it is sent.
     recovered: bool = False

@@ -145,7 +145,7 @@ def _activation(entity_id: str, command_id: str, payload: Payload, decision: Dec
         command_id=command_id, entity_id=entity_id, type=payload.type, value=payload.value, percentage=payload.percentage,
         fence=decision.fence, accepted_at=_time(payload.accepted_ms) or now, ordered_at=now,
         start_at=_time(payload.start_ms) if payload.end_ms else None, end_at=_time(payload.end_ms),
-        asset_identifiers=payload.assets, not_before=not_before, recovered=recovered,
+        asset_identifiers=payload.assets, not_before=not_before, recovered=recovered, expires_at=_time(payload.expires_ms),
     )
     triggered = _status(command_id, entity_id, CommandStatus.TRIGGERED, now, fence=decision.fence)
     return [triggered], [(topics.ORDERS, order, entity_id)]

@@ -71,7 +71,7 @@ class Dispatcher:
         self._pool = BackendPool(settings, fleet, self.context)
         self._outcomes = Outcomes(deliveries, service.publisher)
         checks = Checks(self._pool, deliveries, self._outcomes, service.publisher, fleet)
-        sender = Sender(self._pool, deliveries, self._outcomes, fleet, self.tokens)
+        sender = Sender(self._pool, deliveries, self._outcomes, fleet, self.tokens, now=self.clock.now)
         self._calls = Calls(settings, self._pool, sender, self._outcomes, checks, self.reports, self.clock)
         self.handle = self._calls.handle
 

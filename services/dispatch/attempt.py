@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from dercmd.consumer import retrying
 from dercmd.events import CommandStatus, DispatchOrderV1, utcnow
@@ -21,6 +23,8 @@ from .tokens import ResultTokens
 log = logging.getLogger(__name__)
 
 Failure = tuple[DispatchOrderV1, backends.BackendError]
+#: Why an order past the caller's ``expiresAt`` ends: ``Failed: expired``.
+EXPIRED = backends.NotDelivered("expired", "its expiresAt passed before it was delivered")
 
 
 @dataclass
@@ -33,6 +37,8 @@ class Attempt:
     resumed: list[tuple[DispatchOrderV1, Transition]] = field(default_factory=list)
     again: list[Failure] = field(default_factory=list)
     unknown: list[Failure] = field(default_factory=list)
+    #: Past the caller's ``expiresAt`` when their turn came: not claimed, never sent.
+    expired: list[Failure] = field(default_factory=list)
 
     def merge(self, other: Attempt) -> None:
         self.accepted += other.accepted
@@ -40,7 +46,9 @@ class Attempt:
 
 
 class Sender:
-    def __init__(self, pool: BackendPool, deliveries: Deliveries, outcomes: Outcomes, fleet: Fleet, tokens: ResultTokens) -> None:
+    def __init__(self, pool: BackendPool, deliveries: Deliveries, outcomes: Outcomes, fleet: Fleet, tokens: ResultTokens,
+                 now: Callable[[], datetime]) -> None:
+        self._now = now
         self._pool = pool
         self._deliveries = deliveries
         self._outcomes = outcomes
@@ -62,10 +70,16 @@ class Sender:
             return await self._claim_and_send(orders, backend)
 
     async def _claim_and_send(self, orders: list[DispatchOrderV1], backend: backends.DeviceBackend | None) -> Attempt:
+        result = Attempt()
+        now = self._now()
+        # The last look at the caller's deadline, just before the claim: a call slot or the
+        # rate limit may have held the orders past it.
+        if any(o.expires_at is not None and o.expires_at <= now for o in orders):
+            result.expired = [(o, EXPIRED) for o in orders if o.expires_at is not None and o.expires_at <= now]
+            orders = [o for o in orders if o.expires_at is None or o.expires_at > now]
         claims = await retrying(lambda: self._deliveries.claim_many([(key(o), o.fence, o.end_at is not None) for o in orders]),
                                 "dispatch claims")
         claimed: list[DispatchOrderV1] = []
-        result = Attempt()
         for order, claim in zip(orders, claims, strict=True):
             if claim.step is Step.STALE:
                 # A newer command took the slot before this one was claimed; arbitration has

@@ -17,9 +17,10 @@ from dercmd.clock import SharedClock
 from dercmd.consumer import Item, retrying
 from dercmd.events import DeliveryCheckV1, DispatchOrderV1
 from dercmd.settings import DispatchSettings
+from dercmd.state.delivery import Stage, Step, Transition
 
 from . import backends, metrics
-from .attempt import Attempt, Failure, Sender
+from .attempt import EXPIRED, Attempt, Failure, Sender
 from .checks import Checks
 from .outcomes import Outcomes, first_of_each
 from .pool import BackendPool
@@ -27,6 +28,11 @@ from .reports import Reports
 from .resilience import RetryPolicy
 
 log = logging.getLogger(__name__)
+
+
+def _expired_after(error: backends.BackendError) -> backends.BackendError:
+    """Why an order ends at its ``expiresAt`` after attempts the backend did not take."""
+    return backends.NotDelivered(EXPIRED.reason, f"{EXPIRED.detail} (last attempt: {error.reason})")
 
 
 class Calls:
@@ -136,6 +142,8 @@ class Calls:
                 sending = None
             # From here on every step is idempotent, so a failed dependency is simply retried:
             # nothing may leave a delivered command without its outcome.
+            if result.expired:
+                await self._expire(result, backend)
             await self._record(result)
             if result.unknown and backend is not None:
                 # What may have reached the device is asked about only once the request can no
@@ -152,26 +160,52 @@ class Calls:
             orders = await self._again(backend, result.again, attempt)
             attempt += 1
 
+    async def _expire(self, result: Attempt, backend: backends.DeviceBackend | None) -> None:
+        """Orders whose ``expiresAt`` passed before their turn: ``Failed: expired``, never sent.
+        One an attempt left in flight is asked about like any unknown delivery."""
+        metrics.ORDERS.labels("expired").inc(len(result.expired))
+        inflight = await self._outcomes.give_up(result.expired)
+        if backend is not None:
+            result.unknown += inflight
+        else:
+            result.resumed += [(o, Transition(Step.FOUND, Stage.INFLIGHT)) for o, _ in inflight]
+
     async def _record(self, result: Attempt) -> None:
         await retrying(lambda: self._outcomes.record(result.accepted, result.failed, result.resumed), "dispatch results")
 
     async def _again(self, backend: backends.DeviceBackend, again: list[Failure], attempt: int) -> list[DispatchOrderV1]:
-        """The orders to send again, after the backoff; those past their deadline end Failed."""
+        """The orders to send again, after the backoff. Those whose deadline comes before the
+        next attempt end Failed: past the retry deadline at once (as they always have), past
+        the caller's ``expiresAt`` at that moment (``Failed: expired``, within the backoff)."""
         now = self._clock.now()
         retry_after = max((e.retry_after_s or 0.0 for _, e in again if isinstance(e, backends.NotDelivered)), default=0.0)
         wait_s = self._retry.backoff_s(attempt, retry_after)
-        late = [(o, e) for o, e in again if self._retry.deadline(o) < now + timedelta(seconds=wait_s)]
+        next_try = now + timedelta(seconds=wait_s)
+        expiring = [(o, e) for o, e in again if o.expires_at is not None and o.expires_at < next_try
+                    and o.expires_at <= self._retry.deadline(o)]
+        expiring_ids = {o.command_id for o, _ in expiring}
+        late = [(o, e) for o, e in again if o.command_id not in expiring_ids and self._retry.deadline(o) < next_try]
         if late:
             await self._outcomes.give_up(late)
-        late_ids = {o.command_id for o, _ in late}
-        keep = [o for o, _ in again if o.command_id not in late_ids]
+        gone = expiring_ids | {o.command_id for o, _ in late}
+        keep = [o for o, _ in again if o.command_id not in gone]
         for _, error in again:
             metrics.RETRIES.labels(backend.name, error.reason).inc()
         if keep:
             log.info("sending again", extra={"backend": backend.name, "commands": len(keep), "wait_s": round(wait_s, 3),
                                              "command_ids": [o.command_id for o in keep][:20]})
-            await asyncio.sleep(wait_s)
+        await asyncio.gather(self._expire_at_deadline(backend, expiring), asyncio.sleep(wait_s if keep else 0))
         return keep
+
+    async def _expire_at_deadline(self, backend: backends.DeviceBackend, expiring: list[Failure]) -> None:
+        """Each order ends ``Failed: expired`` at its ``expiresAt`` (never earlier: until then
+        it was still the caller's to have)."""
+        for when in sorted({o.expires_at for o, _ in expiring if o.expires_at is not None}):
+            await asyncio.sleep(max(0.0, self._clock.seconds_until(when)))
+            due = [(o, _expired_after(e)) for o, e in expiring if o.expires_at == when]
+            result = Attempt(expired=due)
+            await self._expire(result, None)  # (they are not in flight: the backend did not take them)
+            await self._record(result)
 
 
 class _Countdown:

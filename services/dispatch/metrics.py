@@ -7,7 +7,7 @@ from dercmd.metrics import LATENCY_BUCKETS
 ORDERS = Counter(
     "dercmd_dispatch_orders_total",
     "Dispatch orders handled, by result (sent, failed, stale, redelivered; recovered: announced again by recovery "
-    "with no delivery record, so the backend was asked first).",
+    "with no delivery record, so the backend was asked first; expired: past the caller's expiresAt, never sent).",
     ["result"],
 )
 BACKEND_CALLS = Counter(

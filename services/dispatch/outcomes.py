@@ -144,20 +144,27 @@ class Outcomes:
                 resumed.append((order, t))
         return again, resumed
 
-    async def give_up(self, late: Sequence[tuple[DispatchOrderV1, backends.BackendError]]) -> None:
+    async def give_up(self, late: Sequence[tuple[DispatchOrderV1, backends.BackendError]]
+                      ) -> list[tuple[DispatchOrderV1, backends.BackendError]]:
         """Orders not delivered by their deadline end Failed, recorded as done first (so that a
         redelivered copy is never sent after its Failed; what the device holds is untouched).
-        One a newer command made stale was reported by arbitration."""
+        One a newer command made stale was reported by arbitration. Returns those found in
+        flight (an attempt died during its call): the device may have them, so they are to be
+        asked about, not failed."""
         outcomes = {o.command_id: Outcome(CommandStatus.FAILED, e.reason, f"not delivered by its deadline: {e.detail}") for o, e in late}
         moved = await retrying(lambda: self._deliveries.abandon_many([(key(o), o.fence, outcomes[o.command_id]) for o, _ in late]),
                                "dispatch results")
         publish: Records = []
         resumed: list[tuple[DispatchOrderV1, Transition]] = []
-        for (order, _), t in zip(late, moved, strict=True):
+        inflight: list[tuple[DispatchOrderV1, backends.BackendError]] = []
+        for (order, error), t in zip(late, moved, strict=True):
             if t.step is Step.ABANDONED:
                 publish.append(order_status(order, outcomes[order.command_id]))
+            elif t.stage is Stage.INFLIGHT:
+                inflight.append((order, backends.DeliveryUnknown("delivery_unknown", f"dispatch stopped during the call ({error.detail})")))
             elif t.step is not Step.STALE:
                 resumed.append((order, t))
         metrics.ORDERS.labels("failed").inc(len(publish))
         await retrying(lambda: self._publisher.publish_all(publish), "dispatch results")
         await retrying(lambda: self.record([], [], resumed), "dispatch results")
+        return inflight

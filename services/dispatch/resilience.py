@@ -119,9 +119,9 @@ class RetryPolicy:
 
     def deadline(self, order: DispatchOrderV1) -> datetime:
         """The last moment to try delivering: ``retry_for_s`` after it was due, and never after
-        its window's end."""
+        its window's end or the caller's ``expiresAt``."""
         deadline = (order.not_before or order.ordered_at) + self._retry_for
-        return min(deadline, order.end_at) if order.end_at is not None else deadline
+        return min(t for t in (deadline, order.end_at, order.expires_at) if t is not None)
 
     def backoff_s(self, attempt: int, retry_after_s: float | None = None) -> float:
         """Wait before attempt ``attempt + 1``: full jitter over an exponential ceiling, at least

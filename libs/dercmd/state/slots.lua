@@ -182,7 +182,7 @@ if op == 'start' then
     d.outcome = 'gone'  -- superseded or canceled since; they said so
     return save(d)
   end
-  -- the payload: type|value|percentage|start|end|accepted|ignore cooldown|assets
+  -- the payload: type|value|percentage|start|end|accepted[+expires]|ignore cooldown|assets
   local e, ic = string.match(d.cmd or '', '^[^|]*|[^|]*|[^|]*|[^|]*|([^|]*)|[^|]*|([^|]*)|')
   local end_at = tonumber(e)
   local cooldown = tonumber(ARGV[4])

@@ -93,33 +93,38 @@ class Payload:
     assets: tuple[str, ...] | None
     accepted_ms: int
     ignore_cooldown: bool
+    expires_ms: int | None = None  # the caller's deadline (expiresAt)
 
     @classmethod
     def of(cls, cmd: CommandAcceptedV1) -> Payload:
         return cls(cmd.type, cmd.value, cmd.percentage, _ms(cmd.trigger_time) if cmd.trigger_time else None,
-                   _ms(cmd.end_at) if cmd.end_at else None, cmd.asset_identifiers, _ms(cmd.accepted_at), cmd.ignore_cooldown)
+                   _ms(cmd.end_at) if cmd.end_at else None, cmd.asset_identifiers, _ms(cmd.accepted_at), cmd.ignore_cooldown,
+                   _ms(cmd.expires_at) if cmd.expires_at else None)
 
     def encode(self) -> str:
-        """``type|value|percentage|start|end|accepted|ignore cooldown|assets``: ms times, empty
-        for None, assets a JSON list (last, so it may hold any character). The script reads
-        the end and the ignore flag."""
+        """``type|value|percentage|start|end|accepted[+expires]|ignore cooldown|assets``: ms
+        times, empty for None, assets a JSON list (last, so it may hold any character). The
+        script reads the end and the ignore flag. The deadline rides on the accepted time
+        (``+<ms>``), so a payload written before it existed still reads."""
         def text(value: int | None) -> str:
             return "" if value is None else str(value)
 
         assets = json.dumps(list(self.assets), separators=(",", ":")) if self.assets is not None else ""
+        accepted = str(self.accepted_ms) if self.expires_ms is None else f"{self.accepted_ms}+{self.expires_ms}"
         return "|".join((self.type.value, text(self.value), text(self.percentage), text(self.start_ms), text(self.end_ms),
-                         str(self.accepted_ms), "1" if self.ignore_cooldown else "", assets))
+                         accepted, "1" if self.ignore_cooldown else "", assets))
 
     @classmethod
     def decode(cls, raw: str) -> Payload:
         type_, value, percentage, start, end, accepted, ignore, assets = raw.split("|", 7)
+        accepted, _, expires = accepted.partition("+")
 
         def number(text: str) -> int | None:
             return int(text) if text else None
 
         return cls(type=CommandType(type_), value=number(value), percentage=number(percentage), start_ms=number(start),
                    end_ms=number(end), assets=tuple(json.loads(assets)) if assets else None, accepted_ms=int(accepted),
-                   ignore_cooldown=ignore == "1")
+                   ignore_cooldown=ignore == "1", expires_ms=number(expires))
 
 
 @dataclass(frozen=True, slots=True)
