@@ -16,11 +16,11 @@ from pydantic.alias_generators import to_camel
 from dercmd import metrics as metrics_lib
 from dercmd import web
 from dercmd.events import utcnow
-from dercmd.dispatch.backends.ev_aggregator import EvAggregatorSettings
-from dercmd.dispatch.backends.native_window import NativeWindowSettings
-from dercmd.dispatch.backends.ocpp import OcppSettings
-from dercmd.dispatch.backends.vendor_cloud import VendorCloudSettings
 from dercmd.fleet import Fleet
+from dercmd.protocols.ev_aggregator import EvAggregatorSettings
+from dercmd.protocols.native_window import NativeWindowSettings
+from dercmd.protocols.ocpp import OcppSettings
+from dercmd.protocols.vendor_cloud import VendorCloudSettings
 from dercmd.settings import Settings
 
 from .backend import SimBackend

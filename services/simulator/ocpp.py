@@ -67,10 +67,17 @@ from ocpp.v16.enums import (
 )
 from websockets.typing import Subprotocol
 
-from dercmd.dispatch.backends.ocpp import OcppSettings
 from dercmd.events import CommandType, utcnow
 from dercmd.fleet import Entity, Fleet
-from dercmd.protocols.ocpp import CONNECTOR_ID, REMOTE_TRIGGER, SUBPROTOCOL, SUPPORTED_FEATURE_PROFILES, WS_PATH, profiles_of
+from dercmd.protocols.ocpp import (
+    CONNECTOR_ID,
+    REMOTE_TRIGGER,
+    SUBPROTOCOL,
+    SUPPORTED_FEATURE_PROFILES,
+    WS_PATH,
+    OcppSettings,
+    profiles_of,
+)
 from dercmd.settings import Settings
 
 from . import metrics

@@ -32,12 +32,10 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
 from dercmd.events import CommandType, DispatchOrderV1
 from dercmd.fleet import Entity, Fleet
 from dercmd.protocols.common import DeviceReport
+from dercmd.protocols.settings import BackendSettings
 from dercmd.settings import Settings, refuse_published
 
 if TYPE_CHECKING:
@@ -188,17 +186,6 @@ class ReportingBackend(Protocol):
     async def subscribe_reports(self, url: str, token: str) -> None: ...
 
     async def request_reports(self, entities: Sequence[Entity]) -> list[DeviceReport]: ...
-
-
-class BackendSettings(BaseSettings):
-    """A backend's own settings; a subclass sets ``env_prefix`` to ``DERCMD_<NAME>_``. Every
-    backend may be rate limited (``rate_per_s``: calls per second over all dispatch replicas,
-    0: unlimited, with bursts of ``burst`` calls)."""
-
-    model_config = SettingsConfigDict(extra="ignore")
-
-    rate_per_s: float = Field(0.0, ge=0, description="Calls per second to this backend over all dispatch replicas (0: unlimited).")
-    burst: int = Field(10, ge=1, description="Calls that may go at once after a quiet spell, within the rate.")
 
 
 BackendFactory = Callable[[BackendContext], DeviceBackend]

@@ -35,8 +35,7 @@ from collections.abc import Sequence
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import Field, ValidationError
-from pydantic_settings import SettingsConfigDict
+from pydantic import ValidationError
 
 from dercmd.events import CommandType
 from dercmd.fleet import Entity
@@ -46,17 +45,16 @@ from dercmd.protocols.ev_aggregator import (
     SIGNATURE_HEADER,
     Action,
     EvAggregatorClient,
+    EvAggregatorSettings,
     WebhookEvent,
     verify,
 )
-from dercmd.settings import Settings
 from dercmd.web import error
 
 from ..base import (
     Accepted,
     BackendContext,
     BackendError,
-    BackendSettings,
     CommandOutcome,
     Confirmation,
     Delivery,
@@ -88,25 +86,6 @@ POLL_CONCURRENCY = 16
 CLOSE_WAIT_S = 5.0
 
 _FINDINGS = {"CONFIRMED": Finding.SUCCEEDED, "FAILED": Finding.FAILED, "PENDING": Finding.PENDING}
-
-
-class EvAggregatorSettings(BackendSettings):
-    model_config = SettingsConfigDict(env_prefix="DERCMD_EV_AGGREGATOR_", extra="ignore")
-
-    url: str = Field("", description="Base URL of the EV aggregator; empty: the local simulator.")
-    client_id: str = Field("dercmd", description="OAuth2 client id dispatch authenticates with (client credentials).")
-    client_secret: str = Field("sim-ev-aggregator-secret", description="OAuth2 client secret dispatch authenticates with.")
-    timeout_s: float = Field(5.0, gt=0, description="Deadline of one call to the EV aggregator, in seconds.")
-    webhook_secret: str = Field(
-        "dercmd-dev-ev-aggregator-webhook-secret",
-        description="Key of the HMAC-SHA256 the aggregator signs its webhooks with (dispatch subscribes with it; shared by all replicas; set your own).",
-    )
-    poll_interval_s: float = Field(
-        5.0, gt=0, description="How often an action still pending is asked about, the first time this long after it was sent (the fallback for lost webhooks).",
-    )
-
-    def base_url(self, settings: Settings) -> str:
-        return self.url or f"http://{settings.bind_host}:{settings.simulator_port}/ev-aggregator"
 
 
 class EvAggregatorBackend:

@@ -10,21 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
-
 from dercmd.events import CommandType
-from dercmd.protocols.native_window import MAX_COMMANDS_PER_BATCH, NativeCommand, NativeWindowClient
+from dercmd.protocols.native_window import MAX_COMMANDS_PER_BATCH, NativeCommand, NativeWindowClient, NativeWindowSettings
 
 from ..base import Accepted, BackendContext, BackendError, Confirmation, Delivery, register
-from ..bulk_rest import BulkRestBackend, BulkRestSettings, item_error, translated
-
-
-class NativeWindowSettings(BulkRestSettings):
-    model_config = SettingsConfigDict(env_prefix="DERCMD_NATIVE_WINDOW_", extra="ignore")
-    SIMULATED = "native-window"
-
-    token: str = Field("sim-native-window-secret", description="Bearer token dispatch presents to the native-window backend.")
+from ..bulk_rest import BulkRestBackend, item_error, translated
 
 
 class NativeWindowBackend(BulkRestBackend):

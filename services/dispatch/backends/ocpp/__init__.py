@@ -24,8 +24,7 @@ from collections.abc import Sequence
 
 import httpx
 from fastapi import APIRouter
-from pydantic import Field, ValidationError
-from pydantic_settings import SettingsConfigDict
+from pydantic import ValidationError
 
 from dercmd.state import keys as redis_keys
 from dercmd.protocols.ocpp import (
@@ -38,15 +37,14 @@ from dercmd.protocols.ocpp import (
     GatewayFindings,
     GatewayOutcomesQuery,
     OcppResults,
+    OcppSettings,
     id_tag,
 )
-from dercmd.settings import Settings
 
 from ..base import (
     Accepted,
     BackendContext,
     BackendError,
-    BackendSettings,
     CommandOutcome,
     Confirmation,
     Delivery,
@@ -63,40 +61,6 @@ from ..callbacks import SignedResult, results_router
 CALLBACK_PATH = "/callbacks/ocpp"
 #: Commands whose outcome is read in one Redis round trip.
 OUTCOMES_PER_CALL = 500
-
-
-class OcppSettings(BackendSettings):
-    """Read by dispatch's backend and by the gateway alike."""
-
-    model_config = SettingsConfigDict(env_prefix="DERCMD_OCPP_", extra="ignore")
-
-    gateway_token: str = Field(
-        "dercmd-dev-ocpp-gateway-secret", description="Bearer token dispatch presents to the OCPP gateway's internal API (set your own)."
-    )
-    call_timeout_s: float = Field(
-        10.0, gt=0, description="How long the gateway waits for a charge point's answer to a call (and for its turn on the connection)."
-    )
-    heartbeat_interval_s: int = Field(
-        60, ge=1, description="Heartbeat interval the gateway gives charge points at boot; a connection's Redis record expires after three missed."
-    )
-    reconnect_wait_s: float = Field(
-        2.0, ge=0, description="How long a delivery waits for a charge point seen before to be connected and booted (a reconnect after a dropped connection) before it counts as not delivered."
-    )
-    gateway_url: str = Field(
-        "", description="The URL at which dispatch reaches this gateway replica, recorded for each charge point it holds; empty: http://{bind_host}:{ocpp_gateway_port}."
-    )
-
-    def own_url(self, settings: Settings) -> str:
-        return (self.gateway_url or f"http://{settings.bind_host}:{settings.ocpp_gateway_port}").rstrip("/")
-
-    @property
-    def link_ttl_s(self) -> int:
-        return 3 * self.heartbeat_interval_s
-
-    @property
-    def http_timeout_s(self) -> float:
-        """The gateway may wait for its turn on the connection and then for the answer."""
-        return 2 * self.call_timeout_s + 2
 
 
 class OcppBackend:

@@ -11,14 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fastapi import APIRouter
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
-
 from dercmd.events import CommandType
 from dercmd.protocols.vendor_cloud import (
     MAX_COMMANDS_PER_BATCH,
     VendorCloudClient,
     VendorCommand,
+    VendorCloudSettings,
     VendorResults,
 )
 
@@ -30,18 +28,11 @@ from ..base import (
     Delivery,
     register,
 )
-from ..bulk_rest import BulkRestBackend, BulkRestSettings, item_error, translated
+from ..bulk_rest import BulkRestBackend, item_error, translated
 from ..callbacks import SignedResult, results_router
 
 #: Path on dispatch's server where the vendor cloud posts results.
 CALLBACK_PATH = "/callbacks/vendor-cloud"
-
-
-class VendorCloudSettings(BulkRestSettings):
-    model_config = SettingsConfigDict(env_prefix="DERCMD_VENDOR_CLOUD_", extra="ignore")
-    SIMULATED = "vendor-cloud"
-
-    token: str = Field("sim-vendor-secret", description="Bearer token dispatch presents to the vendor cloud.")
 
 
 class VendorCloudBackend(BulkRestBackend):
