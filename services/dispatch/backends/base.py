@@ -38,6 +38,8 @@ from dercmd.protocols.common import DeviceReport
 from dercmd.protocols.settings import BackendSettings
 from dercmd.settings import Settings, refuse_published
 
+from .capabilities import Capabilities, refuse_mismatched
+
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
     from fastapi import APIRouter
@@ -190,25 +192,25 @@ class ReportingBackend(Protocol):
 
 BackendFactory = Callable[[BackendContext], DeviceBackend]
 
-
 @dataclass(frozen=True, slots=True)
 class Registration:
     name: str
     create: BackendFactory
     settings: type[BackendSettings]
+    capabilities: Capabilities
 
 
 _REGISTRY: dict[str, Registration] = {}
 
 
-def register(name: str, settings: type[BackendSettings]) -> Callable[[BackendFactory], BackendFactory]:
-    """Register a backend factory under ``name`` with its settings class; a name is
-    registered once."""
+def register(name: str, settings: type[BackendSettings], capabilities: Capabilities) -> Callable[[BackendFactory], BackendFactory]:
+    """Register a backend factory under ``name`` with its settings class and what it can
+    carry; a name is registered once."""
 
     def decorator(factory: BackendFactory) -> BackendFactory:
         if name in _REGISTRY:
             raise ValueError(f"backend {name!r} is registered twice")
-        _REGISTRY[name] = Registration(name, factory, settings)
+        _REGISTRY[name] = Registration(name, factory, settings, capabilities)
         return factory
 
     return decorator
@@ -219,8 +221,14 @@ def registered() -> dict[str, Registration]:
 
 
 def create(name: str, context: BackendContext) -> DeviceBackend | None:
+    """The backend ``name`` for dispatch, None when none is registered by that name. Stops
+    the service (a clear message, exit status 1) while a secret of it holds its documented
+    default in production, or while the fleet's compatibility table promises more than the
+    backend declares (:func:`.capabilities.refuse_mismatched`). Dispatch creates every backend
+    its fleet uses at start-up, so a mismatch stops it before it takes an order."""
     registration = _REGISTRY.get(name)
     if registration is None:
         return None
     refuse_published(context.settings, registration.settings())
+    refuse_mismatched(context.fleet.compatibility, [registration])
     return registration.create(context)

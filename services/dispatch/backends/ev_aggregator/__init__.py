@@ -38,7 +38,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from dercmd.events import CommandType
-from dercmd.fleet import Entity
+from dercmd.fleet import Entity, EntityKind
 from dercmd.protocols.common import DeviceApiError
 from dercmd.protocols.ev_aggregator import (
     ACTION_TYPES,
@@ -55,6 +55,7 @@ from ..base import (
     Accepted,
     BackendContext,
     BackendError,
+    Capabilities,
     CommandOutcome,
     Confirmation,
     Delivery,
@@ -85,12 +86,16 @@ POLL_CONCURRENCY = 16
 #: Longest ``aclose`` waits for the background loops to end.
 CLOSE_WAIT_S = 5.0
 
+#: Vehicles, charging started and stopped (the aggregator's two actions).
+CAPABILITIES = Capabilities(types=frozenset({CommandType.START_CHARGING, CommandType.STOP_CHARGING}),
+                            kinds=frozenset({EntityKind.EV}))
+
 _FINDINGS = {"CONFIRMED": Finding.SUCCEEDED, "FAILED": Finding.FAILED, "PENDING": Finding.PENDING}
 
 
 class EvAggregatorBackend:
     name = NAME
-    supported_types = frozenset({CommandType.START_CHARGING, CommandType.STOP_CHARGING})
+    supported_types = CAPABILITIES.types
     max_batch = MAX_BATCH
 
     def __init__(self, client: EvAggregatorClient, context: BackendContext, settings: EvAggregatorSettings) -> None:
@@ -275,7 +280,7 @@ class EvAggregatorBackend:
             await asyncio.sleep(SUBSCRIBE_EVERY_S)
 
 
-@register(NAME, EvAggregatorSettings)
+@register(NAME, EvAggregatorSettings, CAPABILITIES)
 def _create(context: BackendContext) -> EvAggregatorBackend:
     settings = EvAggregatorSettings()
     client = EvAggregatorClient(settings.base_url(context.settings), settings.client_id, settings.client_secret,

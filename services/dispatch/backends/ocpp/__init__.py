@@ -26,6 +26,7 @@ import httpx
 from fastapi import APIRouter
 from pydantic import ValidationError
 
+from dercmd.fleet import EntityKind
 from dercmd.state import keys as redis_keys
 from dercmd.protocols.ocpp import (
     COMMANDS_PATH,
@@ -45,6 +46,7 @@ from ..base import (
     Accepted,
     BackendContext,
     BackendError,
+    Capabilities,
     CommandOutcome,
     Confirmation,
     Delivery,
@@ -59,13 +61,15 @@ from ..callbacks import SignedResult, results_router
 
 #: Path on dispatch's server where the gateway posts charge points' results.
 CALLBACK_PATH = "/callbacks/ocpp"
+#: Charge points, what OCPP's feature profiles carry (RemoteStart/StopTransaction).
+CAPABILITIES = Capabilities(types=frozenset(PROFILE_OF), kinds=frozenset({EntityKind.CP}))
 #: Commands whose outcome is read in one Redis round trip.
 OUTCOMES_PER_CALL = 500
 
 
 class OcppBackend:
     name = "ocpp"
-    supported_types = frozenset(PROFILE_OF)
+    supported_types = CAPABILITIES.types
     max_batch = 100
 
     def __init__(self, context: BackendContext, settings: OcppSettings, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
@@ -243,7 +247,7 @@ def _results_router(context: BackendContext) -> APIRouter:
     return results_router(CALLBACK_PATH, OcppResults, lambda body: [SignedResult(r.token, r.command_id, r.succeeded, r.message) for r in body.results], context)
 
 
-@register("ocpp", OcppSettings)
+@register("ocpp", OcppSettings, CAPABILITIES)
 def _create(context: BackendContext) -> OcppBackend:
     return OcppBackend(context, OcppSettings())
 

@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from dercmd.events import CommandType, utcnow
-from dercmd.fleet import Entity, Fleet
+from dercmd.fleet import Entity, EntityKind, Fleet
 from dercmd.protocols import sunspec as ss
 from dercmd.protocols.sunspec import SunSpecModbusSettings
 
@@ -42,6 +42,7 @@ from ..base import (
     Accepted,
     BackendContext,
     BackendError,
+    Capabilities,
     CommandOutcome,
     Confirmation,
     Delivery,
@@ -59,6 +60,8 @@ NAME = "sunspec-modbus"
 MAX_BATCH = 64
 PV_TYPES = frozenset({CommandType.RESET, CommandType.DISCONNECT, CommandType.LIMIT_FEED_IN, CommandType.STOP_FEED_IN,
                       CommandType.LIMIT_PRODUCTION_POWER})
+#: PV inverters, what SunSpec's controls (model 123) express.
+CAPABILITIES = Capabilities(types=PV_TYPES, kinds=frozenset({EntityKind.PV}))
 T = TypeVar("T")
 
 
@@ -70,7 +73,7 @@ class _Phase:
 
 class SunSpecModbusBackend:
     name = NAME
-    supported_types = PV_TYPES
+    supported_types = CAPABILITIES.types
     max_batch = MAX_BATCH
     router = None
 
@@ -211,7 +214,7 @@ def _translate(error: ss.SunSpecError, phase: str) -> BackendError:
     return NotDelivered("backend_unavailable", detail)  # Unreachable, or no answer before the write
 
 
-@register(NAME, SunSpecModbusSettings)
+@register(NAME, SunSpecModbusSettings, CAPABILITIES)
 def _create(context: BackendContext) -> SunSpecModbusBackend:
     settings = SunSpecModbusSettings()
     return SunSpecModbusBackend(context.fleet, settings.server(context.settings), timeout_s=settings.timeout_s,

@@ -24,6 +24,7 @@ from ..base import (
     Accepted,
     BackendContext,
     BackendError,
+    Capabilities,
     Confirmation,
     Delivery,
     register,
@@ -33,11 +34,13 @@ from ..callbacks import SignedResult, results_router
 
 #: Path on dispatch's server where the vendor cloud posts results.
 CALLBACK_PATH = "/callbacks/vendor-cloud"
+#: Every command type, to devices of every kind; windows are the cloud's to ignore (dercmd reverts).
+CAPABILITIES = Capabilities(types=frozenset(CommandType))
 
 
 class VendorCloudBackend(BulkRestBackend):
     name = "vendor-cloud"
-    supported_types = frozenset(CommandType)
+    supported_types = CAPABILITIES.types
     max_batch = MAX_COMMANDS_PER_BATCH
 
     def __init__(self, client: VendorCloudClient, context: BackendContext) -> None:
@@ -69,7 +72,7 @@ def _results_router(context: BackendContext) -> APIRouter:
     return results_router(CALLBACK_PATH, VendorResults, lambda body: [SignedResult(r.response_token, r.command_id, r.result == "SUCCEEDED", r.message) for r in body.results], context)
 
 
-@register("vendor-cloud", VendorCloudSettings)
+@register("vendor-cloud", VendorCloudSettings, CAPABILITIES)
 def _create(context: BackendContext) -> VendorCloudBackend:
     settings = VendorCloudSettings()
     client = VendorCloudClient(settings.base_url(context.settings), settings.token, timeout_s=settings.timeout_s)
