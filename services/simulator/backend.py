@@ -94,6 +94,9 @@ class SimBackend:
             responses={200: {"model": DeviceReports}}, summary="A measurement report now from each device (body: ReportRequest)",
         )
 
+    async def start(self) -> None:
+        """Nothing to start: the routes serve from the first request (a subclass may add to it)."""
+
     def authorized(self, request: Request) -> bool:
         """Whether the request carries the backend's bearer token (a backend that issues
         tokens of its own checks those instead)."""

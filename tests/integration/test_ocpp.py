@@ -31,7 +31,7 @@ from dercmd.ocpp_gateway.app import add_routes
 from dercmd.ocpp_gateway.gateway import Gateway
 from dercmd.settings import Settings
 from dercmd.simulator.faults import FaultKind, FaultPlan, Faults
-from dercmd.simulator.ocpp import OcppChargePoints, SimChargePoint
+from dercmd.simulator.backends.ocpp import OcppChargePoints, SimChargePoint
 from dercmd.simulator.recorder import Recorder
 
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)

@@ -20,11 +20,12 @@ from fastapi import Request, Response
 from dercmd.events import utcnow
 from dercmd.fleet import Fleet
 from dercmd.protocols.common import StatusAnswer, StatusQuery
-from dercmd.protocols.native_window import NativeBatch, NativeBatchAnswer
+from dercmd.protocols.native_window import NativeBatch, NativeBatchAnswer, NativeWindowSettings
 
-from .backend import SimBackend, before_answering, json_response, rate_limited
-from .faults import PER_COMMAND, FaultKind, Faults
-from .recorder import Recorder
+from ..backend import SimBackend, before_answering, json_response, rate_limited
+from ..faults import PER_COMMAND, FaultKind, Faults
+from ..recorder import Recorder
+from ..registry import SimContext, simulates
 
 BACKEND = "native-window"
 
@@ -95,3 +96,9 @@ class NativeWindowSim(SimBackend):
             return query
         return json_response({"results": [{"commandId": c, "status": "SUCCEEDED" if c in self._stored else "UNKNOWN"}
                                           for c in query.command_ids]})
+
+
+@simulates(BACKEND)
+def _create(context: SimContext) -> NativeWindowSim:
+    return NativeWindowSim(context.fleet, context.recorder, NativeWindowSettings().token, context.settings.sim_report_interval_s,
+                           transport=context.transport, faults=context.faults)

@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from fastapi import Request, Response
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, ConfigDict
+from pydantic.alias_generators import to_camel
 
 from dercmd.events import utcnow
 from dercmd.fleet import Fleet
@@ -37,12 +39,14 @@ from dercmd.protocols.vendor_cloud import (
     MAX_RESULTS_PER_POST,
     VendorBatch,
     VendorBatchAnswer,
+    VendorCloudSettings,
 )
 
-from . import metrics
-from .backend import SimBackend, before_answering, dumps, json_response, rate_limited
-from .faults import PER_COMMAND, FaultKind, Faults
-from .recorder import Recorder
+from .. import metrics
+from ..backend import SimBackend, before_answering, dumps, json_response, rate_limited
+from ..faults import PER_COMMAND, FaultKind, Faults
+from ..recorder import Recorder
+from ..registry import SimContext, simulates
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,14 @@ _JSON = {"Content-Type": "application/json"}
 class ResultFaults:
     hold_results: bool = False  # results wait (PENDING) until released
     lose_results: bool = False  # results are decided but their POST never leaves
+
+
+class FaultsBody(BaseModel):
+    """``PUT /sim/vendor-cloud/faults``: what to change; a field left out stays as it is."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+    hold_results: bool | None = None
+    lose_results: bool | None = None
 
 
 class VendorCloudSim(SimBackend):
@@ -105,6 +117,11 @@ class VendorCloudSim(SimBackend):
             responses={200: {"model": StatusAnswer}, 400: {}, 401: {}},
             summary="What became of up to 1000 commands (body: StatusQuery)",
         )
+        api = self.router  # /vendor-cloud/v1
+        self.router = APIRouter()
+        self.router.include_router(api)
+        self.router.add_api_route("/sim/vendor-cloud/faults", self.put_result_faults, methods=["PUT"], response_model=None,
+                                  tags=["sim"], summary="Hold back or lose the vendor cloud's results")
 
     async def aclose(self) -> None:
         tasks = [t for t in (self._flusher, *self._posts) if t is not None]
@@ -180,6 +197,17 @@ class VendorCloudSim(SimBackend):
             results.append({"commandId": command_id, "status": status})
         return json_response({"results": results})
 
+    async def put_result_faults(self, body: FaultsBody) -> Any:
+        """Hold the vendor cloud's results back (``commands:status`` says PENDING; setting it
+        false again reports them at once) or lose them (decided, never POSTed)."""
+        if body.lose_results is not None:
+            self.results.lose_results = body.lose_results
+        if body.hold_results is True:
+            self.results.hold_results = True
+        elif body.hold_results is False:
+            self.release_results()
+        return {"holdResults": self.results.hold_results, "loseResults": self.results.lose_results}
+
     def release_results(self) -> None:
         """Stop holding results back; those held are reported now."""
         self.results.hold_results = False
@@ -253,3 +281,12 @@ class VendorCloudSim(SimBackend):
         if response.is_success:
             return None, False
         return f"HTTP {response.status_code}: {response.text[:300]}", response.status_code >= 500 or response.status_code == 429
+
+
+@simulates(BACKEND)
+def _create(context: SimContext) -> VendorCloudSim:
+    settings = context.settings
+    return VendorCloudSim(
+        context.fleet, context.recorder, VendorCloudSettings().token, settings.sim_confirm_delay_ms / 1000,
+        report_interval_s=settings.sim_report_interval_s, callback_transport=context.transport, faults=context.faults,
+    )

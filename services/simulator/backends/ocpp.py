@@ -53,6 +53,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import websockets
+from fastapi import APIRouter
 from ocpp.exceptions import GenericError, InternalError, OCPPError
 from ocpp.routing import on
 from ocpp.v16 import ChargePoint, call, call_result
@@ -80,9 +81,10 @@ from dercmd.protocols.ocpp import (
 )
 from dercmd.settings import Settings
 
-from . import metrics
-from .faults import Fault, FaultKind, Faults
-from .recorder import Recorder
+from .. import metrics
+from ..faults import Fault, FaultKind, Faults
+from ..recorder import Recorder
+from ..registry import SimContext, simulates
 
 log = logging.getLogger(__name__)
 logging.getLogger("ocpp").setLevel(logging.WARNING)
@@ -352,6 +354,7 @@ class OcppChargePoints:
             e.id: SimChargePoint(e, url, recorder, faults, confirm_delay_s) for e in fleet.entities.values() if e.backend == NAME
         }
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.router = APIRouter()  # the charge points call out; nothing is served
 
     def start(self) -> None:
         self._tasks = {entity_id: asyncio.ensure_future(cp.run()) for entity_id, cp in self.by_entity.items()}
@@ -374,3 +377,9 @@ class OcppChargePoints:
     def connected(self) -> Awaitable[Any]:
         """Done once every charge point has booted on a connection (tests)."""
         return asyncio.gather(*(cp.connected.wait() for cp in self.by_entity.values()))
+
+
+@simulates(NAME, state="charge_points")
+def _create(context: SimContext) -> OcppChargePoints:
+    return OcppChargePoints(context.fleet, context.recorder, context.faults, gateway_ws_url(context.settings, OcppSettings()),
+                            context.settings.sim_confirm_delay_ms / 1000)

@@ -42,12 +42,13 @@ from pydantic.alias_generators import to_camel
 
 from dercmd.events import utcnow
 from dercmd.fleet import Entity, Fleet
-from dercmd.protocols.ev_aggregator import ACTION_TYPES, SIGNATURE_HEADER, ActionRequest, WebhookSubscription, sign
+from dercmd.protocols.ev_aggregator import ACTION_TYPES, SIGNATURE_HEADER, ActionRequest, EvAggregatorSettings, WebhookSubscription, sign
 
-from . import metrics
-from .backend import SimBackend, before_answering, dumps, json_response
-from .faults import FaultKind, Faults
-from .recorder import Recorder
+from .. import metrics
+from ..backend import SimBackend, before_answering, dumps, json_response
+from ..faults import FaultKind, Faults
+from ..recorder import Recorder
+from ..registry import SimContext, simulates
 
 log = logging.getLogger(__name__)
 
@@ -270,3 +271,11 @@ class EvAggregatorSim(SimBackend):
             self.unplugged.add(vehicle_id)
         return json_response({"vehicleId": vehicle_id, "pluggedIn": body.plugged_in})
 
+
+@simulates(BACKEND)
+def _create(context: SimContext) -> EvAggregatorSim:
+    settings, own = context.settings, EvAggregatorSettings()
+    return EvAggregatorSim(
+        context.fleet, context.recorder, own.client_id, own.client_secret, settings.sim_confirm_delay_ms / 1000,
+        token_ttl_s=settings.sim_token_ttl_s, transport=context.transport, faults=context.faults,
+    )

@@ -39,10 +39,11 @@ from dercmd.events import CommandType, utcnow
 from dercmd.fleet import Entity, Fleet
 from dercmd.protocols import sunspec as ss
 
-from . import metrics
-from .devices import NOMINAL_W, SimDevice, measures
-from .faults import FaultKind, Faults
-from .recorder import Recorder
+from .. import metrics
+from ..devices import NOMINAL_W, SimDevice, measures
+from ..faults import FaultKind, Faults
+from ..recorder import Recorder
+from ..registry import SimContext, simulates
 
 
 BACKEND = "sunspec-modbus"
@@ -291,3 +292,8 @@ class SunSpecSim:
 
 def _exception(function: int, code: int) -> bytes:
     return bytes([function | 0x80, code])
+
+
+@simulates(BACKEND, state="sunspec")
+def _create(context: SimContext) -> SunSpecSim:
+    return SunSpecSim(context.fleet, context.recorder, context.faults, context.settings.bind_host, context.settings.sim_modbus_port)
