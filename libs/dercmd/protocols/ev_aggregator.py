@@ -241,6 +241,7 @@ class EvAggregatorClient(JsonClient):
 
 class EvAggregatorSettings(BackendSettings):
     model_config = SettingsConfigDict(env_prefix="DERCMD_EV_AGGREGATOR_", extra="ignore")
+    LOCAL = ("url",)
 
     url: str = Field("", description="Base URL of the EV aggregator; empty: the local simulator.")
     client_id: str = Field("dercmd", description="OAuth2 client id dispatch authenticates with (client credentials).")

@@ -151,6 +151,7 @@ class OcppSettings(BackendSettings):
     """Read by dispatch's ``ocpp`` backend, the gateway and the simulated charge points alike."""
 
     model_config = SettingsConfigDict(env_prefix="DERCMD_OCPP_", extra="ignore")
+    LOCAL = ("gateway_url",)
 
     gateway_token: str = Field(
         "dercmd-dev-ocpp-gateway-secret", description="Bearer token dispatch presents to the OCPP gateway's internal API (set your own)."

@@ -5,6 +5,8 @@ simulator) reads them from the library, never from another service."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import ClassVar
 
 from pydantic import Field
@@ -19,6 +21,10 @@ class BackendSettings(BaseSettings):
     0: unlimited, with bursts of ``burst`` calls)."""
 
     model_config = SettingsConfigDict(extra="ignore")
+    #: Fields whose default means "on this machine" (the local simulator, this gateway): a
+    #: stack started beside others (:func:`dercmd.launcher.isolated_env`) holds them at it,
+    #: whatever the environment says (:func:`local_defaults`).
+    LOCAL: ClassVar[tuple[str, ...]] = ()
 
     rate_per_s: float = Field(0.0, ge=0, description="Calls per second to this backend over all dispatch replicas (0: unlimited).")
     burst: int = Field(10, ge=1, description="Calls that may go at once after a quiet spell, within the rate.")
@@ -29,6 +35,7 @@ class BulkRestSettings(BackendSettings):
     ``SIMULATED`` path (the local simulator's, used when ``url`` is empty) and its defaults."""
 
     SIMULATED: ClassVar[str]
+    LOCAL = ("url",)
 
     url: str = Field("", description="Base URL of the backend; empty: the local simulator.")
     token: str = Field(description="Bearer token dispatch presents to the backend.")
@@ -36,3 +43,23 @@ class BulkRestSettings(BackendSettings):
 
     def base_url(self, settings: Settings) -> str:
         return self.url or f"http://{settings.bind_host}:{settings.simulator_port}/{self.SIMULATED}"
+
+
+def local_defaults() -> dict[str, str]:
+    """``DERCMD_<NAME>_<FIELD>`` -> its default, for every ``LOCAL`` field of every protocol's
+    settings (every module of :mod:`dercmd.protocols` is imported to find them)."""
+    package = importlib.import_module(__package__ or "dercmd.protocols")
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{module.name}")
+    found: dict[str, str] = {}
+    pending: list[type[BackendSettings]] = [BackendSettings]
+    while pending:
+        cls = pending.pop()
+        pending += cls.__subclasses__()
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        if not prefix or not cls.__module__.startswith("dercmd.protocols."):
+            continue  # a base, or a test's
+        for name in cls.LOCAL:
+            default = cls.model_fields[name].default
+            found[f"{prefix}{name}".upper()] = str(default)
+    return dict(sorted(found.items()))

@@ -496,6 +496,7 @@ class SunSpecClient:
 
 class SunSpecModbusSettings(BackendSettings):
     model_config = SettingsConfigDict(env_prefix="DERCMD_SUNSPEC_MODBUS_", extra="ignore")
+    LOCAL = ("host", "port")
 
     host: str = Field("", description="Modbus TCP server of units addressed without a host; empty: the local simulator (DERCMD_BIND_HOST).")
     port: int = Field(0, ge=0, description="Its port; 0: the simulator's (DERCMD_SIM_MODBUS_PORT).")
