@@ -68,6 +68,7 @@ from ..base import (
     register,
 )
 from ..bulk_rest import translate, translated
+from ..subscriptions import keep_subscribed
 from .pending import PendingActions
 
 log = logging.getLogger(__name__)
@@ -267,17 +268,11 @@ class EvAggregatorBackend:
             await asyncio.sleep(tick_s)
 
     async def _subscribe_forever(self) -> None:
-        delay = 1.0
-        while not self._closed:
-            try:
-                await self._client.subscribe_webhook(self._webhook_url, self._settings.webhook_secret)
-            except Exception as exc:  # the aggregator, or a bug: either way, try again later
-                log.warning("webhook subscription failed", extra={"backend": NAME, "error": repr(exc), "retry_in_s": delay})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, SUBSCRIBE_EVERY_S)
-                continue
-            delay = 1.0
-            await asyncio.sleep(SUBSCRIBE_EVERY_S)
+        def failed(exc: Exception, retry_in_s: float) -> None:  # the aggregator, or a bug
+            log.warning("webhook subscription failed", extra={"backend": NAME, "error": repr(exc), "retry_in_s": retry_in_s})
+
+        await keep_subscribed(lambda: self._client.subscribe_webhook(self._webhook_url, self._settings.webhook_secret), failed,
+                              every_s=SUBSCRIBE_EVERY_S, running=lambda: not self._closed)
 
 
 @register(NAME, EvAggregatorSettings, CAPABILITIES)
