@@ -12,6 +12,7 @@ answer is the confirmation, there is nothing later to lose.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -19,11 +20,10 @@ from fastapi import Request, Response
 
 from dercmd.events import utcnow
 from dercmd.fleet import Fleet
-from dercmd.protocols.common import StatusAnswer, StatusQuery
 from dercmd.protocols.native_window import NativeBatch, NativeBatchAnswer, NativeWindowSettings
 
-from ..backend import SimBackend, before_answering, json_response, rate_limited
-from ..faults import PER_COMMAND, FaultKind, Faults
+from ..backend import SimBackend
+from ..faults import Faults
 from ..recorder import Recorder
 from ..registry import SimContext, simulates
 
@@ -39,38 +39,21 @@ class NativeWindowSim(SimBackend):
     ) -> None:
         super().__init__(fleet, recorder, token, report_interval_s, transport=transport, faults=faults)
         self._stored: set[str] = set()
-        self.router.add_api_route(
-            "/commands:status", self.commands_status, methods=["POST"], response_model=None,
-            responses={200: {"model": StatusAnswer}, 400: {}, 401: {}}, summary="Which of up to 1000 commands a device stored",
-        )
-        self.router.add_api_route(
-            "/commands:batch",
-            self.commands_batch,
-            methods=["POST"],
-            response_model=None,
-            responses={200: {"model": NativeBatchAnswer}, 400: {}, 401: {}},
-            summary="Send up to 100 commands, windows included (body: NativeBatch)",
-            description="The native-window bulk endpoint; the protocol is described in `dercmd.protocols.native_window`.",
-        )
+        self.serve_commands(NativeBatchAnswer, "Send up to 100 commands, windows included (body: NativeBatch)",
+                            "Which of up to 1000 commands a device stored")
 
     async def commands_batch(self, request: Request) -> Response:
-        batch = await self.read(request, NativeBatch)
-        if isinstance(batch, Response):
-            return batch
-        faulty = self.faults.active
-        call_fault = self.faults.draw_call([e.id for c in batch.commands if (e := self.devices.get(c.device_id))]) if faulty else None
-        if call_fault is not None and call_fault.kind is FaultKind.RATE_LIMITED:
-            return rate_limited(call_fault)
+        call = await self.batch_call(request, NativeBatch)
+        if isinstance(call, Response):
+            return call
         now = utcnow()
         answers: list[dict[str, Any]] = []
-        for command in batch.commands:
-            entity = self.devices.get(command.device_id)
-            if entity is None:
-                answers.append({"commandId": command.command_id, "status": 404, "message": f"unknown device {command.device_id}"})
+        for command in call.batch.commands:
+            taken = self.take(command, call.faulty)
+            if isinstance(taken, dict):
+                answers.append(taken)
                 continue
-            if faulty and (fault := self.faults.draw(entity.id, PER_COMMAND)) and fault.kind is FaultKind.ERROR_5XX:
-                answers.append({"commandId": command.command_id, "status": 503, "message": "device unreachable (fault injected)"})
-                continue
+            entity, _ = taken
             state = self.states.get(command.device_id)
             if state is not None:
                 refusal = state.refusal(command.asset_identifiers, command.end_at, now)
@@ -86,16 +69,10 @@ class NativeWindowSim(SimBackend):
             self.received.inc()
             self._stored.add(command.command_id)
             answers.append({"commandId": command.command_id, "status": 201})
-        if (dropped := await before_answering(request, call_fault)) is not None:
-            return dropped
-        return json_response({"results": answers})
+        return await self.answer_batch(request, call, answers)
 
-    async def commands_status(self, request: Request) -> Response:
-        query = await self.read(request, StatusQuery)
-        if isinstance(query, Response):
-            return query
-        return json_response({"results": [{"commandId": c, "status": "SUCCEEDED" if c in self._stored else "UNKNOWN"}
-                                          for c in query.command_ids]})
+    def command_statuses(self, command_ids: Sequence[str]) -> list[str]:
+        return ["SUCCEEDED" if c in self._stored else "UNKNOWN" for c in command_ids]
 
 
 @simulates(BACKEND)

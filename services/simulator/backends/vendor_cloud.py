@@ -24,6 +24,7 @@ import itertools
 import logging
 import math
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,6 @@ from pydantic.alias_generators import to_camel
 
 from dercmd.events import utcnow
 from dercmd.fleet import Fleet
-from dercmd.protocols.common import StatusAnswer, StatusQuery
 from dercmd.protocols.vendor_cloud import (
     MAX_RESULTS_PER_POST,
     VendorBatch,
@@ -43,8 +43,8 @@ from dercmd.protocols.vendor_cloud import (
 )
 
 from .. import metrics
-from ..backend import SimBackend, before_answering, dumps, json_response, rate_limited
-from ..faults import PER_COMMAND, FaultKind, Faults
+from ..backend import SimBackend, dumps
+from ..faults import FaultKind, Faults
 from ..recorder import Recorder
 from ..registry import SimContext, simulates
 
@@ -100,23 +100,8 @@ class VendorCloudSim(SimBackend):
         self._wake = asyncio.Event()  # set when an entry is due earlier than all others
         self._flusher: asyncio.Task[None] | None = None
         self._posts: set[asyncio.Task[None]] = set()
-        self.router.add_api_route(
-            "/commands:batch",
-            self.commands_batch,
-            methods=["POST"],
-            response_model=None,
-            responses={200: {"model": VendorBatchAnswer}, 400: {}, 401: {}},
-            summary="Send up to 1000 commands (body: VendorBatch)",
-            description="The vendor-cloud bulk endpoint; the protocol is described in `dercmd.protocols.vendor_cloud`.",
-        )
-        self.router.add_api_route(
-            "/commands:status",
-            self.commands_status,
-            methods=["POST"],
-            response_model=None,
-            responses={200: {"model": StatusAnswer}, 400: {}, 401: {}},
-            summary="What became of up to 1000 commands (body: StatusQuery)",
-        )
+        self.serve_commands(VendorBatchAnswer, "Send up to 1000 commands (body: VendorBatch)",
+                            "What became of up to 1000 commands (body: StatusQuery)")
         api = self.router  # /vendor-cloud/v1
         self.router = APIRouter()
         self.router.include_router(api)
@@ -134,26 +119,20 @@ class VendorCloudSim(SimBackend):
         """Answers and results are plain dicts in the wire shape of VendorItemResult and
         VendorResult: a pydantic model per item would cost several us per command at
         thousands of commands/s (tests read them back through those models)."""
-        batch = await self.read(request, VendorBatch)
-        if isinstance(batch, Response):
-            return batch
-        faulty = self.faults.active
-        call_fault = self.faults.draw_call([e.id for c in batch.commands if (e := self.devices.get(c.device_id))]) if faulty else None
-        if call_fault is not None and call_fault.kind is FaultKind.RATE_LIMITED:
-            return rate_limited(call_fault)
+        call = await self.batch_call(request, VendorBatch)
+        if isinstance(call, Response):
+            return call
+        batch = call.batch
         received_at = utcnow()
         answers: list[dict[str, Any]] = []
         reports: list[dict[str, Any]] = []
         lost: list[dict[str, Any]] = []
         for command in batch.commands:
-            entity = self.devices.get(command.device_id)
-            if entity is None:
-                answers.append({"commandId": command.command_id, "status": 404, "message": f"unknown device {command.device_id}"})
+            taken = self.take(command, call.faulty)
+            if isinstance(taken, dict):
+                answers.append(taken)
                 continue
-            fault = self.faults.draw(entity.id, PER_COMMAND) if faulty else None
-            if fault is not None and fault.kind is FaultKind.ERROR_5XX:
-                answers.append({"commandId": command.command_id, "status": 503, "message": "device unreachable (fault injected)"})
-                continue
+            entity, fault = taken
             state = self.states.get(command.device_id)  # measuring devices only (none in an EV fleet)
             if state is not None:
                 refusal = state.refusal(command.assets, None, received_at)
@@ -181,21 +160,15 @@ class VendorCloudSim(SimBackend):
                 self._decide(reports, math.inf)
             else:
                 self._schedule(batch.response_url, reports, self._confirm_delay_s)
-        if (dropped := await before_answering(request, call_fault)) is not None:
-            return dropped
-        return json_response({"results": answers})
+        return await self.answer_batch(request, call, answers)
 
-    async def commands_status(self, request: Request) -> Response:
-        query = await self.read(request, StatusQuery)
-        if isinstance(query, Response):
-            return query
+    def command_statuses(self, command_ids: Sequence[str]) -> list[str]:
         now = asyncio.get_running_loop().time()
-        results = []
-        for command_id in query.command_ids:
+        statuses = []
+        for command_id in command_ids:
             decided_at = self._decided_at.get(command_id)
-            status = "UNKNOWN" if decided_at is None else "SUCCEEDED" if decided_at <= now else "PENDING"
-            results.append({"commandId": command_id, "status": status})
-        return json_response({"results": results})
+            statuses.append("UNKNOWN" if decided_at is None else "SUCCEEDED" if decided_at <= now else "PENDING")
+        return statuses
 
     async def put_result_faults(self, body: FaultsBody) -> Any:
         """Hold the vendor cloud's results back (``commands:status`` says PENDING; setting it
