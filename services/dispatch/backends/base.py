@@ -19,9 +19,12 @@ Dispatch decides from this tree only, never from a protocol client's own excepti
 backend translates its client's errors at its edge.
 
 A backend is a package (``backends/<name>/``) that registers a factory once
-(:func:`register`); dispatch's core knows none of them by name. The factory gets a
-:class:`BackendContext` (dispatch's settings, fleet, Redis, and the way to report results) and
-reads its own settings (:class:`BackendSettings`, ``DERCMD_<NAME>_*``). A backend that receives
+(:func:`register`), with its settings class and the :class:`Capabilities` it declares (which
+dispatch checks the compatibility table against when it creates the backend); dispatch's core
+knows none of them by name. The factory gets a :class:`BackendContext` (dispatch's settings,
+fleet, Redis, and the way to report results) and reads its own settings
+(:class:`BackendSettings`, ``DERCMD_<NAME>_*``, beside its protocol client in
+:mod:`dercmd.protocols`). A backend that receives
 callbacks offers an ``APIRouter`` as ``router``, mounted on dispatch's HTTP server.
 """
 
