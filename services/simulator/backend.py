@@ -35,11 +35,6 @@ class _Addressed(Protocol):
     def device_id(self) -> str: ...
 
 
-class _Batch(Protocol):
-    @property
-    def commands(self) -> Sequence[_Addressed]: ...
-
-
 B = TypeVar("B", bound=BaseModel)
 
 

@@ -9,13 +9,13 @@ Every vehicle is plugged in unless ``PUT /sim/ev-aggregator/vehicles/{id}`` says
 unplugged vehicle refuses ``START_CHARGING`` (409), and a start still pending when its vehicle
 is unplugged ends FAILED. Stopping always succeeds.
 
-The fault plans (:mod:`.faults`, ``PUT /sim/faults``) apply to action requests:
+The fault plans (:mod:`..faults`, ``PUT /sim/faults``) apply to action requests:
 
     latency            the action is made, the answer comes ``latencyMs`` late
     5xx / 429          503 / 429 with Retry-After, before anything is made
     timeout_after_act  the action is made, the answer is held back ``hangS``
     drop_connection    the action is made, then the TCP connection is closed without an
-                       answer (uvicorn's transport, :func:`~.backend.drop_connection`)
+                       answer (uvicorn's transport, :func:`~..backend.drop_connection`)
     lose_callback      the action is made and answered and confirms, but its webhook is never
                        sent: only asking finds its state
 

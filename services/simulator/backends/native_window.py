@@ -6,7 +6,7 @@ each command is stored on the device at once and answered 201, which is its conf
 
 A device refuses (409) a command for an asset it does not have, or a window already over. It
 says which commands it stored (``commands:status``: SUCCEEDED, or UNKNOWN). The per-device
-fault plans (:mod:`.faults`) apply as to the vendor cloud, but for ``lose_callback``: the
+fault plans (:mod:`..faults`) apply as to the vendor cloud, but for ``lose_callback``: the
 answer is the confirmation, there is nothing later to lose.
 """
 

@@ -27,7 +27,7 @@ Each command the charge point acted on is recorded once, under the CALL's messag
 the gateway makes the command's id (:func:`dercmd.protocols.ocpp.message_id`; a command id
 longer than OCPP's 36 characters is recorded under its digest).
 
-The fault plans (:mod:`.faults`) apply to RemoteStart/RemoteStop, in OCPP's terms:
+The fault plans (:mod:`..faults`) apply to RemoteStart/RemoteStop, in OCPP's terms:
 
     latency            acts, answers ``latencyMs`` late
     5xx                CALLERROR InternalError, does not act

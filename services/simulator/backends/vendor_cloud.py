@@ -3,14 +3,14 @@
 records what each device received, has the measuring devices hold the limits they were given,
 and reports the devices' results to the caller's ``responseUrl`` ``confirm_delay_s`` after the
 batch arrived, grouped into few POSTs. It answers what became of a command
-(``commands:status``) and serves measurement reports (:class:`~.backend.SimBackend`).
+(``commands:status``) and serves measurement reports (:class:`~..backend.SimBackend`).
 
 Every known device accepts and succeeds, except that a device refuses a command for an asset
 it does not have (409). Fault injection (:class:`ResultFaults`, ``PUT /sim/vendor-cloud/faults``):
 results held back (``PENDING`` until released, then reported at once) or lost (decided, so
 ``commands:status`` knows them, but never POSTed). A POST of results that fails is retried
 once, then counted in ``CALLBACK_ERRORS`` and logged: the results are lost, as they can be
-with a real vendor. The per-device fault plans (:mod:`.faults`, ``PUT /sim/faults``) apply
+with a real vendor. The per-device fault plans (:mod:`..faults`, ``PUT /sim/faults``) apply
 too: a whole call late, refused with 429 and ``Retry-After``, hanging or dropped after the
 devices acted; one command refused with 503 before its device acted, or its result lost.
 """
