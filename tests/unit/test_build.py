@@ -35,6 +35,8 @@ def test_every_package_folder_is_discovered() -> None:
     assert packages["dercmd"] == "libs/dercmd"
     assert packages["dercmd.dispatch.backends.ocpp"] == "services/dispatch/backends/ocpp"
     assert packages["dercmd.protocols"] == "libs/dercmd/protocols"
+    # The hand-kept list this replaced had left this one out: the wheel's intake could not start.
+    assert packages["dercmd.intake.routes"] == "services/intake/routes"
 
 
 def test_every_other_file_is_package_data() -> None:
