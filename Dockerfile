@@ -12,7 +12,7 @@ RUN groupadd --system --gid 10001 dercmd \
 
 # Build from a throw-away copy of the source; only the installed package stays.
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY libs ./libs
 COPY services ./services
 RUN pip install --no-cache-dir . \

@@ -90,17 +90,30 @@ class CompatibilityTable(Model):
     def supported(self, entity: Entity) -> frozenset[CommandType]:
         return self._supported(entity.kind, entity.vendor, entity.backend, entity.declared_types, entity.id)
 
-    def _supported(
-        self, kind: str, vendor: str, backend: str, declared: tuple[CommandType, ...] | None, entity_id: str
-    ) -> frozenset[CommandType]:
+    def winner(self, kind: str, vendor: str, backend: str, entity_id: str = "") -> CompatibilityRow | None:
+        """The most specific row matching, None when none does; two equally specific rows
+        are a ValueError."""
         matches = [row for row in self.rows if row.matches(kind, vendor, backend)]
         if not matches:
-            return frozenset()
+            return None
         best = max(row.specificity for row in matches)
         winners = [row for row in matches if row.specificity == best]
         if len(winners) > 1:
             raise ValueError(f"compatibility rows {winners} are equally specific for entity {entity_id}")
-        types = winners[0].types
+        return winners[0]
+
+    def kind_types(self, kind: str) -> frozenset[CommandType]:
+        """What a kind can do at most: its row for any vendor and backend (the bound of
+        ``types: declared``)."""
+        return self._supported(kind, "\0", "\0", None, "")
+
+    def _supported(
+        self, kind: str, vendor: str, backend: str, declared: tuple[CommandType, ...] | None, entity_id: str
+    ) -> frozenset[CommandType]:
+        row = self.winner(kind, vendor, backend, entity_id)
+        if row is None:
+            return frozenset()
+        types = row.types
         if types == "declared":
             # What the device declared, but never more than its kind can do.
             kind_types = self._supported(kind, "\0", "\0", None, entity_id)

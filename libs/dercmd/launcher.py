@@ -37,6 +37,7 @@ import httpx
 import redis
 
 from .kafka import ensure_topics
+from .protocols.settings import local_defaults
 from .settings import Settings
 
 SERVICES = ("simulator", "status", "dispatch", "ocpp_gateway", "arbitration", "intake")
@@ -124,12 +125,8 @@ def isolated_env(*, redis_url: str, database_url: str, fleet_file: str | Path, *
         "DERCMD_SIM_MODBUS_PORT": modbus,
         "DERCMD_OCPP_GATEWAY_PORT": ocpp_gateway,
         "DERCMD_DISPATCH_CALLBACK_URL": "",
-        "DERCMD_VENDOR_CLOUD_URL": "",
-        "DERCMD_NATIVE_WINDOW_URL": "",
-        "DERCMD_SUNSPEC_MODBUS_HOST": "",
-        "DERCMD_SUNSPEC_MODBUS_PORT": "0",
-        "DERCMD_OCPP_GATEWAY_URL": "",
-        "DERCMD_EV_AGGREGATOR_URL": "",
+        # Every backend at the local simulator (and this stack's OCPP gateway).
+        **local_defaults(),
     }
     return env | {f"DERCMD_{name.upper()}": value for name, value in settings.items()}
 

@@ -46,6 +46,7 @@ from dercmd.service import cancel_all
 from dercmd.settings import DispatchSettings
 
 from . import backends, metrics
+from .backends.subscriptions import keep_subscribed
 
 log = logging.getLogger(__name__)
 
@@ -114,18 +115,12 @@ class Reports:
 
     async def _subscribe_forever(self, name: str, backend: backends.ReportingBackend) -> None:
         url = self._base_url + REPORTS_PATH.format(backend=name)
-        delay = 1.0
-        while True:
-            try:
-                await backend.subscribe_reports(url, self.token(name))
-            except Exception as exc:  # a BackendError, or a bug: either way, try again later
-                metrics.REPORT_SUBSCRIPTION_ERRORS.labels(name).inc()
-                log.warning("report subscription failed", extra={"backend": name, "error": repr(exc), "retry_in_s": delay})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, SUBSCRIBE_EVERY_S)
-                continue
-            delay = 1.0
-            await asyncio.sleep(SUBSCRIBE_EVERY_S)
+
+        def failed(exc: Exception, retry_in_s: float) -> None:  # a BackendError, or a bug
+            metrics.REPORT_SUBSCRIPTION_ERRORS.labels(name).inc()
+            log.warning("report subscription failed", extra={"backend": name, "error": repr(exc), "retry_in_s": retry_in_s})
+
+        await keep_subscribed(lambda: backend.subscribe_reports(url, self.token(name)), failed, every_s=SUBSCRIBE_EVERY_S)
 
     # -- publishing ------------------------------------------------------------------------
 

@@ -12,9 +12,8 @@ from fastapi import FastAPI, Path, Request, WebSocket
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
-from dercmd.dispatch.backends.ocpp import OcppSettings
 from dercmd.fleet import Fleet
-from dercmd.protocols.ocpp import COMMANDS_PATH, OUTCOMES_PATH, WS_PATH, GatewayCommand, GatewayOutcomesQuery
+from dercmd.protocols.ocpp import COMMANDS_PATH, OUTCOMES_PATH, WS_PATH, GatewayCommand, GatewayOutcomesQuery, OcppSettings
 from dercmd.service import Service
 from dercmd.settings import OcppGatewaySettings, refuse_published
 

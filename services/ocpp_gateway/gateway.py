@@ -39,7 +39,7 @@ from ocpp.routing import after, on
 from ocpp.v16 import ChargePoint, call, call_result
 from ocpp.v16.enums import Action, AuthorizationStatus, MessageTrigger, RegistrationStatus, RemoteStartStopStatus, TriggerMessageStatus
 
-from dercmd.dispatch.backends.ocpp import OcppSettings
+from dercmd.protocols.ocpp import OcppSettings
 from dercmd.events import CommandType
 from dercmd.fleet import Entity, Fleet
 from dercmd.protocols.ocpp import (

@@ -4,88 +4,58 @@ devices received and hold, and to inject faults."""
 from __future__ import annotations
 
 import gc
+import inspect
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 from fastapi import FastAPI, HTTPException, Path, Query, Response
-from pydantic import BaseModel, ConfigDict
-from pydantic.alias_generators import to_camel
 
 from dercmd import metrics as metrics_lib
 from dercmd import web
 from dercmd.events import utcnow
-from dercmd.dispatch.backends.ev_aggregator import EvAggregatorSettings
-from dercmd.dispatch.backends.native_window import NativeWindowSettings
-from dercmd.dispatch.backends.ocpp import OcppSettings
-from dercmd.dispatch.backends.vendor_cloud import VendorCloudSettings
 from dercmd.fleet import Fleet
 from dercmd.settings import SimulatorSettings
 
-from .backend import SimBackend
-from .ev_aggregator import EvAggregatorSim
+from . import backends  # noqa: F401  (every simulated backend registers itself on import)
+from .devices import SimDevice
 from .faults import FaultPlan, Faults
-from .native_window import NativeWindowSim
-from .ocpp import OcppChargePoints, gateway_ws_url
 from .recorder import Recorder
-from .sunspec import SunSpecSim
-from .vendor_cloud import VendorCloudSim
-
-
-class FaultsBody(BaseModel):
-    """``PUT /sim/vendor-cloud/faults``: what to change; a field left out stays as it is."""
-
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
-    hold_results: bool | None = None
-    lose_results: bool | None = None
+from .registry import SimContext, Simulated, registered
 
 
 def create_app(settings: SimulatorSettings, *, callback_transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
     """``callback_transport`` replaces the network under what the simulator POSTs back:
-    results, webhooks and reports (tests). Each simulated backend takes the credentials its
-    dispatch backend presents from that backend's settings (``DERCMD_VENDOR_CLOUD_TOKEN``,
-    ``DERCMD_EV_AGGREGATOR_CLIENT_SECRET``, ...)."""
+    results, webhooks and reports (tests). Every registered simulated backend is built
+    (:mod:`.registry`); each takes the credentials its dispatch backend presents from that
+    protocol's settings (``DERCMD_VENDOR_CLOUD_TOKEN``, ``DERCMD_EV_AGGREGATOR_CLIENT_SECRET``, ...)."""
     fleet = Fleet.load(settings.fleet_file)
     recorder = Recorder()
     faults = Faults()
-    interval_s = settings.sim_report_interval_s
-    vendor_cloud = VendorCloudSim(
-        fleet, recorder, VendorCloudSettings().token, settings.sim_confirm_delay_ms / 1000,
-        report_interval_s=interval_s, callback_transport=callback_transport, faults=faults,
-    )
-    native_window = NativeWindowSim(fleet, recorder, NativeWindowSettings().token, interval_s, transport=callback_transport,
-                                    faults=faults)
-    sunspec = SunSpecSim(fleet, recorder, faults, settings.bind_host, settings.sim_modbus_port)
-    charge_points = OcppChargePoints(fleet, recorder, faults, gateway_ws_url(settings, OcppSettings()), settings.sim_confirm_delay_ms / 1000)
-    ev_settings = EvAggregatorSettings()
-    ev_aggregator = EvAggregatorSim(
-        fleet, recorder, ev_settings.client_id, ev_settings.client_secret, settings.sim_confirm_delay_ms / 1000,
-        token_ttl_s=settings.sim_token_ttl_s, transport=callback_transport, faults=faults,
-    )
-    backends: tuple[SimBackend | SunSpecSim, ...] = (vendor_cloud, native_window, ev_aggregator, sunspec)
+    context = SimContext(settings, fleet, recorder, faults, callback_transport)
+    registrations = sorted(registered().values(), key=lambda r: r.name)
+    simulated: dict[str, Simulated] = {r.name: r.create(context) for r in registrations}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gc.freeze()  # the fleet lives as long as the process: no full GC passes over it
-        await sunspec.start()
-        charge_points.start()
+        for backend in simulated.values():
+            started = backend.start()
+            if inspect.isawaitable(started):
+                await started
         yield
-        await charge_points.aclose()
-        for backend in backends:
+        for backend in simulated.values():
             await backend.aclose()
 
     app = FastAPI(title="dercmd simulator", lifespan=lifespan)
     web.install_error_envelope(app)
     app.state.recorder = recorder
     app.state.faults = faults
-    app.state.vendor_cloud = vendor_cloud
-    app.state.native_window = native_window
-    app.state.charge_points = charge_points
-    app.state.sunspec = sunspec
-    app.state.ev_aggregator = ev_aggregator
-    for backend in backends:
-        app.include_router(backend.router)
+    app.state.simulated = simulated
+    for registration in registrations:
+        setattr(app.state, registration.state, simulated[registration.name])
+        app.include_router(simulated[registration.name].router)
 
     @app.get("/sim/devices/{entityId}/received", tags=["sim"])
     async def received(entity_id: str = Path(alias="entityId")) -> Any:
@@ -97,22 +67,10 @@ def create_app(settings: SimulatorSettings, *, callback_transport: httpx.AsyncBa
     @app.get("/sim/devices/{entityId}/state", tags=["sim"])
     async def state(entity_id: str = Path(alias="entityId")) -> Any:
         """What a measuring device would report now (the limits it holds show in it)."""
-        for backend in backends:
-            if (device := backend.by_entity.get(entity_id)) is not None:
-                return {"entityId": entity_id, "backend": backend.name, "measurements": device.measurements(utcnow())}
+        for name, backend in simulated.items():
+            if isinstance(device := backend.by_entity.get(entity_id), SimDevice):
+                return {"entityId": entity_id, "backend": name, "measurements": device.measurements(utcnow())}
         raise HTTPException(404, f"no measuring device {entity_id}")
-
-    @app.put("/sim/vendor-cloud/faults", tags=["sim"])
-    async def vendor_cloud_faults(body: FaultsBody) -> Any:
-        """Hold the vendor cloud's results back (``commands:status`` says PENDING; setting it
-        false again reports them at once) or lose them (decided, never POSTed)."""
-        if body.lose_results is not None:
-            vendor_cloud.results.lose_results = body.lose_results
-        if body.hold_results is True:
-            vendor_cloud.results.hold_results = True
-        elif body.hold_results is False:
-            vendor_cloud.release_results()
-        return {"holdResults": vendor_cloud.results.hold_results, "loseResults": vendor_cloud.results.lose_results}
 
     @app.put("/sim/faults", tags=["sim"])
     async def put_faults(plan: FaultPlan) -> Any:

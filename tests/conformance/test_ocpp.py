@@ -21,7 +21,7 @@ from dercmd.ocpp_gateway.app import add_routes
 from dercmd.ocpp_gateway.gateway import Gateway
 from dercmd.settings import Settings
 from dercmd.simulator.faults import Faults
-from dercmd.simulator.ocpp import OcppChargePoints
+from dercmd.simulator.backends.ocpp import OcppChargePoints
 from dercmd.simulator.recorder import Recorder
 
 from .base import BackendConformance, Case, Results, World, context, served

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from dercmd.dispatch.backends.ocpp import OcppSettings
+from dercmd.protocols.ocpp import OcppSettings
 from dercmd.launcher import Stack
 
 from ..conftest import wait_for

@@ -49,8 +49,8 @@ class Recording:
 
 SLOW, FAST = Recording("test-slow"), Recording("test-fast")
 FAST.gate.set()
-backends.register(SLOW.name, backends.BackendSettings)(lambda context: SLOW)
-backends.register(FAST.name, backends.BackendSettings)(lambda context: FAST)
+backends.register(SLOW.name, backends.BackendSettings, backends.Capabilities(SLOW.supported_types))(lambda context: SLOW)
+backends.register(FAST.name, backends.BackendSettings, backends.Capabilities(FAST.supported_types))(lambda context: FAST)
 
 FLEET = Fleet.model_validate({"entities": {
     "slow-1": {"kind": "EV", "vendor": "t", "backend": SLOW.name},

@@ -74,7 +74,7 @@ class Scripted:
 
 
 SCRIPTED = Scripted()
-backends.register(NAME, backends.BackendSettings)(lambda context: SCRIPTED)
+backends.register(NAME, backends.BackendSettings, backends.Capabilities(SCRIPTED.supported_types))(lambda context: SCRIPTED)
 FLEET = Fleet.model_validate({"entities": {**{f"dev-{i}": {"kind": "PV", "vendor": "t", "backend": NAME} for i in range(6)},
                                             "unbuilt": {"kind": "PV", "vendor": "t", "backend": "not-built-here"}}})
 

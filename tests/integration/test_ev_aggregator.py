@@ -29,7 +29,7 @@ from dercmd.launcher import free_port
 from dercmd.protocols.ev_aggregator import SIGNATURE_HEADER, sign
 from dercmd.settings import Settings
 from dercmd.simulator.app import create_app
-from dercmd.simulator.ev_aggregator import EvAggregatorSim
+from dercmd.simulator.backends.ev_aggregator import EvAggregatorSim
 
 FLEET = """
 entities:

@@ -30,7 +30,7 @@ from dercmd.ocpp_gateway.app import add_routes
 from dercmd.ocpp_gateway.gateway import Gateway
 from dercmd.settings import Settings
 from dercmd.simulator.faults import FaultKind, FaultPlan, Faults
-from dercmd.simulator.ocpp import OcppChargePoints, SimChargePoint
+from dercmd.simulator.backends.ocpp import OcppChargePoints, SimChargePoint
 from dercmd.simulator.recorder import Recorder
 from dercmd.state.ocpp import CommandState, OcppState
 from dercmd.state.testing import set_ocpp_command, set_ocpp_link, set_ocpp_seen

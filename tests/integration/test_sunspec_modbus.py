@@ -21,7 +21,7 @@ from dercmd.launcher import free_port
 from dercmd.protocols import sunspec as ss
 from dercmd.simulator.faults import FaultKind, FaultPlan, Faults
 from dercmd.simulator.recorder import Recorder
-from dercmd.simulator.sunspec import MODELS, SunSpecSim
+from dercmd.simulator.backends.sunspec import MODELS, SunSpecSim
 
 FLEET = Fleet.model_validate({"entities": {
     "pv-1": {"kind": "PV", "vendor": "sma", "backend": "sunspec-modbus"},

@@ -3,8 +3,8 @@
 import pytest
 from pydantic import ValidationError
 
-from dercmd.dispatch.backends.ev_aggregator import EvAggregatorSettings
-from dercmd.dispatch.backends.ocpp import OcppSettings
+from dercmd.protocols.ev_aggregator import EvAggregatorSettings
+from dercmd.protocols.ocpp import OcppSettings
 from dercmd.settings import Settings, documented_defaults
 
 

@@ -161,3 +161,19 @@ def test_a_malformed_batch_is_400(simulator: Simulator, body: bytes) -> None:
     )
     assert answer.status_code == 400 and "malformed" in answer.json()["message"]
     assert simulator.received("ev-1") == []
+
+
+def test_results_held_back_are_pending_then_reported_when_released(simulator: Simulator) -> None:
+    """``PUT /sim/vendor-cloud/faults``: held results are PENDING to ``commands:status`` and
+    reported at once when released."""
+    held = simulator.http.put("/sim/vendor-cloud/faults", json={"holdResults": True})
+    assert held.json() == {"holdResults": True, "loseResults": False}
+    assert simulator.batch([command("ev-1", "h1")]).status_code == 200
+    status = simulator.http.post("/vendor-cloud/v1/commands:status", json={"commandIds": ["h1", "never"]},
+                                 headers={"Authorization": f"Bearer {TOKEN}"})
+    assert status.json() == {"results": [{"commandId": "h1", "status": "PENDING"}, {"commandId": "never", "status": "UNKNOWN"}]}
+    assert simulator.receiver.results() == []
+    released = simulator.http.put("/sim/vendor-cloud/faults", json={"holdResults": False})
+    assert released.json() == {"holdResults": False, "loseResults": False}
+    wait_for(lambda: len(simulator.receiver.results()) == 1, deadline_s=10, what="the released result")
+    assert simulator.receiver.results()[0]["commandId"] == "h1"

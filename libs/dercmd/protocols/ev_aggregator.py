@@ -52,9 +52,13 @@ from typing import Literal
 from urllib.parse import quote
 
 import httpx
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
+from pydantic_settings import SettingsConfigDict
+
+from dercmd.settings import ServiceSettings
 
 from .common import DeviceApiError, JsonClient, Wire
+from .settings import BackendSettings
 
 __all__ = [
     "ACTION_TYPES",
@@ -233,3 +237,23 @@ class EvAggregatorClient(JsonClient):
             return _Token(answer.access_token, float("inf"))
         # Counted from when it was asked for: the aggregator's clock started no later.
         return _Token(answer.access_token, asked_at + answer.expires_in - min(REFRESH_BEFORE_S, answer.expires_in / 5))
+
+
+class EvAggregatorSettings(BackendSettings):
+    model_config = SettingsConfigDict(env_prefix="DERCMD_EV_AGGREGATOR_", extra="ignore")
+    LOCAL = ("url",)
+
+    url: str = Field("", description="Base URL of the EV aggregator; empty: the local simulator.")
+    client_id: str = Field("dercmd", description="OAuth2 client id dispatch authenticates with (client credentials).")
+    client_secret: str = Field("sim-ev-aggregator-secret", description="OAuth2 client secret dispatch authenticates with.")
+    timeout_s: float = Field(5.0, gt=0, description="Deadline of one call to the EV aggregator, in seconds.")
+    webhook_secret: str = Field(
+        "dercmd-dev-ev-aggregator-webhook-secret",
+        description="Key of the HMAC-SHA256 the aggregator signs its webhooks with (dispatch subscribes with it; shared by all replicas; set your own).",
+    )
+    poll_interval_s: float = Field(
+        5.0, gt=0, description="How often an action still pending is asked about, the first time this long after it was sent (the fallback for lost webhooks).",
+    )
+
+    def base_url(self, settings: ServiceSettings) -> str:
+        return self.url or f"http://{settings.bind_host}:{settings.simulator_port}/ev-aggregator"

@@ -27,8 +27,10 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 
 from .common import DeviceApiError, JsonClient, Wire
+from .settings import BulkRestSettings
 
 MAX_COMMANDS_PER_BATCH = 100
 
@@ -79,3 +81,10 @@ class NativeWindowClient(JsonClient):
         answer = await self.call("/v1/commands:batch", NativeBatch(commands=list(commands)), NativeBatchAnswer)
         self.check_order([r.command_id for r in answer.results], [c.command_id for c in commands])
         return answer.results
+
+
+class NativeWindowSettings(BulkRestSettings):
+    model_config = SettingsConfigDict(env_prefix="DERCMD_NATIVE_WINDOW_", extra="ignore")
+    SIMULATED = "native-window"
+
+    token: str = Field("sim-native-window-secret", description="Bearer token dispatch presents to the native-window backend.")

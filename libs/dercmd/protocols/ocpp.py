@@ -42,10 +42,13 @@ from collections.abc import Iterable
 from typing import Literal
 
 from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 
 from dercmd.events import CommandType
+from dercmd.settings import ServiceSettings
 
 from .common import Wire
+from .settings import BackendSettings
 
 #: The WebSocket subprotocol of OCPP 1.6J.
 SUBPROTOCOL = "ocpp1.6"
@@ -142,3 +145,38 @@ class OcppResult(Wire):
 
 class OcppResults(Wire):
     results: list[OcppResult] = Field(min_length=1)
+
+
+class OcppSettings(BackendSettings):
+    """Read by dispatch's ``ocpp`` backend, the gateway and the simulated charge points alike."""
+
+    model_config = SettingsConfigDict(env_prefix="DERCMD_OCPP_", extra="ignore")
+    LOCAL = ("gateway_url",)
+
+    gateway_token: str = Field(
+        "dercmd-dev-ocpp-gateway-secret", description="Bearer token dispatch presents to the OCPP gateway's internal API (set your own)."
+    )
+    call_timeout_s: float = Field(
+        10.0, gt=0, description="How long the gateway waits for a charge point's answer to a call (and for its turn on the connection)."
+    )
+    heartbeat_interval_s: int = Field(
+        60, ge=1, description="Heartbeat interval the gateway gives charge points at boot; a connection's Redis record expires after three missed."
+    )
+    reconnect_wait_s: float = Field(
+        2.0, ge=0, description="How long a delivery waits for a charge point seen before to be connected and booted (a reconnect after a dropped connection) before it counts as not delivered."
+    )
+    gateway_url: str = Field(
+        "", description="The URL at which dispatch reaches this gateway replica, recorded for each charge point it holds; empty: http://{bind_host}:{ocpp_gateway_port}."
+    )
+
+    def own_url(self, settings: ServiceSettings) -> str:
+        return (self.gateway_url or f"http://{settings.bind_host}:{settings.ocpp_gateway_port}").rstrip("/")
+
+    @property
+    def link_ttl_s(self) -> int:
+        return 3 * self.heartbeat_interval_s
+
+    @property
+    def http_timeout_s(self) -> float:
+        """The gateway may wait for its turn on the connection and then for the answer."""
+        return 2 * self.call_timeout_s + 2

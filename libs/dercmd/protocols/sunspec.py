@@ -45,7 +45,13 @@ import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 from pymodbus.client import AsyncModbusTcpClient
+
+from dercmd.settings import ServiceSettings
+
+from .settings import BackendSettings
 
 MARKER = (0x5375, 0x6E53)  # "SunS"
 BASES = (40000, 0, 50000)
@@ -486,3 +492,16 @@ class SunSpecClient:
     async def write_block(self, device: DeviceMap, tag: CommandTag | None, controls: Controls) -> None:
         address, _count = device.block
         await self.connection.write(self.unit, address, device.encode(tag, controls))
+
+
+class SunSpecModbusSettings(BackendSettings):
+    model_config = SettingsConfigDict(env_prefix="DERCMD_SUNSPEC_MODBUS_", extra="ignore")
+    LOCAL = ("host", "port")
+
+    host: str = Field("", description="Modbus TCP server of units addressed without a host; empty: the local simulator (DERCMD_BIND_HOST).")
+    port: int = Field(0, ge=0, description="Its port; 0: the simulator's (DERCMD_SIM_MODBUS_PORT).")
+    timeout_s: float = Field(2.0, gt=0, description="Deadline of one Modbus request (and of connecting), in seconds.")
+    connections: int = Field(8, ge=1, description="Connections dispatch holds open to one Modbus TCP server (units served at once).")
+
+    def server(self, settings: ServiceSettings) -> tuple[str, int]:
+        return self.host or settings.bind_host, self.port or settings.sim_modbus_port

@@ -32,8 +32,10 @@ from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 
 from .common import DeviceApiError, JsonClient, Wire, parse_retry_after
+from .settings import BulkRestSettings
 
 __all__ = [
     "MAX_COMMANDS_PER_BATCH",
@@ -127,3 +129,10 @@ class VendorCloudClient(JsonClient):
         answer = await self.call("/v1/commands:batch", body, VendorBatchAnswer)
         self.check_order([r.command_id for r in answer.results], [c.command_id for c in commands])
         return answer.results
+
+
+class VendorCloudSettings(BulkRestSettings):
+    model_config = SettingsConfigDict(env_prefix="DERCMD_VENDOR_CLOUD_", extra="ignore")
+    SIMULATED = "vendor-cloud"
+
+    token: str = Field("sim-vendor-secret", description="Bearer token dispatch presents to the vendor cloud.")

@@ -1,7 +1,9 @@
 """Device backends: one package per backend (``backends/<name>/``), each registering itself by
-name with :func:`register`; every package here is imported once, so dispatch's core knows none
-of them by name. To add one, copy ``vendor_cloud/``: implement :class:`DeviceBackend`, give it
-a :class:`BackendSettings` subclass (``DERCMD_<NAME>_*``), register the factory. Entities name
+name with :func:`register`, with its settings and its :class:`Capabilities`; every package here
+is imported once, so dispatch's core knows none of them by name. To add one, copy
+``native_window/`` (docs/backends.md): implement :class:`DeviceBackend` over a protocol client
+of :mod:`dercmd.protocols` whose module also holds its settings (a :class:`BackendSettings`
+subclass, ``DERCMD_<NAME>_*``), declare what it carries, register the factory. Entities name
 their backend in the fleet file; an entity whose backend is not registered fails with
 ``backend_not_available``.
 """
@@ -14,6 +16,7 @@ from .base import (
     BackendContext,
     BackendError,
     BackendSettings,
+    Capabilities,
     CommandOutcome,
     Confirmation,
     Delivery,
@@ -41,6 +44,7 @@ __all__ = [
     "BackendContext",
     "BackendError",
     "BackendSettings",
+    "Capabilities",
     "CommandOutcome",
     "Confirmation",
     "Delivery",

@@ -19,9 +19,12 @@ Dispatch decides from this tree only, never from a protocol client's own excepti
 backend translates its client's errors at its edge.
 
 A backend is a package (``backends/<name>/``) that registers a factory once
-(:func:`register`); dispatch's core knows none of them by name. The factory gets a
-:class:`BackendContext` (dispatch's settings, fleet, Redis, and the way to report results) and
-reads its own settings (:class:`BackendSettings`, ``DERCMD_<NAME>_*``). A backend that receives
+(:func:`register`), with its settings class and the :class:`Capabilities` it declares (which
+dispatch checks the compatibility table against when it creates the backend); dispatch's core
+knows none of them by name. The factory gets a :class:`BackendContext` (dispatch's settings,
+fleet, Redis, and the way to report results) and reads its own settings
+(:class:`BackendSettings`, ``DERCMD_<NAME>_*``, beside its protocol client in
+:mod:`dercmd.protocols`). A backend that receives
 callbacks offers an ``APIRouter`` as ``router``, mounted on dispatch's HTTP server.
 """
 
@@ -32,13 +35,13 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
 from dercmd.events import CommandType, DispatchOrderV1
 from dercmd.fleet import Entity, Fleet
 from dercmd.protocols.common import DeviceReport
+from dercmd.protocols.settings import BackendSettings
 from dercmd.settings import DispatchSettings, refuse_published
+
+from .capabilities import Capabilities, refuse_mismatched
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -190,38 +193,27 @@ class ReportingBackend(Protocol):
     async def request_reports(self, entities: Sequence[Entity]) -> list[DeviceReport]: ...
 
 
-class BackendSettings(BaseSettings):
-    """A backend's own settings; a subclass sets ``env_prefix`` to ``DERCMD_<NAME>_``. Every
-    backend may be rate limited (``rate_per_s``: calls per second over all dispatch replicas,
-    0: unlimited, with bursts of ``burst`` calls)."""
-
-    model_config = SettingsConfigDict(extra="ignore")
-
-    rate_per_s: float = Field(0.0, ge=0, description="Calls per second to this backend over all dispatch replicas (0: unlimited).")
-    burst: int = Field(10, ge=1, description="Calls that may go at once after a quiet spell, within the rate.")
-
-
 BackendFactory = Callable[[BackendContext], DeviceBackend]
-
 
 @dataclass(frozen=True, slots=True)
 class Registration:
     name: str
     create: BackendFactory
     settings: type[BackendSettings]
+    capabilities: Capabilities
 
 
 _REGISTRY: dict[str, Registration] = {}
 
 
-def register(name: str, settings: type[BackendSettings]) -> Callable[[BackendFactory], BackendFactory]:
-    """Register a backend factory under ``name`` with its settings class; a name is
-    registered once."""
+def register(name: str, settings: type[BackendSettings], capabilities: Capabilities) -> Callable[[BackendFactory], BackendFactory]:
+    """Register a backend factory under ``name`` with its settings class and what it can
+    carry; a name is registered once."""
 
     def decorator(factory: BackendFactory) -> BackendFactory:
         if name in _REGISTRY:
             raise ValueError(f"backend {name!r} is registered twice")
-        _REGISTRY[name] = Registration(name, factory, settings)
+        _REGISTRY[name] = Registration(name, factory, settings, capabilities)
         return factory
 
     return decorator
@@ -232,8 +224,14 @@ def registered() -> dict[str, Registration]:
 
 
 def create(name: str, context: BackendContext) -> DeviceBackend | None:
+    """The backend ``name`` for dispatch, None when none is registered by that name. Stops
+    the service (a clear message, exit status 1) while a secret of it holds its documented
+    default in production, or while the fleet's compatibility table promises more than the
+    backend declares (:func:`.capabilities.refuse_mismatched`). Dispatch creates every backend
+    its fleet uses at start-up, so a mismatch stops it before it takes an order."""
     registration = _REGISTRY.get(name)
     if registration is None:
         return None
     refuse_published(context.settings, registration.settings())
+    refuse_mismatched(context.fleet.compatibility, [registration])
     return registration.create(context)

@@ -6,15 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import ClassVar
-
-from pydantic import Field
 
 from dercmd.fleet import Entity
 from dercmd.protocols.common import MAX_REPORT_REQUEST, MAX_STATUS_QUERY, DeviceApiError, DeviceReport, JsonClient
-from dercmd.settings import Settings
 
-from .base import BackendError, BackendSettings, CommandOutcome, DeliveryUnknown, Finding, NotDelivered, Query, Refused
+from .base import BackendError, CommandOutcome, DeliveryUnknown, Finding, NotDelivered, Query, Refused
 
 
 def translate(error: DeviceApiError) -> BackendError:
@@ -41,20 +37,6 @@ def translated() -> Iterator[None]:
         yield
     except DeviceApiError as exc:
         raise translate(exc) from exc
-
-
-class BulkRestSettings(BackendSettings):
-    """Where a bulk REST backend is and how dispatch authenticates to it; a subclass names its
-    ``SIMULATED`` path (the local simulator's, used when ``url`` is empty) and its defaults."""
-
-    SIMULATED: ClassVar[str]
-
-    url: str = Field("", description="Base URL of the backend; empty: the local simulator.")
-    token: str = Field(description="Bearer token dispatch presents to the backend.")
-    timeout_s: float = Field(5.0, gt=0, description="Deadline of one call to the backend, in seconds.")
-
-    def base_url(self, settings: Settings) -> str:
-        return self.url or f"http://{settings.bind_host}:{settings.simulator_port}/{self.SIMULATED}"
 
 
 class BulkRestBackend:

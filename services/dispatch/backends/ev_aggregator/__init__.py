@@ -35,21 +35,20 @@ from collections.abc import Sequence
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import Field, ValidationError
-from pydantic_settings import SettingsConfigDict
+from pydantic import ValidationError
 
 from dercmd.events import CommandType
-from dercmd.fleet import Entity
+from dercmd.fleet import Entity, EntityKind
 from dercmd.protocols.common import DeviceApiError
 from dercmd.protocols.ev_aggregator import (
     ACTION_TYPES,
     SIGNATURE_HEADER,
     Action,
     EvAggregatorClient,
+    EvAggregatorSettings,
     WebhookEvent,
     verify,
 )
-from dercmd.settings import Settings
 from dercmd.state.ev_pending import PendingActions
 from dercmd.web import error
 
@@ -57,7 +56,7 @@ from ..base import (
     Accepted,
     BackendContext,
     BackendError,
-    BackendSettings,
+    Capabilities,
     CommandOutcome,
     Confirmation,
     Delivery,
@@ -70,6 +69,7 @@ from ..base import (
     register,
 )
 from ..bulk_rest import translate, translated
+from ..subscriptions import keep_subscribed
 
 log = logging.getLogger(__name__)
 
@@ -87,31 +87,16 @@ POLL_CONCURRENCY = 16
 #: Longest ``aclose`` waits for the background loops to end.
 CLOSE_WAIT_S = 5.0
 
+#: Vehicles, charging started and stopped (the aggregator's two actions).
+CAPABILITIES = Capabilities(types=frozenset({CommandType.START_CHARGING, CommandType.STOP_CHARGING}),
+                            kinds=frozenset({EntityKind.EV}))
+
 _FINDINGS = {"CONFIRMED": Finding.SUCCEEDED, "FAILED": Finding.FAILED, "PENDING": Finding.PENDING}
-
-
-class EvAggregatorSettings(BackendSettings):
-    model_config = SettingsConfigDict(env_prefix="DERCMD_EV_AGGREGATOR_", extra="ignore")
-
-    url: str = Field("", description="Base URL of the EV aggregator; empty: the local simulator.")
-    client_id: str = Field("dercmd", description="OAuth2 client id dispatch authenticates with (client credentials).")
-    client_secret: str = Field("sim-ev-aggregator-secret", description="OAuth2 client secret dispatch authenticates with.")
-    timeout_s: float = Field(5.0, gt=0, description="Deadline of one call to the EV aggregator, in seconds.")
-    webhook_secret: str = Field(
-        "dercmd-dev-ev-aggregator-webhook-secret",
-        description="Key of the HMAC-SHA256 the aggregator signs its webhooks with (dispatch subscribes with it; shared by all replicas; set your own).",
-    )
-    poll_interval_s: float = Field(
-        5.0, gt=0, description="How often an action still pending is asked about, the first time this long after it was sent (the fallback for lost webhooks).",
-    )
-
-    def base_url(self, settings: Settings) -> str:
-        return self.url or f"http://{settings.bind_host}:{settings.simulator_port}/ev-aggregator"
 
 
 class EvAggregatorBackend:
     name = NAME
-    supported_types = frozenset({CommandType.START_CHARGING, CommandType.STOP_CHARGING})
+    supported_types = CAPABILITIES.types
     max_batch = MAX_BATCH
 
     def __init__(self, client: EvAggregatorClient, context: BackendContext, settings: EvAggregatorSettings) -> None:
@@ -283,20 +268,14 @@ class EvAggregatorBackend:
             await asyncio.sleep(tick_s)
 
     async def _subscribe_forever(self) -> None:
-        delay = 1.0
-        while not self._closed:
-            try:
-                await self._client.subscribe_webhook(self._webhook_url, self._settings.webhook_secret)
-            except Exception as exc:  # the aggregator, or a bug: either way, try again later
-                log.warning("webhook subscription failed", extra={"backend": NAME, "error": repr(exc), "retry_in_s": delay})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, SUBSCRIBE_EVERY_S)
-                continue
-            delay = 1.0
-            await asyncio.sleep(SUBSCRIBE_EVERY_S)
+        def failed(exc: Exception, retry_in_s: float) -> None:  # the aggregator, or a bug
+            log.warning("webhook subscription failed", extra={"backend": NAME, "error": repr(exc), "retry_in_s": retry_in_s})
+
+        await keep_subscribed(lambda: self._client.subscribe_webhook(self._webhook_url, self._settings.webhook_secret), failed,
+                              every_s=SUBSCRIBE_EVERY_S, running=lambda: not self._closed)
 
 
-@register(NAME, EvAggregatorSettings)
+@register(NAME, EvAggregatorSettings, CAPABILITIES)
 def _create(context: BackendContext) -> EvAggregatorBackend:
     settings = EvAggregatorSettings()
     client = EvAggregatorClient(settings.base_url(context.settings), settings.client_id, settings.client_secret,

@@ -10,26 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
-
 from dercmd.events import CommandType
-from dercmd.protocols.native_window import MAX_COMMANDS_PER_BATCH, NativeCommand, NativeWindowClient
+from dercmd.protocols.native_window import MAX_COMMANDS_PER_BATCH, NativeCommand, NativeWindowClient, NativeWindowSettings
 
-from ..base import Accepted, BackendContext, BackendError, Confirmation, Delivery, register
-from ..bulk_rest import BulkRestBackend, BulkRestSettings, item_error, translated
+from ..base import Accepted, BackendContext, BackendError, Capabilities, Confirmation, Delivery, register
+from ..bulk_rest import BulkRestBackend, item_error, translated
 
-
-class NativeWindowSettings(BulkRestSettings):
-    model_config = SettingsConfigDict(env_prefix="DERCMD_NATIVE_WINDOW_", extra="ignore")
-    SIMULATED = "native-window"
-
-    token: str = Field("sim-native-window-secret", description="Bearer token dispatch presents to the native-window backend.")
+#: Every command type; its devices keep time windows themselves (no revert from dercmd).
+CAPABILITIES = Capabilities(types=frozenset(CommandType), native_windows=True)
 
 
 class NativeWindowBackend(BulkRestBackend):
     name = "native-window"
-    supported_types = frozenset(CommandType)
+    supported_types = CAPABILITIES.types
     max_batch = MAX_COMMANDS_PER_BATCH
 
     def __init__(self, client: NativeWindowClient) -> None:
@@ -56,7 +49,7 @@ class NativeWindowBackend(BulkRestBackend):
         return [Accepted(Confirmation.SYNC) if r.stored else item_error(r.status, r.message) for r in results]
 
 
-@register("native-window", NativeWindowSettings)
+@register("native-window", NativeWindowSettings, CAPABILITIES)
 def _create(context: BackendContext) -> NativeWindowBackend:
     settings = NativeWindowSettings()
     return NativeWindowBackend(NativeWindowClient(settings.base_url(context.settings), settings.token, timeout_s=settings.timeout_s))

@@ -24,9 +24,9 @@ from collections.abc import Sequence
 
 import httpx
 from fastapi import APIRouter
-from pydantic import Field, ValidationError
-from pydantic_settings import SettingsConfigDict
+from pydantic import ValidationError
 
+from dercmd.fleet import EntityKind
 from dercmd.protocols.ocpp import (
     COMMANDS_PATH,
     OUTCOMES_PATH,
@@ -37,16 +37,16 @@ from dercmd.protocols.ocpp import (
     GatewayFindings,
     GatewayOutcomesQuery,
     OcppResults,
+    OcppSettings,
     id_tag,
 )
-from dercmd.settings import Settings
 from dercmd.state.ocpp import CommandState, OcppState
 
 from ..base import (
     Accepted,
     BackendContext,
     BackendError,
-    BackendSettings,
+    Capabilities,
     CommandOutcome,
     Confirmation,
     Delivery,
@@ -61,47 +61,15 @@ from ..callbacks import SignedResult, results_router
 
 #: Path on dispatch's server where the gateway posts charge points' results.
 CALLBACK_PATH = "/callbacks/ocpp"
+#: Charge points, what OCPP's feature profiles carry (RemoteStart/StopTransaction).
+CAPABILITIES = Capabilities(types=frozenset(PROFILE_OF), kinds=frozenset({EntityKind.CP}))
 #: Commands whose outcome is read in one Redis round trip.
 OUTCOMES_PER_CALL = 500
 
 
-class OcppSettings(BackendSettings):
-    """Read by dispatch's backend and by the gateway alike."""
-
-    model_config = SettingsConfigDict(env_prefix="DERCMD_OCPP_", extra="ignore")
-
-    gateway_token: str = Field(
-        "dercmd-dev-ocpp-gateway-secret", description="Bearer token dispatch presents to the OCPP gateway's internal API (set your own)."
-    )
-    call_timeout_s: float = Field(
-        10.0, gt=0, description="How long the gateway waits for a charge point's answer to a call (and for its turn on the connection)."
-    )
-    heartbeat_interval_s: int = Field(
-        60, ge=1, description="Heartbeat interval the gateway gives charge points at boot; a connection's Redis record expires after three missed."
-    )
-    reconnect_wait_s: float = Field(
-        2.0, ge=0, description="How long a delivery waits for a charge point seen before to be connected and booted (a reconnect after a dropped connection) before it counts as not delivered."
-    )
-    gateway_url: str = Field(
-        "", description="The URL at which dispatch reaches this gateway replica, recorded for each charge point it holds; empty: http://{bind_host}:{ocpp_gateway_port}."
-    )
-
-    def own_url(self, settings: Settings) -> str:
-        return (self.gateway_url or f"http://{settings.bind_host}:{settings.ocpp_gateway_port}").rstrip("/")
-
-    @property
-    def link_ttl_s(self) -> int:
-        return 3 * self.heartbeat_interval_s
-
-    @property
-    def http_timeout_s(self) -> float:
-        """The gateway may wait for its turn on the connection and then for the answer."""
-        return 2 * self.call_timeout_s + 2
-
-
 class OcppBackend:
     name = "ocpp"
-    supported_types = frozenset(PROFILE_OF)
+    supported_types = CAPABILITIES.types
     max_batch = 100
 
     def __init__(self, context: BackendContext, settings: OcppSettings, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
@@ -263,7 +231,7 @@ def _results_router(context: BackendContext) -> APIRouter:
     return results_router(CALLBACK_PATH, OcppResults, lambda body: [SignedResult(r.token, r.command_id, r.succeeded, r.message) for r in body.results], context)
 
 
-@register("ocpp", OcppSettings)
+@register("ocpp", OcppSettings, CAPABILITIES)
 def _create(context: BackendContext) -> OcppBackend:
     return OcppBackend(context, OcppSettings())
 

@@ -33,19 +33,16 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
-
 from dercmd.events import CommandType, utcnow
-from dercmd.fleet import Entity, Fleet
+from dercmd.fleet import Entity, EntityKind, Fleet
 from dercmd.protocols import sunspec as ss
-from dercmd.settings import Settings
+from dercmd.protocols.sunspec import SunSpecModbusSettings
 
 from ..base import (
     Accepted,
     BackendContext,
     BackendError,
-    BackendSettings,
+    Capabilities,
     CommandOutcome,
     Confirmation,
     Delivery,
@@ -63,19 +60,9 @@ NAME = "sunspec-modbus"
 MAX_BATCH = 64
 PV_TYPES = frozenset({CommandType.RESET, CommandType.DISCONNECT, CommandType.LIMIT_FEED_IN, CommandType.STOP_FEED_IN,
                       CommandType.LIMIT_PRODUCTION_POWER})
+#: PV inverters, what SunSpec's controls (model 123) express.
+CAPABILITIES = Capabilities(types=PV_TYPES, kinds=frozenset({EntityKind.PV}))
 T = TypeVar("T")
-
-
-class SunSpecModbusSettings(BackendSettings):
-    model_config = SettingsConfigDict(env_prefix="DERCMD_SUNSPEC_MODBUS_", extra="ignore")
-
-    host: str = Field("", description="Modbus TCP server of units addressed without a host; empty: the local simulator (DERCMD_BIND_HOST).")
-    port: int = Field(0, ge=0, description="Its port; 0: the simulator's (DERCMD_SIM_MODBUS_PORT).")
-    timeout_s: float = Field(2.0, gt=0, description="Deadline of one Modbus request (and of connecting), in seconds.")
-    connections: int = Field(8, ge=1, description="Connections dispatch holds open to one Modbus TCP server (units served at once).")
-
-    def server(self, settings: Settings) -> tuple[str, int]:
-        return self.host or settings.bind_host, self.port or settings.sim_modbus_port
 
 
 class _Phase:
@@ -86,7 +73,7 @@ class _Phase:
 
 class SunSpecModbusBackend:
     name = NAME
-    supported_types = PV_TYPES
+    supported_types = CAPABILITIES.types
     max_batch = MAX_BATCH
     router = None
 
@@ -227,7 +214,7 @@ def _translate(error: ss.SunSpecError, phase: str) -> BackendError:
     return NotDelivered("backend_unavailable", detail)  # Unreachable, or no answer before the write
 
 
-@register(NAME, SunSpecModbusSettings)
+@register(NAME, SunSpecModbusSettings, CAPABILITIES)
 def _create(context: BackendContext) -> SunSpecModbusBackend:
     settings = SunSpecModbusSettings()
     return SunSpecModbusBackend(context.fleet, settings.server(context.settings), timeout_s=settings.timeout_s,

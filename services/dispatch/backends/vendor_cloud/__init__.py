@@ -11,14 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fastapi import APIRouter
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
-
 from dercmd.events import CommandType
 from dercmd.protocols.vendor_cloud import (
     MAX_COMMANDS_PER_BATCH,
     VendorCloudClient,
     VendorCommand,
+    VendorCloudSettings,
     VendorResults,
 )
 
@@ -26,27 +24,23 @@ from ..base import (
     Accepted,
     BackendContext,
     BackendError,
+    Capabilities,
     Confirmation,
     Delivery,
     register,
 )
-from ..bulk_rest import BulkRestBackend, BulkRestSettings, item_error, translated
+from ..bulk_rest import BulkRestBackend, item_error, translated
 from ..callbacks import SignedResult, results_router
 
 #: Path on dispatch's server where the vendor cloud posts results.
 CALLBACK_PATH = "/callbacks/vendor-cloud"
-
-
-class VendorCloudSettings(BulkRestSettings):
-    model_config = SettingsConfigDict(env_prefix="DERCMD_VENDOR_CLOUD_", extra="ignore")
-    SIMULATED = "vendor-cloud"
-
-    token: str = Field("sim-vendor-secret", description="Bearer token dispatch presents to the vendor cloud.")
+#: Every command type, to devices of every kind; windows are the cloud's to ignore (dercmd reverts).
+CAPABILITIES = Capabilities(types=frozenset(CommandType))
 
 
 class VendorCloudBackend(BulkRestBackend):
     name = "vendor-cloud"
-    supported_types = frozenset(CommandType)
+    supported_types = CAPABILITIES.types
     max_batch = MAX_COMMANDS_PER_BATCH
 
     def __init__(self, client: VendorCloudClient, context: BackendContext) -> None:
@@ -78,7 +72,7 @@ def _results_router(context: BackendContext) -> APIRouter:
     return results_router(CALLBACK_PATH, VendorResults, lambda body: [SignedResult(r.response_token, r.command_id, r.result == "SUCCEEDED", r.message) for r in body.results], context)
 
 
-@register("vendor-cloud", VendorCloudSettings)
+@register("vendor-cloud", VendorCloudSettings, CAPABILITIES)
 def _create(context: BackendContext) -> VendorCloudBackend:
     settings = VendorCloudSettings()
     client = VendorCloudClient(settings.base_url(context.settings), settings.token, timeout_s=settings.timeout_s)

@@ -12,14 +12,14 @@ are function codes 3, 6 and 16; a write may touch the tag and the first 21 point
 and rewrite the models' headers with the values they hold; anything else is refused
 (0x02 illegal address, 0x03 illegal value). A unit no entity has answers 0x0A (no path to it).
 
-What a write leaves in the controls is reflected into the device's :class:`~.devices.SimDevice`
+What a write leaves in the controls is reflected into the device's :class:`~..devices.SimDevice`
 (``/sim/devices/{id}/state``): ``WMaxLim_Ena`` = 1 limits production to ``WMaxLimPct``, until
 ``WMaxLimPct_RvrtTms`` seconds after the limit was written, when the device drops it by itself
 (``WMaxLim_Ena`` reads 0 again); ``Conn`` = 0 disconnects. ``Conn``'s own timers are held, not
 acted on. A write that puts a new command id into the tag is that command's receipt, recorded
 once; a write without a new tag changes the device but is no command.
 
-Fault plans (:mod:`.faults`) are drawn once per write request, the request that carries a
+Fault plans (:mod:`..faults`) are drawn once per write request, the request that carries a
 command; reads always answer. ``5xx`` and ``429``: exception 0x06 (device busy) before acting
 (Modbus has no Retry-After); ``latency``: acts, answers late; ``timeout_after_act``: acts,
 answers after ``hangS``; ``drop_connection``: acts, closes the connection unanswered;
@@ -39,10 +39,11 @@ from dercmd.events import CommandType, utcnow
 from dercmd.fleet import Entity, Fleet
 from dercmd.protocols import sunspec as ss
 
-from . import metrics
-from .devices import NOMINAL_W, SimDevice, measures
-from .faults import FaultKind, Faults
-from .recorder import Recorder
+from .. import metrics
+from ..devices import NOMINAL_W, SimDevice, measures
+from ..faults import FaultKind, Faults
+from ..recorder import Recorder
+from ..registry import SimContext, simulates
 
 
 BACKEND = "sunspec-modbus"
@@ -291,3 +292,8 @@ class SunSpecSim:
 
 def _exception(function: int, code: int) -> bytes:
     return bytes([function | 0x80, code])
+
+
+@simulates(BACKEND, state="sunspec")
+def _create(context: SimContext) -> SunSpecSim:
+    return SunSpecSim(context.fleet, context.recorder, context.faults, context.settings.bind_host, context.settings.sim_modbus_port)

@@ -9,13 +9,13 @@ Every vehicle is plugged in unless ``PUT /sim/ev-aggregator/vehicles/{id}`` says
 unplugged vehicle refuses ``START_CHARGING`` (409), and a start still pending when its vehicle
 is unplugged ends FAILED. Stopping always succeeds.
 
-The fault plans (:mod:`.faults`, ``PUT /sim/faults``) apply to action requests:
+The fault plans (:mod:`..faults`, ``PUT /sim/faults``) apply to action requests:
 
     latency            the action is made, the answer comes ``latencyMs`` late
     5xx / 429          503 / 429 with Retry-After, before anything is made
     timeout_after_act  the action is made, the answer is held back ``hangS``
     drop_connection    the action is made, then the TCP connection is closed without an
-                       answer (uvicorn's transport, :func:`~.backend.drop_connection`)
+                       answer (uvicorn's transport, :func:`~..backend.drop_connection`)
     lose_callback      the action is made and answered and confirms, but its webhook is never
                        sent: only asking finds its state
 
@@ -42,12 +42,13 @@ from pydantic.alias_generators import to_camel
 
 from dercmd.events import utcnow
 from dercmd.fleet import Entity, Fleet
-from dercmd.protocols.ev_aggregator import ACTION_TYPES, SIGNATURE_HEADER, ActionRequest, WebhookSubscription, sign
+from dercmd.protocols.ev_aggregator import ACTION_TYPES, SIGNATURE_HEADER, ActionRequest, EvAggregatorSettings, WebhookSubscription, sign
 
-from . import metrics
-from .backend import SimBackend, before_answering, dumps, json_response
-from .faults import FaultKind, Faults
-from .recorder import Recorder
+from .. import metrics
+from ..backend import SimBackend, before_answering, dumps, json_response
+from ..faults import FaultKind, Faults
+from ..recorder import Recorder
+from ..registry import SimContext, simulates
 
 log = logging.getLogger(__name__)
 
@@ -270,3 +271,11 @@ class EvAggregatorSim(SimBackend):
             self.unplugged.add(vehicle_id)
         return json_response({"vehicleId": vehicle_id, "pluggedIn": body.plugged_in})
 
+
+@simulates(BACKEND)
+def _create(context: SimContext) -> EvAggregatorSim:
+    settings, own = context.settings, EvAggregatorSettings()
+    return EvAggregatorSim(
+        context.fleet, context.recorder, own.client_id, own.client_secret, settings.sim_confirm_delay_ms / 1000,
+        token_ttl_s=settings.sim_token_ttl_s, transport=context.transport, faults=context.faults,
+    )

@@ -3,14 +3,14 @@
 records what each device received, has the measuring devices hold the limits they were given,
 and reports the devices' results to the caller's ``responseUrl`` ``confirm_delay_s`` after the
 batch arrived, grouped into few POSTs. It answers what became of a command
-(``commands:status``) and serves measurement reports (:class:`~.backend.SimBackend`).
+(``commands:status``) and serves measurement reports (:class:`~..backend.SimBackend`).
 
 Every known device accepts and succeeds, except that a device refuses a command for an asset
 it does not have (409). Fault injection (:class:`ResultFaults`, ``PUT /sim/vendor-cloud/faults``):
 results held back (``PENDING`` until released, then reported at once) or lost (decided, so
 ``commands:status`` knows them, but never POSTed). A POST of results that fails is retried
 once, then counted in ``CALLBACK_ERRORS`` and logged: the results are lost, as they can be
-with a real vendor. The per-device fault plans (:mod:`.faults`, ``PUT /sim/faults``) apply
+with a real vendor. The per-device fault plans (:mod:`..faults`, ``PUT /sim/faults``) apply
 too: a whole call late, refused with 429 and ``Retry-After``, hanging or dropped after the
 devices acted; one command refused with 503 before its device acted, or its result lost.
 """
@@ -24,25 +24,29 @@ import itertools
 import logging
 import math
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from fastapi import Request, Response
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, ConfigDict
+from pydantic.alias_generators import to_camel
 
 from dercmd.events import utcnow
 from dercmd.fleet import Fleet
-from dercmd.protocols.common import StatusAnswer, StatusQuery
 from dercmd.protocols.vendor_cloud import (
     MAX_RESULTS_PER_POST,
     VendorBatch,
     VendorBatchAnswer,
+    VendorCloudSettings,
 )
 
-from . import metrics
-from .backend import SimBackend, before_answering, dumps, json_response, rate_limited
-from .faults import PER_COMMAND, FaultKind, Faults
-from .recorder import Recorder
+from .. import metrics
+from ..backend import SimBackend, dumps
+from ..faults import FaultKind, Faults
+from ..recorder import Recorder
+from ..registry import SimContext, simulates
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,14 @@ _JSON = {"Content-Type": "application/json"}
 class ResultFaults:
     hold_results: bool = False  # results wait (PENDING) until released
     lose_results: bool = False  # results are decided but their POST never leaves
+
+
+class FaultsBody(BaseModel):
+    """``PUT /sim/vendor-cloud/faults``: what to change; a field left out stays as it is."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+    hold_results: bool | None = None
+    lose_results: bool | None = None
 
 
 class VendorCloudSim(SimBackend):
@@ -88,23 +100,13 @@ class VendorCloudSim(SimBackend):
         self._wake = asyncio.Event()  # set when an entry is due earlier than all others
         self._flusher: asyncio.Task[None] | None = None
         self._posts: set[asyncio.Task[None]] = set()
-        self.router.add_api_route(
-            "/commands:batch",
-            self.commands_batch,
-            methods=["POST"],
-            response_model=None,
-            responses={200: {"model": VendorBatchAnswer}, 400: {}, 401: {}},
-            summary="Send up to 1000 commands (body: VendorBatch)",
-            description="The vendor-cloud bulk endpoint; the protocol is described in `dercmd.protocols.vendor_cloud`.",
-        )
-        self.router.add_api_route(
-            "/commands:status",
-            self.commands_status,
-            methods=["POST"],
-            response_model=None,
-            responses={200: {"model": StatusAnswer}, 400: {}, 401: {}},
-            summary="What became of up to 1000 commands (body: StatusQuery)",
-        )
+        self.serve_commands(VendorBatchAnswer, "Send up to 1000 commands (body: VendorBatch)",
+                            "What became of up to 1000 commands (body: StatusQuery)")
+        api = self.router  # /vendor-cloud/v1
+        self.router = APIRouter()
+        self.router.include_router(api)
+        self.router.add_api_route("/sim/vendor-cloud/faults", self.put_result_faults, methods=["PUT"], response_model=None,
+                                  tags=["sim"], summary="Hold back or lose the vendor cloud's results")
 
     async def aclose(self) -> None:
         tasks = [t for t in (self._flusher, *self._posts) if t is not None]
@@ -117,26 +119,20 @@ class VendorCloudSim(SimBackend):
         """Answers and results are plain dicts in the wire shape of VendorItemResult and
         VendorResult: a pydantic model per item would cost several us per command at
         thousands of commands/s (tests read them back through those models)."""
-        batch = await self.read(request, VendorBatch)
-        if isinstance(batch, Response):
-            return batch
-        faulty = self.faults.active
-        call_fault = self.faults.draw_call([e.id for c in batch.commands if (e := self.devices.get(c.device_id))]) if faulty else None
-        if call_fault is not None and call_fault.kind is FaultKind.RATE_LIMITED:
-            return rate_limited(call_fault)
+        call = await self.batch_call(request, VendorBatch)
+        if isinstance(call, Response):
+            return call
+        batch = call.batch
         received_at = utcnow()
         answers: list[dict[str, Any]] = []
         reports: list[dict[str, Any]] = []
         lost: list[dict[str, Any]] = []
         for command in batch.commands:
-            entity = self.devices.get(command.device_id)
-            if entity is None:
-                answers.append({"commandId": command.command_id, "status": 404, "message": f"unknown device {command.device_id}"})
+            taken = self.take(command, call.faulty)
+            if isinstance(taken, dict):
+                answers.append(taken)
                 continue
-            fault = self.faults.draw(entity.id, PER_COMMAND) if faulty else None
-            if fault is not None and fault.kind is FaultKind.ERROR_5XX:
-                answers.append({"commandId": command.command_id, "status": 503, "message": "device unreachable (fault injected)"})
-                continue
+            entity, fault = taken
             state = self.states.get(command.device_id)  # measuring devices only (none in an EV fleet)
             if state is not None:
                 refusal = state.refusal(command.assets, None, received_at)
@@ -164,21 +160,26 @@ class VendorCloudSim(SimBackend):
                 self._decide(reports, math.inf)
             else:
                 self._schedule(batch.response_url, reports, self._confirm_delay_s)
-        if (dropped := await before_answering(request, call_fault)) is not None:
-            return dropped
-        return json_response({"results": answers})
+        return await self.answer_batch(request, call, answers)
 
-    async def commands_status(self, request: Request) -> Response:
-        query = await self.read(request, StatusQuery)
-        if isinstance(query, Response):
-            return query
+    def command_statuses(self, command_ids: Sequence[str]) -> list[str]:
         now = asyncio.get_running_loop().time()
-        results = []
-        for command_id in query.command_ids:
+        statuses = []
+        for command_id in command_ids:
             decided_at = self._decided_at.get(command_id)
-            status = "UNKNOWN" if decided_at is None else "SUCCEEDED" if decided_at <= now else "PENDING"
-            results.append({"commandId": command_id, "status": status})
-        return json_response({"results": results})
+            statuses.append("UNKNOWN" if decided_at is None else "SUCCEEDED" if decided_at <= now else "PENDING")
+        return statuses
+
+    async def put_result_faults(self, body: FaultsBody) -> Any:
+        """Hold the vendor cloud's results back (``commands:status`` says PENDING; setting it
+        false again reports them at once) or lose them (decided, never POSTed)."""
+        if body.lose_results is not None:
+            self.results.lose_results = body.lose_results
+        if body.hold_results is True:
+            self.results.hold_results = True
+        elif body.hold_results is False:
+            self.release_results()
+        return {"holdResults": self.results.hold_results, "loseResults": self.results.lose_results}
 
     def release_results(self) -> None:
         """Stop holding results back; those held are reported now."""
@@ -253,3 +254,12 @@ class VendorCloudSim(SimBackend):
         if response.is_success:
             return None, False
         return f"HTTP {response.status_code}: {response.text[:300]}", response.status_code >= 500 or response.status_code == 429
+
+
+@simulates(BACKEND)
+def _create(context: SimContext) -> VendorCloudSim:
+    settings = context.settings
+    return VendorCloudSim(
+        context.fleet, context.recorder, VendorCloudSettings().token, settings.sim_confirm_delay_ms / 1000,
+        report_interval_s=settings.sim_report_interval_s, callback_transport=context.transport, faults=context.faults,
+    )

@@ -27,7 +27,7 @@ Each command the charge point acted on is recorded once, under the CALL's messag
 the gateway makes the command's id (:func:`dercmd.protocols.ocpp.message_id`; a command id
 longer than OCPP's 36 characters is recorded under its digest).
 
-The fault plans (:mod:`.faults`) apply to RemoteStart/RemoteStop, in OCPP's terms:
+The fault plans (:mod:`..faults`) apply to RemoteStart/RemoteStop, in OCPP's terms:
 
     latency            acts, answers ``latencyMs`` late
     5xx                CALLERROR InternalError, does not act
@@ -53,6 +53,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import websockets
+from fastapi import APIRouter
 from ocpp.exceptions import GenericError, InternalError, OCPPError
 from ocpp.routing import on
 from ocpp.v16 import ChargePoint, call, call_result
@@ -67,15 +68,23 @@ from ocpp.v16.enums import (
 )
 from websockets.typing import Subprotocol
 
-from dercmd.dispatch.backends.ocpp import OcppSettings
 from dercmd.events import CommandType, utcnow
 from dercmd.fleet import Entity, Fleet
-from dercmd.protocols.ocpp import CONNECTOR_ID, REMOTE_TRIGGER, SUBPROTOCOL, SUPPORTED_FEATURE_PROFILES, WS_PATH, profiles_of
+from dercmd.protocols.ocpp import (
+    CONNECTOR_ID,
+    REMOTE_TRIGGER,
+    SUBPROTOCOL,
+    SUPPORTED_FEATURE_PROFILES,
+    WS_PATH,
+    OcppSettings,
+    profiles_of,
+)
 from dercmd.settings import SimulatorSettings
 
-from . import metrics
-from .faults import Fault, FaultKind, Faults
-from .recorder import Recorder
+from .. import metrics
+from ..faults import Fault, FaultKind, Faults
+from ..recorder import Recorder
+from ..registry import SimContext, simulates
 
 log = logging.getLogger(__name__)
 logging.getLogger("ocpp").setLevel(logging.WARNING)
@@ -345,6 +354,7 @@ class OcppChargePoints:
             e.id: SimChargePoint(e, url, recorder, faults, confirm_delay_s) for e in fleet.entities.values() if e.backend == NAME
         }
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.router = APIRouter()  # the charge points call out; nothing is served
 
     def start(self) -> None:
         self._tasks = {entity_id: asyncio.ensure_future(cp.run()) for entity_id, cp in self.by_entity.items()}
@@ -367,3 +377,9 @@ class OcppChargePoints:
     def connected(self) -> Awaitable[Any]:
         """Done once every charge point has booted on a connection (tests)."""
         return asyncio.gather(*(cp.connected.wait() for cp in self.by_entity.values()))
+
+
+@simulates(NAME, state="charge_points")
+def _create(context: SimContext) -> OcppChargePoints:
+    return OcppChargePoints(context.fleet, context.recorder, context.faults, gateway_ws_url(context.settings, OcppSettings()),
+                            context.settings.sim_confirm_delay_ms / 1000)
