@@ -21,7 +21,8 @@ from rich.live import Live
 
 from . import batches, inputs, progress
 from .client import DEFAULT_TOKEN, DEFAULT_URL, EXIT_ERROR, Api, CliError, call, path
-from .output import Output, command_table, commands_table
+from .output import Output, command_table, commands_table, settings_table
+from .settings import every_setting
 
 T = TypeVar("T")
 
@@ -222,6 +223,14 @@ def show(ctx: typer.Context, command_id: Annotated[str, typer.Argument(metavar="
 def cancel(ctx: typer.Context, command_id: Annotated[str, typer.Argument(metavar="ID", help="command id")]) -> None:
     """Cancel a command that has not finished (DELETE /v1/commands/{id})."""
     _one(ctx.obj, "DELETE", command_id)
+
+
+@app.command(name="settings")
+def settings_(ctx: typer.Context) -> None:
+    """Every DERCMD_* variable (each service's, each device backend's), its default and what it
+    does, read from the code (--json: one object per variable)."""
+    rows = [{"variable": name, "default": default, "description": text} for name, default, text in every_setting()]
+    ctx.obj.out.result(rows, settings_table)
 
 
 def _one(cli: Cli, method: str, command_id: str) -> None:

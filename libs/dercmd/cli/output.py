@@ -59,6 +59,14 @@ def commands_table(commands: list[dict[str, Any]]) -> Table:
     return table
 
 
+def settings_table(rows: list[dict[str, str]]) -> Table:
+    """``dercmd settings``: one variable per row."""
+    table = Table("variable", "default", "what it does")
+    for row in rows:
+        table.add_row(row["variable"], row["default"], row["description"], style=None)
+    return table
+
+
 @dataclass
 class Output:
     as_json: bool = False

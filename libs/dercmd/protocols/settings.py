@@ -45,21 +45,26 @@ class BulkRestSettings(BackendSettings):
         return self.url or f"http://{settings.bind_host}:{settings.simulator_port}/{self.SIMULATED}"
 
 
-def local_defaults() -> dict[str, str]:
-    """``DERCMD_<NAME>_<FIELD>`` -> its default, for every ``LOCAL`` field of every protocol's
-    settings (every module of :mod:`dercmd.protocols` is imported to find them)."""
+def protocol_settings() -> list[type[BackendSettings]]:
+    """Every protocol's settings class (one with its ``DERCMD_<NAME>_`` prefix), in the order
+    of their prefixes: every module of :mod:`dercmd.protocols` is imported to find them, so a
+    new protocol's settings are found by being there."""
     package = importlib.import_module(__package__ or "dercmd.protocols")
     for module in pkgutil.iter_modules(package.__path__):
         importlib.import_module(f"{package.__name__}.{module.name}")
-    found: dict[str, str] = {}
+    found: list[type[BackendSettings]] = []
     pending: list[type[BackendSettings]] = [BackendSettings]
     while pending:
         cls = pending.pop()
         pending += cls.__subclasses__()
-        prefix = str(cls.model_config.get("env_prefix", ""))
-        if not prefix or not cls.__module__.startswith("dercmd.protocols."):
-            continue  # a base, or a test's
-        for name in cls.LOCAL:
-            default = cls.model_fields[name].default
-            found[f"{prefix}{name}".upper()] = str(default)
+        if cls.model_config.get("env_prefix") and cls.__module__.startswith("dercmd.protocols."):  # not a base, nor a test's
+            found.append(cls)
+    return sorted(found, key=lambda cls: str(cls.model_config["env_prefix"]))
+
+
+def local_defaults() -> dict[str, str]:
+    """``DERCMD_<NAME>_<FIELD>`` -> its default, for every ``LOCAL`` field of every protocol's
+    settings."""
+    found = {f"{cls.model_config['env_prefix']}{name}".upper(): str(cls.model_fields[name].default)
+             for cls in protocol_settings() for name in cls.LOCAL}
     return dict(sorted(found.items()))
