@@ -540,6 +540,19 @@ class Ledger:
         with self.engine.connect() as conn:
             return [_state(row._mapping) for row in conn.execute(query)]
 
+    def expiring(self, until: datetime, *, limit: int) -> list[CommandStateV1]:
+        """Open commands not yet delivered (Pending or Triggered) whose caller's ``expiresAt``
+        comes before ``until``, soonest first."""
+        c = commands.c
+        query = (
+            select(commands)
+            .where(c.status.in_((CommandStatus.PENDING.value, CommandStatus.TRIGGERED.value)), c.expires_at < until)
+            .order_by(c.expires_at)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [_state(row._mapping) for row in conn.execute(query)]
+
     def history(self, command_id: str) -> Sequence[dict[str, Any]]:
         with self.engine.connect() as conn:
             rows = conn.execute(

@@ -30,6 +30,9 @@ Each decision is atomic in Redis where it is taken, so replicas of the status se
 all sweep safely; a Redis lease (:mod:`dercmd.state.leases`) still lets one sweep at a time, to
 spare the work. A command handed on is handed on again only after ``REASK_S`` (a delivery
 check) or ``DERCMD_RECOVER_AFTER_S`` (an announcement).
+
+The caller's ``expiresAt`` is kept to the moment, not to the round: each round arms a timer for
+every open command whose deadline comes before the next one (:meth:`Sweeper.arm_expiries`).
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ log = logging.getLogger(__name__)
 
 REASK_S = 30.0
 BATCH = 1000
+#: Expiries are armed this far beyond the next round, so none falls between two rounds.
+_EXPIRY_MARGIN_S = 1.0
 
 
 #: Per partition of the status topic: the status group's committed offsets and the log's ends
@@ -100,19 +105,61 @@ class Sweeper:
         self._mark = LedgerMark()
         self._lease_held = SweeperLease(redis, uuid.uuid4().hex)
         self._asked: dict[str, float] = {}  # command id -> monotonic time it was last asked about
+        #: Per command whose expiresAt comes before the next round: the timer that ends it then.
+        self._expiries: dict[str, asyncio.TimerHandle] = {}
 
     async def run(self) -> None:
         """Sweep every ``DERCMD_SWEEP_INTERVAL_S`` while this replica holds the lease."""
         interval = self._settings.sweep_interval_s
-        while True:
+        try:
+            while True:
+                try:
+                    if await self._lease(interval):
+                        await retrying(self.sweep, "sweeper")
+                        await retrying(lambda: self.arm_expiries(interval), "sweeper")
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # a bug: try again next round
+                    log.exception("sweep failed")
+                await asyncio.sleep(interval)
+        finally:
+            for timer in self._expiries.values():
+                timer.cancel()
+
+    async def arm_expiries(self, interval: float) -> int:
+        """Commands whose ``expiresAt`` comes before the next round are ended at that moment,
+        not up to a round later: a timer each, which hands the command on to arbitration as
+        ``expired`` (arbitration ends it ``Failed: expired`` unless dispatch has it, and
+        dispatch never calls after it). The ledger need not be current for this: a cancel of
+        a command that moved on meanwhile changes nothing. Returns the timers armed."""
+        until = utcnow() + timedelta(seconds=interval + _EXPIRY_MARGIN_S)
+        expiring = await asyncio.to_thread(self._ledger.expiring, until, limit=BATCH)
+        loop = asyncio.get_running_loop()
+        armed = 0
+        for state in expiring:
+            if state.id in self._expiries or state.expires_at is None:
+                continue
+            delay = max(0.0, (state.expires_at - utcnow()).total_seconds())
+            self._expiries[state.id] = loop.call_later(delay, self._expire, state)
+            armed += 1
+        return armed
+
+    def _expire(self, state: CommandStateV1) -> None:
+        assert state.expires_at is not None
+        cancel = CommandCancelV1(command_id=state.id, entity_id=state.entity_id, reason="expired", include_scheduled=True,
+                                 detail="its expiresAt passed before it was delivered", at=state.expires_at)
+        self._asked[state.id] = time.monotonic()
+        metrics.SWEPT.labels(state.status.value, "expired").inc()
+        log.info("handed on", extra={"command_id": state.id, "entity_id": state.entity_id, "status": state.status.value,
+                                     "action": "expired"})
+
+        async def publish() -> None:
             try:
-                if await self._lease(interval):
-                    await retrying(self.sweep, "sweeper")
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug: try again next round
-                log.exception("sweep failed")
-            await asyncio.sleep(interval)
+                await retrying(lambda: self._publisher.publish_all([(topics.ACCEPTED, cancel, state.entity_id)]), "sweeper")
+            finally:
+                self._expiries.pop(state.id, None)
+
+        asyncio.ensure_future(publish())
 
     async def _lease(self, interval: float) -> bool:
         """Hold the sweeper's lease for the next few rounds (or keep holding it)."""
