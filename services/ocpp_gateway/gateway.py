@@ -40,7 +40,7 @@ from ocpp.v16 import ChargePoint, call, call_result
 from ocpp.v16.enums import Action, AuthorizationStatus, MessageTrigger, RegistrationStatus, RemoteStartStopStatus, TriggerMessageStatus
 
 from dercmd.protocols.ocpp import OcppSettings
-from dercmd.events import CommandType
+from dercmd.events import CommandStatus, CommandType
 from dercmd.fleet import Entity, Fleet
 from dercmd.protocols.ocpp import (
     CHARGING_STATUSES,
@@ -61,6 +61,7 @@ from dercmd.protocols.ocpp import (
     parse_profiles,
 )
 from dercmd.settings import OcppGatewaySettings
+from dercmd.state.delivery import Deliveries, Stage
 from dercmd.state.ocpp import CommandState, OcppState
 
 from . import metrics
@@ -178,8 +179,11 @@ class CentralChargePoint(ChargePoint):
     @on(Action.start_transaction)
     async def on_start_transaction(self, connector_id: int, id_tag: str, meter_start: int, timestamp: str, **_: Any) -> Any:
         metrics.RECEIVED.labels("StartTransaction").inc()
-        transaction_id = await self.gateway.transaction_started(self.entity_id, id_tag)
-        return call_result.StartTransaction(transaction_id=transaction_id, id_tag_info={"status": AuthorizationStatus.accepted})
+        transaction_id, current = await self.gateway.transaction_started(self.entity_id, id_tag)
+        # A start for a command that already ended otherwise (dercmd said Failed) is refused:
+        # the charge point ends the transaction, and the car does not charge against the status.
+        status = AuthorizationStatus.accepted if current else AuthorizationStatus.expired
+        return call_result.StartTransaction(transaction_id=transaction_id, id_tag_info={"status": status})
 
     @on(Action.stop_transaction)
     async def on_stop_transaction(self, meter_stop: int, timestamp: str, transaction_id: int, **_: Any) -> Any:
@@ -207,6 +211,7 @@ class Gateway:
         self._http = httpx.AsyncClient(timeout=5.0, transport=transport)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.state = OcppState(redis)
+        self.deliveries = Deliveries(redis)
 
     async def aclose(self) -> None:
         """Close every connection (each lets go of its link), stop reporting."""
@@ -436,13 +441,21 @@ class Gateway:
 
     # -- transaction messages ------------------------------------------------------------
 
-    async def transaction_started(self, entity_id: str, id_tag: str) -> int:
-        """A new transaction id for the charge point; the command whose idTag it carries
-        succeeded."""
+    async def transaction_started(self, entity_id: str, id_tag: str) -> tuple[int, bool]:
+        """A new transaction id for the charge point, and whether to accept it: the command
+        whose idTag it carries succeeded, unless that command already ended otherwise (its
+        deadline passed without a confirmation: dercmd said Failed), which refuses it."""
         transaction_id, command_id = await self.state.start_transaction(entity_id, id_tag)
-        if command_id is not None:
-            await self._confirmed(entity_id, command_id, transaction_id)
-        return transaction_id
+        if command_id is None:
+            return transaction_id, True
+        [delivery] = await self.deliveries.peek_many([(entity_id, command_id)])
+        if delivery.stage is Stage.DONE and delivery.outcome is not None and delivery.outcome.status is not CommandStatus.SUCCEEDED:
+            metrics.LATE_TRANSACTIONS.inc()
+            log.warning("late transaction refused", extra={"command_id": command_id, "entity_id": entity_id,
+                                                           "transaction_id": transaction_id, "outcome": delivery.outcome.encode()})
+            return transaction_id, False
+        await self._confirmed(entity_id, command_id, transaction_id)
+        return transaction_id, True
 
     async def transaction_stopped(self, entity_id: str, transaction_id: int) -> None:
         """The transaction ended; the command that asked for that succeeded."""

@@ -9,6 +9,10 @@ CONNECTIONS = Counter(
     "dercmd_ocpp_connections_total", "WebSocket connections from charge points, by result (accepted, refused, replaced).", ["result"]
 )
 RECEIVED = Counter("dercmd_ocpp_messages_received_total", "CALLs received from charge points, by action.", ["action"])
+LATE_TRANSACTIONS = Counter(
+    "dercmd_ocpp_late_transactions_total",
+    "StartTransactions refused because the command they carry had already ended otherwise (dercmd said Failed).",
+)
 CALLS = Counter(
     "dercmd_ocpp_calls_total",
     "CALLs to charge points, by action and result (Accepted, Rejected, call_error, no_answer, connection_closed, busy).",

@@ -392,3 +392,26 @@ async def test_the_gateway_api_needs_its_token(rig: Rig) -> None:
         listed = {c["entityId"]: c for c in answer.json()["chargePoints"]}
         assert listed["cp-1"]["profiles"] == ["Core", "RemoteTrigger"] and listed["cp-mute"]["profiles"] == []
         assert listed["cp-1"]["connectors"] == {"1": "Available"}
+
+
+async def test_a_start_transaction_after_the_command_ended_failed_is_refused_and_not_reported(rig: Rig) -> None:
+    """The charge point took the RemoteStartTransaction, but its StartTransaction comes after
+    dercmd already said Failed (no confirmation by the deadline): the gateway answers the
+    transaction with idTagInfo Expired (the charge point ends it) and reports no success."""
+    from dercmd.events import CommandStatus
+    from dercmd.ocpp_gateway import metrics as gateway_metrics
+    from dercmd.state.delivery import Deliveries, Outcome
+
+    rig.sim.by_entity["cp-4"].confirm_delay_s = 1.0  # its StartTransaction comes a second after it accepted
+    refused_before = gateway_metrics.LATE_TRANSACTIONS._value.get()
+    start = rig.delivery("cp-4", CommandType.START_CHARGING)
+    # Dispatch's record of the delivery, as dispatch keeps it: claimed, sent, then given up on.
+    deliveries = Deliveries(rig.redis)
+    await deliveries.claim("cp-4", start.order.command_id, 1)
+    [answer] = await rig.send(start)
+    assert isinstance(answer, backends.Accepted)
+    await deliveries.finish("cp-4", start.order.command_id, Outcome(CommandStatus.FAILED, "no_confirmation", "no transaction"))
+    await until(lambda: gateway_metrics.LATE_TRANSACTIONS._value.get() == refused_before + 1, deadline_s=5)
+    record = await rig.gateway.state.command("cp-4", start.order.command_id)
+    assert record is not None and record.state is not CommandState.SUCCEEDED  # not confirmed, so never reported
+    assert all(r.command_id != start.order.command_id for r in rig.reported)

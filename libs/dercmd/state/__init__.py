@@ -11,7 +11,7 @@ module             keys                                        written by       
                    ``dercmd:{e}:decision:<c>``                 dispatch's claim,        (cooldown), dispatch
                                                                intake (abort)           (``active_fence``)
 :mod:`.due`        ``dercmd:due:{NN}``                         arbitration              arbitration
-:mod:`.delivery`  ``dercmd:{e}:delivery:<c>``; the slots'      dispatch (delivery.lua)  dispatch
+:mod:`.delivery`   ``dercmd:{e}:delivery:<c>``; the slots'      dispatch (delivery.lua)  dispatch, OCPP
                    ``delivered``, ``held``, ``held_before``
 :mod:`.rates`      ``dercmd:rate:{backend}``                   dispatch                 dispatch
 :mod:`.ev_pending` ``dercmd:{ev-aggregator}:pending``,         dispatch (ev-aggregator) dispatch

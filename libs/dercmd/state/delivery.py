@@ -3,7 +3,8 @@
 Keys (entity ``E``, command ``C``):
 
 - ``dercmd:{E}:delivery:C`` (string, kept :data:`STATE_TTL_S`): the command's delivery
-  stage, written and read by dispatch only (this module). Its value is ``inflight``,
+  stage, written by dispatch only; read by dispatch and by the OCPP gateway (which refuses a
+  charge point's late StartTransaction for a command that already ended otherwise). Its value is ``inflight``,
   ``accepted``, ``sent``, ``retry``, ``result:<outcome>`` or ``done:<outcome>``, where
   ``<outcome>`` is :meth:`Outcome.encode`.
 - the entity's slots hash (:mod:`.slots` documents every field): a claim reads
