@@ -38,7 +38,7 @@ import redis
 
 from .kafka import ensure_topics
 from .protocols.settings import local_defaults
-from .settings import Settings
+from .settings import Settings, load
 
 SERVICES = ("simulator", "status", "dispatch", "ocpp_gateway", "arbitration", "intake")
 
@@ -174,7 +174,8 @@ class Stack:
     def _settings(self) -> Settings:
         """The settings the services will see (this environment, not the launcher's own)."""
         prefix = "DERCMD_"
-        return Settings(**{k[len(prefix):].lower(): v for k, v in self.environ.items() if k.startswith(prefix)})
+        return load(Settings, **{k[len(prefix):].lower(): v for k, v in self.environ.items()
+                                 if k.startswith(prefix) and not k.endswith("_FILE")})
 
     def url(self, service: str) -> str:
         return f"http://{self.settings.bind_host}:{service_port(self.settings, service)}"

@@ -10,15 +10,54 @@ docker-compose.yml overrides what differs on a cluster. docs/operations.md lists
 
 from __future__ import annotations
 
+import math
+import os
+from collections import Counter
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import Literal, Self, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 from pydantic import Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+S = TypeVar("S", bound=BaseSettings)
 
 #: The example fleet's file: its tokens are published in the README.
 EXAMPLE_FLEET = "deploy/fleet.example.yaml"
+
+
+#: In production a secret is at least this long (bytes) and looks random: what anyone could
+#: guess or brute-force signs results and webhooks as well as dercmd does.
+MIN_SECRET_BYTES = 32
+#: ... and carries at least this much information by its own characters' spread (Shannon
+#: entropy per character times its length): 32 random hex digits carry about 110 bits,
+#: "passwordpassword..." about 88.
+MIN_SECRET_BITS = 96.0
+
+
+def _secret_fields(settings: BaseSettings) -> list[str]:
+    return [name for name, field in type(settings).model_fields.items()
+            if ("secret" in name or "token" in name) and field.annotation is str]
+
+
+def _entropy_bits(text: str) -> float:
+    if not text:
+        return 0.0
+    counts = Counter(text)
+    return -len(text) * sum(n / len(text) * math.log2(n / len(text)) for n in counts.values())
+
+
+def weak_secrets(settings: BaseSettings) -> list[str]:
+    """The environment variables of secrets (fields named ``*secret*`` or ``*token*``) that are
+    shorter than :data:`MIN_SECRET_BYTES` or carry less than :data:`MIN_SECRET_BITS`."""
+    prefix = str(settings.model_config.get("env_prefix", ""))
+    weak = []
+    for name in _secret_fields(settings):
+        value = getattr(settings, name)
+        if len(value.encode()) < MIN_SECRET_BYTES or _entropy_bits(value) < MIN_SECRET_BITS:
+            weak.append(f"{prefix}{name}".upper())
+    return weak
 
 
 def documented_defaults(settings: BaseSettings) -> list[str]:
@@ -39,7 +78,7 @@ class ServiceSettings(BaseSettings):
 
     environment: Literal["development", "production"] = Field(
         "development",
-        description="`production`: a service refuses to start while a secret it reads holds its documented default (`DERCMD_CALLBACK_SECRET`, the backends' tokens and secrets), the fleet file is the example's, or it grants the example's public bearer tokens.",
+        description="`production`: a service refuses to start while a secret it reads holds its documented default or is weak (under 32 bytes, or not random) (`DERCMD_CALLBACK_SECRET`, the backends' tokens and secrets), the fleet file is the example's, or it grants the example's public bearer tokens.",
     )
     kafka_bootstrap: str = Field(
         "",
@@ -98,7 +137,16 @@ class ServiceSettings(BaseSettings):
             public = documented_defaults(self) + (["DERCMD_FLEET_FILE (the example fleet)"] if self.fleet_file == EXAMPLE_FLEET else [])
             if public:
                 raise ValueError(published_message(public))
+            weak = weak_secrets(self)
+            if weak:
+                raise ValueError(weak_message(weak))
         return self
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, FileVariables(settings_cls), env_settings, dotenv_settings, file_secret_settings)
 
 
 class _Ledger(ServiceSettings):
@@ -218,26 +266,67 @@ def published_message(public: list[str]) -> str:
     return f"DERCMD_ENVIRONMENT=production, but these hold their documented defaults: {', '.join(public)}; set your own"
 
 
+def weak_message(weak: list[str]) -> str:
+    return (f"DERCMD_ENVIRONMENT=production, but these secrets are shorter than {MIN_SECRET_BYTES} bytes or not random "
+            f"enough: {', '.join(weak)}; use e.g. `openssl rand -hex 32`")
+
+
 def refuse_published(settings: ServiceSettings, *more: BaseSettings, tokens: Sequence[str] = ()) -> None:
     """In production, stop the service (a clear message, exit status 1) while any of ``more``
-    (a backend's settings) holds a documented default secret, or ``tokens`` names published
-    bearer tokens the service would accept."""
+    (a backend's settings) holds a documented default secret or a weak one, or ``tokens`` names
+    published bearer tokens the service would accept."""
     if settings.environment == "production":
         public = [name for extra in more for name in documented_defaults(extra)] + [f"bearer token {t!r}" for t in tokens]
         if public:
             raise SystemExit(f"dercmd: refusing to start: {published_message(public)}")
+        weak = [name for extra in more for name in weak_secrets(extra)]
+        if weak:
+            raise SystemExit(f"dercmd: refusing to start: {weak_message(weak)}")
 
 
-S = TypeVar("S", bound=ServiceSettings)
+class FileVariables(PydanticBaseSettingsSource):
+    """``<VARIABLE>_FILE``: the value of a setting read from a file, as container platforms
+    hand secrets over (a Kubernetes or Docker secret mounted as a file), for every setting.
+    A trailing newline is dropped. Setting both ``<VARIABLE>`` and ``<VARIABLE>_FILE`` is refused."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        prefix = str(self.settings_cls.model_config.get("env_prefix", ""))
+        variable = f"{prefix}{field_name}".upper()
+        path = os.environ.get(f"{variable}_FILE")
+        if not path:
+            return None, field_name, False
+        if variable in os.environ:
+            raise ValueError(f"both {variable} and {variable}_FILE are set: set one")
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read().removesuffix("\n").removesuffix("\r"), field_name, False
+        except OSError as exc:
+            raise ValueError(f"{variable}_FILE: cannot read {path}: {exc.strerror}") from None
+
+    def __call__(self) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for name, field in self.settings_cls.model_fields.items():
+            value, key, _ = self.get_field_value(field, name)
+            if value is not None:
+                found[key] = value
+        return found
+
+
+def load(kind: type[S], **values: Any) -> S:
+    """``kind`` read from the environment (and ``values``); settings that are not valid (a
+    published or weak secret in production among them) stop the process with one clear line
+    instead of a traceback."""
+    try:
+        return kind(**values)
+    except ValidationError as exc:
+        problems = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+        raise SystemExit(f"dercmd: refusing to start: {problems}") from None
+    except ValueError as exc:  # a <VARIABLE>_FILE that cannot be read, or set twice
+        raise SystemExit(f"dercmd: refusing to start: {exc}") from None
 
 
 @lru_cache
 def get_settings(kind: type[S] = Settings) -> S:  # type: ignore[assignment]
-    """The settings of this process (``kind``: the service's own class); settings that are not
-    valid (a published secret in production among them) stop it with one clear message
-    instead of a traceback."""
-    try:
-        return kind()
-    except ValidationError as exc:
-        problems = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
-        raise SystemExit(f"dercmd: refusing to start: {problems}") from None
+    """The settings of this process (``kind``: the service's own class), or one clear line and
+    exit status 1 (:func:`load`)."""
+    return load(kind)
