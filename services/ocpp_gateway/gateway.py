@@ -4,7 +4,8 @@ dispatch asks this replica to make on them.
 Per connection: the charge point is one of the fleet's ``ocpp`` entities (its id in the URL is
 the entity's device id; any other is refused before the handshake completes); the replica
 records itself as the holder in Redis (the link of :mod:`dercmd.state.ocpp`: its URL and the
-connection's id, expiring after three missed heartbeats, re-asserted by each heartbeat), and on
+connection's id, expiring after three heartbeat intervals without a message, re-asserted by any
+message the charge point sends: OCPP 1.6 lets any message stand for a Heartbeat), and on
 close removes that record only if it is still this connection's (the charge point may already
 be connected elsewhere).
 After the charge point's BootNotification (or its first message, for one that reconnects
@@ -126,6 +127,8 @@ class Connection:
     status_waiters: list[tuple[int, asyncio.Future[str]]] = field(default_factory=list)
     asking: asyncio.Task[None] | None = None
     charge_point: CentralChargePoint | None = None
+    #: When a message last kept the link alive (monotonic).
+    held_at: float = 0.0
 
 
 class CentralChargePoint(ChargePoint):
@@ -137,6 +140,15 @@ class CentralChargePoint(ChargePoint):
         self.gateway = gateway
         self.connection = connection
         self.entity_id = connection.entity.id
+
+    async def route_message(self, raw_msg: str | bytes) -> None:
+        """Any message from the charge point shows it is there (OCPP 1.6 lets any message stand
+        for a Heartbeat): its link is kept alive, at most once per half heartbeat interval."""
+        now = time.monotonic()
+        if now - self.connection.held_at >= self.gateway.ocpp.heartbeat_interval_s / 2:
+            self.connection.held_at = now
+            await self.gateway.hold(self.connection)
+        await super().route_message(raw_msg)
 
     @on(Action.boot_notification)
     async def on_boot_notification(self, charge_point_vendor: str, charge_point_model: str, **_: Any) -> Any:
@@ -153,8 +165,7 @@ class CentralChargePoint(ChargePoint):
 
     @on(Action.heartbeat)
     async def on_heartbeat(self, **_: Any) -> Any:
-        metrics.RECEIVED.labels("Heartbeat").inc()
-        await self.gateway.hold(self.connection)
+        metrics.RECEIVED.labels("Heartbeat").inc()  # (its link was kept alive as it came in)
         self.gateway.ask_profiles(self.connection)
         return call_result.Heartbeat(current_time=_now())
 

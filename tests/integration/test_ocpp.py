@@ -415,3 +415,33 @@ async def test_a_start_transaction_after_the_command_ended_failed_is_refused_and
     record = await rig.gateway.state.command("cp-4", start.order.command_id)
     assert record is not None and record.state is not CommandState.SUCCEEDED  # not confirmed, so never reported
     assert all(r.command_id != start.order.command_id for r in rig.reported)
+
+
+async def test_any_message_keeps_a_charge_point_connected_without_heartbeats(rig: Rig) -> None:
+    """OCPP 1.6 lets any message stand for a Heartbeat: a charge point that sends MeterValues
+    and never a Heartbeat stays the link's holder past its three heartbeat intervals' TTL."""
+    import websockets
+    from ocpp.v16 import ChargePoint as Client
+    from ocpp.v16 import call as calls
+
+    from dercmd.protocols.ocpp import SUBPROTOCOL
+
+    url = rig.gateway.url.replace("http://", "ws://") + "/ocpp/" + FLEET.entities["cp-offline"].device_id
+    async with websockets.connect(url, subprotocols=[SUBPROTOCOL]) as ws:  # type: ignore[list-item]
+        client = Client(FLEET.entities["cp-offline"].device_id, ws)
+        listening = asyncio.ensure_future(client.start())
+        try:
+            await client.call(calls.BootNotification(charge_point_vendor="ABB", charge_point_model="Terra"))
+            first = (await rig.gateway.state.link("cp-offline")).ttl_s
+            assert first > 0
+            # Half a heartbeat interval and a little more, MeterValues only: the link's TTL comes back up.
+            interval = rig.gateway.ocpp.heartbeat_interval_s
+            end = asyncio.get_running_loop().time() + interval / 2 + 1.5
+            while asyncio.get_running_loop().time() < end:
+                await client.call(calls.MeterValues(connector_id=1, meter_value=[
+                    {"timestamp": datetime.now(UTC).isoformat(), "sampledValue": [{"value": "1"}]}]))
+                await asyncio.sleep(0.25)
+            link = await rig.gateway.state.link("cp-offline")
+            assert link.conn is not None and link.ttl_s >= rig.gateway.ocpp.link_ttl_s - 2, (first, link)
+        finally:
+            listening.cancel()
