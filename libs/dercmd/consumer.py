@@ -6,7 +6,10 @@ A service gives a topic and a batch handler; :class:`BatchConsumer` does the res
 1. ``getmany``: what the assigned partitions have, up to ``DERCMD_BATCH_MAX_RECORDS`` records,
    waiting at most ``DERCMD_KAFKA_FETCH_MAX_WAIT_MS`` for the first.
 2. Each record is decoded into its topic's model; one that does not parse is dead-lettered
-   (``<topic>.dlq``, the error in headers) and never reaches the handler.
+   (``<topic>.dlq``, the error in headers) and never reaches the handler. No record can stop
+   the consumer: one too large or nested too deep (:func:`dercmd.kafka.check`, a byte count
+   before any parse) is refused unparsed, any exception in decoding or in the ``on_invalid``
+   hook is caught, and the dead letter is a bounded copy (:meth:`Publisher.dead_letter`).
 3. The handler gets the decoded records of the batch, in partition order (every topic is
    keyed by entity, so one entity's records arrive in their order). It does one Redis round
    trip, one ledger transaction and one produce-and-acknowledge for the whole batch.
@@ -50,7 +53,7 @@ from prometheus_client.registry import REGISTRY, Collector
 from pydantic import ValidationError
 
 from .events import Event
-from .kafka import Publisher, consumer_kwargs, decode, header
+from .kafka import DEAD_LETTERS, Publisher, check, clip, consumer_kwargs, decode, header
 from .metrics import LATENCY_BUCKETS
 from .settings import ServiceSettings
 from .topics import Topic
@@ -73,7 +76,6 @@ INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
     asyncio.TimeoutError,
 )
 
-DEAD_LETTERS = Counter("dercmd_dead_letters_total", "Records copied to a dead-letter topic.", ["topic"])
 BATCHES = Counter("dercmd_consumer_batches_total", "Batches handled, by topic.", ["topic"])
 RECORDS = Counter("dercmd_consumer_records_total", "Records consumed, by topic.", ["topic"])
 REWOUND = Counter("dercmd_consumer_rewound_partitions_total",
@@ -340,13 +342,26 @@ class BatchConsumer(ConsumerRebalanceListener):
         items: list[Item[Any]] = []
         for record in records:
             try:
+                check(record.value)
                 model = self.topic.model_of(header(record.headers, "ce_type")) if self.topic.others else None
                 items.append(Item(decode(self.topic, record.value, model), record))
-            except (ValidationError, ValueError) as exc:
-                await self._dead_letter(record, str(exc))
-                if self._on_invalid is not None:
-                    await self._retrying(lambda r=record, e=exc: self._on_invalid(r, e))  # type: ignore[misc]
+            except Exception as exc:  # noqa: BLE001 - whatever a record holds, it must not stop the consumer
+                await self._invalid(record, exc)
         return items
+
+    async def _invalid(self, record: ConsumerRecord, exc: Exception) -> None:
+        """A record that did not decode: dead-letter it, then tell the ``on_invalid`` hook; a hook
+        that fails for it (other than a dependency, which is retried) is logged and passed over."""
+        error = str(exc) if isinstance(exc, (ValidationError, ValueError)) else repr(exc)
+        await self._dead_letter(record, error)
+        if self._on_invalid is None:
+            return
+        try:
+            await self._retrying(lambda: self._on_invalid(record, exc))  # type: ignore[misc]
+        except Exception as hook_error:  # noqa: BLE001
+            log.error("on_invalid failed for a dead-lettered record", extra={
+                "topic": self.topic.name, "partition": record.partition, "offset": record.offset,
+                "error": clip(repr(hook_error), 500)})
 
     async def _guarded(self, items: list[Item[Any]]) -> asyncio.Future[Any]:
         """Run the handler on the batch: retry it while a dependency fails; on any other error
@@ -383,13 +398,23 @@ class BatchConsumer(ConsumerRebalanceListener):
         return await retrying(call, self.topic.name)
 
     async def _dead_letter(self, record: ConsumerRecord, error: str) -> None:
-        DEAD_LETTERS.labels(self.topic.name).inc()
-        await self._retrying(
-            lambda: self._publisher.dead_letter(
-                self.topic, key=record.key, value=record.value, headers=record.headers, error=error,
-                partition=record.partition, offset=record.offset,
-            )
-        )
+        """Copy the record to the dead-letter topic (counted there). A dependency that fails is
+        retried; if the copy fails otherwise, a bare one (no key, headers or value) is tried,
+        and if that fails too the record is logged and passed over: nothing stops the partition."""
+        copy: dict[str, Any] = {"key": record.key, "value": record.value, "headers": record.headers}
+        for attempt in ("copy", "bare"):
+            try:
+                await self._retrying(
+                    lambda: self._publisher.dead_letter(
+                        self.topic, error=error, partition=record.partition, offset=record.offset, **copy,
+                    )
+                )
+                return
+            except Exception as exc:  # noqa: BLE001
+                log.error("dead letter refused", extra={
+                    "topic": self.topic.name, "partition": record.partition, "offset": record.offset,
+                    "attempt": attempt, "error": clip(repr(exc), 500)})
+                copy = {"key": b"", "value": None, "headers": None}
 
     # -- commits -----------------------------------------------------------------------
 
