@@ -7,9 +7,10 @@ A service gives a topic and a batch handler; :class:`BatchConsumer` does the res
    waiting at most ``DERCMD_KAFKA_FETCH_MAX_WAIT_MS`` for the first.
 2. Each record is decoded into its topic's model; one that does not parse is dead-lettered
    (``<topic>.dlq``, the error in headers) and never reaches the handler. No record can stop
-   the consumer: one too large or nested too deep (:func:`dercmd.kafka.check`, a byte count
-   before any parse) is refused unparsed, any exception in decoding or in the ``on_invalid``
-   hook is caught, and the dead letter is a bounded copy (:meth:`Publisher.dead_letter`).
+   the consumer: one too large or nested too deep (:func:`dercmd.kafka.check`, a byte scan
+   before any parse of a long record, after a failed one of a short record) is refused
+   unparsed, any exception in decoding or in the ``on_invalid`` hook is caught, and the dead
+   letter is a bounded copy (:meth:`Publisher.dead_letter`).
 3. The handler gets the decoded records of the batch, in partition order (every topic is
    keyed by entity, so one entity's records arrive in their order). It does one Redis round
    trip, one ledger transaction and one produce-and-acknowledge for the whole batch.
@@ -53,7 +54,7 @@ from prometheus_client.registry import REGISTRY, Collector
 from pydantic import ValidationError
 
 from .events import Event
-from .kafka import DEAD_LETTERS, Publisher, check, clip, consumer_kwargs, decode, header
+from .kafka import DEAD_LETTERS, SCAN_ABOVE_BYTES, PoisonRecord, Publisher, check, clip, consumer_kwargs, decode, header
 from .metrics import LATENCY_BUCKETS
 from .settings import ServiceSettings
 from .topics import Topic
@@ -342,7 +343,8 @@ class BatchConsumer(ConsumerRebalanceListener):
         items: list[Item[Any]] = []
         for record in records:
             try:
-                check(record.value)
+                if record.value is not None and len(record.value) > SCAN_ABOVE_BYTES:
+                    check(record.value)
                 model = self.topic.model_of(header(record.headers, "ce_type")) if self.topic.others else None
                 items.append(Item(decode(self.topic, record.value, model), record))
             except Exception as exc:  # noqa: BLE001 - whatever a record holds, it must not stop the consumer
@@ -352,6 +354,11 @@ class BatchConsumer(ConsumerRebalanceListener):
     async def _invalid(self, record: ConsumerRecord, exc: Exception) -> None:
         """A record that did not decode: dead-letter it, then tell the ``on_invalid`` hook; a hook
         that fails for it (other than a dependency, which is retried) is logged and passed over."""
+        if not isinstance(exc, PoisonRecord):
+            try:
+                check(record.value)  # a short record that nests too deep: say so
+            except PoisonRecord as poison:
+                exc = poison
         error = str(exc) if isinstance(exc, (ValidationError, ValueError)) else repr(exc)
         await self._dead_letter(record, error)
         if self._on_invalid is None:

@@ -54,6 +54,11 @@ DLQ_DROPPED_HEADERS = "dercmd_dropped_headers"
 MAX_VALUE_BYTES = 262_144
 #: ... or nested deeper than this (events nest three levels at most).
 MAX_DEPTH = 32
+#: A consumer scans a value before decoding it only when it is longer than this: a shorter one
+#: is safe to hand to the decoder (pydantic's JSON parser stops at 200 levels, and no consumed
+#: model takes nested data), and the scan runs on it only if it fails to decode, so that its
+#: dead letter says why. Records of every day cost one ``len``.
+SCAN_ABOVE_BYTES = 4_096
 #: A value taken from a record is echoed in a log line up to this many characters.
 LOG_ECHO_CHARS = 1_024
 
