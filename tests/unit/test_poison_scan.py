@@ -4,8 +4,11 @@ hooks use on what did not decode (issue 18: one record stopped all Kafka intake 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dercmd.events import StatusEventV1
 from dercmd.kafka import MAX_DEPTH, MAX_VALUE_BYTES, PoisonRecord, check, clip, depth, loads
@@ -54,3 +57,35 @@ def test_clip_bounds_what_a_log_line_echoes() -> None:
     assert clip("short") == "short"
     clipped = clip("x" * 1_048_576)
     assert len(clipped) < 1_100 and clipped.endswith("(1048576 characters)")
+
+
+def _true_depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_true_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_true_depth(v) for v in value), default=0)
+    return 0
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet=st.sampled_from('ab[]{}"\\,:\u00e9\n')),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(alphabet='k[{"\\'), inner, max_size=3),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_JSON, st.booleans())
+def test_the_scan_measures_what_a_parser_would_nest(value: Any, ascii_only: bool) -> None:
+    raw = json.dumps(value, ensure_ascii=ascii_only).encode()
+    assert depth(raw) == _true_depth(value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2_000))
+def test_loads_and_check_never_raise_anything_but_their_refusal(raw: bytes) -> None:
+    loads(raw)
+    try:
+        check(raw, max_depth=3)
+    except PoisonRecord:
+        pass
