@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -99,6 +100,16 @@ class Item(Generic[E]):
 BatchHandler = Callable[[list[Item[Any]]], Awaitable[Awaitable[None] | None]]
 #: Told about a record that did not parse (after it is dead-lettered), e.g. to say Rejected.
 InvalidHandler = Callable[[ConsumerRecord, Exception], Awaitable[None]]
+
+
+def failure(exc: BaseException | None) -> dict[str, str]:
+    """Log fields for an exception a record may have caused: its traceback, with the message
+    (which may echo a value from the record) clipped to ``LOG_ECHO_CHARS``; where
+    ``log.exception`` would print the whole message, however long."""
+    if exc is None:
+        return {}
+    message = clip(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}")
+    return {"error": message, "exc": "".join(traceback.format_tb(exc.__traceback__, limit=-40)) + message}
 
 
 async def retrying(call: Callable[[], Awaitable[Any]], what: str) -> Any:
@@ -379,8 +390,9 @@ class BatchConsumer(ConsumerRebalanceListener):
             return done
         try:
             result = await self._retrying(lambda: self._handler(items))
-        except Exception:
-            log.exception("batch failed; replaying it record by record", extra={"topic": self.topic.name, "records": len(items)})
+        except Exception as exc:
+            log.error("batch failed; replaying it record by record",
+                      extra={"topic": self.topic.name, "records": len(items), **failure(exc)})
             await self._replay(items)
             done.set_result(None)
             return done
@@ -397,7 +409,7 @@ class BatchConsumer(ConsumerRebalanceListener):
                 if result is not None:
                     await result
             except Exception as exc:
-                log.exception("record failed", extra={"topic": self.topic.name, "partition": item.record.partition,
+                log.error("record failed", extra={"topic": self.topic.name, "partition": item.record.partition, **failure(exc),
                                                       "offset": item.record.offset})
                 await self._dead_letter(item.record, repr(exc))
 
@@ -463,7 +475,7 @@ class BatchConsumer(ConsumerRebalanceListener):
             if done.exception() is not None:
                 # Pipelined work that raised: replay its records one by one before its offsets
                 # may be committed (nothing accepted may be skipped).
-                log.error("pipelined batch failed; replaying it", exc_info=done.exception(), extra={"topic": self.topic.name})
+                log.error("pipelined batch failed; replaying it", extra={"topic": self.topic.name, **failure(done.exception())})
                 replay = asyncio.ensure_future(self._replay(items))
                 replay.add_done_callback(lambda _f: self._finished())
                 self._pending[0] = (batch_offsets, replay, items)

@@ -322,3 +322,26 @@ async def test_a_hook_that_fails_for_a_record_does_not_stop_the_consumer(kafka_b
         await until(lambda: "after" in handled or not consumer.running, what="the record after the bad one")
         assert consumer.running and handled == ["after"]
         await until(lambda: not any(consumer.lag().values()), what="the commit past it")
+
+
+async def test_a_failure_a_record_causes_is_logged_with_its_message_clipped(kafka_bootstrap: str,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """A handler's exception may echo a value of the record (a 1 MiB entity id): the log line
+    keeps its traceback and at most a KiB of its message."""
+    async with Harness(kafka_bootstrap) as h:
+        await h.produce([(b"k", status("bug", "e")), (b"k", status("after", "e"))])
+        handled: list[str] = []
+
+        async def handle(items: list[Item[StatusEventV1]]) -> None:
+            if any(item.event.command_id == "bug" for item in items):
+                raise ValueError("echoing " + "x" * 1_048_576)
+            handled.extend(item.event.command_id for item in items)
+
+        with caplog.at_level("ERROR", logger="dercmd.consumer"):
+            await h.consume(handle)
+            await until(lambda: "after" in handled, what="the record after the failing one")
+        failures = [r for r in caplog.records if r.name == "dercmd.consumer"]
+        assert {r.getMessage() for r in failures} >= {"batch failed; replaying it record by record", "record failed"}
+        for record in failures:
+            assert record.exc_info is None and "in handle" in record.exc  # type: ignore[attr-defined]
+            assert all(len(str(v)) < 20_000 for v in vars(record).values()), record.getMessage()
