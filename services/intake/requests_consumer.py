@@ -19,7 +19,7 @@ from aiokafka import ConsumerRecord
 from dercmd import topics
 from dercmd.consumer import Item
 from dercmd.events import ID_PATTERN, CommandAcceptedV1, CommandRequestV1, CommandStatus, Event, StatusEventV1, utcnow
-from dercmd.kafka import header, loads
+from dercmd.kafka import clip, header, loads
 
 from . import metrics
 from . import commands
@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 #: As long as a request's entityId may be (CommandRequestV1).
 _MAX_ENTITY_ID: int = next(m.max_length for m in CommandRequestV1.model_fields["entity_id"].metadata if hasattr(m, "max_length"))
+
+#: A Rejected status says at most this much of why (a refusal may quote the request).
+_MAX_DETAIL = 2_000
 
 _POSITION_NAMESPACE = uuid.UUID("6f1c7d5e-8f0b-4a35-9a7e-2f9f0e3c1b11")
 
@@ -63,7 +66,7 @@ class RequestsHandler:
                 if item.record.key != request.entity_id.encode():
                     # The key decides the partition, and so the order of the entity's commands.
                     raise Refusal("key_mismatch", f"the record's key must be its entityId {request.entity_id!r}, "
-                                                  f"not {item.record.key!r}")
+                                                  f"not {clip(item.record.key, 200)}")
                 if entity is None:
                     raise Refusal("unknown_entity", f"no entity {request.entity_id}")
                 cmd = commands.build(
@@ -104,7 +107,7 @@ class RequestsHandler:
             metrics.REFUSED.labels("kafka", "unreadable").inc()
             return  # nothing to attach a status to: the dead letter is all there is
         body_id = body.get("id") if isinstance(body.get("id"), str) and re.fullmatch(ID_PATTERN, body["id"]) else None
-        await self._reject([(command_id_of(record, body_id), entity_id, "invalid_request", str(error)[:2000], None)])
+        await self._reject([(command_id_of(record, body_id), entity_id, "invalid_request", str(error), None)])
 
     async def _reject(self, rejections: list[tuple[str, str, str, str, CommandRequestV1 | None]]) -> None:
         known = await self._admission.known([command_id for command_id, *_ in rejections])
@@ -121,7 +124,7 @@ class RequestsHandler:
                 entity_id=entity_id,
                 status=CommandStatus.REJECTED,
                 reason=key,
-                detail=message,
+                detail=message[:_MAX_DETAIL],
                 type=request.type if request else None,
                 percentage=request.percentage if request else None,
                 value=request.value if request else None,

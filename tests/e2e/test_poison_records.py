@@ -104,6 +104,10 @@ def bad_records(topic: topics.Topic) -> list[tuple[bytes | None, bytes | None, l
                 for wrong in WRONG if n == 0 else WRONG[:1]:
                     add(key, json.dumps({**body, name: wrong}).encode(), model=model if topic.others else None)
     add(None, b"\xff" * 10)  # no key
+    if topic is topics.REQUESTS:  # a valid request under a huge key: refused (the key must be its entity)
+        request = CommandRequestV1(id=f"fuzz-{uuid.uuid4().hex[:8]}", entity_id=CANARIES[0], type=CommandType.RESET)
+        out.append((b"\xfe" * 900_000, request.model_dump_json(by_alias=True, exclude_none=True).encode(),
+                    [(FUZZ, uuid.uuid4().hex.encode())]))
     return out
 
 
@@ -144,6 +148,9 @@ def test_no_record_stops_a_consumer_and_every_dead_letter_is_counted(stack: Stac
     for command in canaries.values():
         assert api.wait_terminal(command, deadline_s=60)["status"] == "Succeeded", command
 
+    (hostile,) = [json.loads(v or b"")["id"] for k, v, _ in bad[topics.REQUESTS.name] if k and len(k) > 1024]
+    rejected = api.wait_terminal(hostile)
+    assert (rejected["status"], rejected["reason"]) == ("Rejected", "key_mismatch") and len(rejected["detail"]) < 1_000
     for topic in topics.CONSUMED:
         expected = {value.decode() for _, _, headers in bad[topic.name] for name, value in headers if name == FUZZ}
         dead = kafka.read_until(topic.dlq, lambda rs, e=expected: e <= {header(r.headers, FUZZ) for r in rs}, deadline_s=60)
