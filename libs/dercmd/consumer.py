@@ -409,8 +409,8 @@ class BatchConsumer(ConsumerRebalanceListener):
                 if result is not None:
                     await result
             except Exception as exc:
-                log.error("record failed", extra={"topic": self.topic.name, "partition": item.record.partition, **failure(exc),
-                                                      "offset": item.record.offset})
+                log.error("record failed", extra={"topic": self.topic.name, "partition": item.record.partition,
+                                                  "offset": item.record.offset, **failure(exc)})
                 await self._dead_letter(item.record, repr(exc))
 
     async def _retrying(self, call: Callable[[], Awaitable[Any]]) -> Any:
