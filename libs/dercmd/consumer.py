@@ -6,7 +6,11 @@ A service gives a topic and a batch handler; :class:`BatchConsumer` does the res
 1. ``getmany``: what the assigned partitions have, up to ``DERCMD_BATCH_MAX_RECORDS`` records,
    waiting at most ``DERCMD_KAFKA_FETCH_MAX_WAIT_MS`` for the first.
 2. Each record is decoded into its topic's model; one that does not parse is dead-lettered
-   (``<topic>.dlq``, the error in headers) and never reaches the handler.
+   (``<topic>.dlq``, the error in headers) and never reaches the handler. No record can stop
+   the consumer: one too large or nested too deep (:func:`dercmd.kafka.check`, a byte scan
+   before any parse of a long record, after a failed one of a short record) is refused
+   unparsed, any exception in decoding or in the ``on_invalid`` hook is caught, and the dead
+   letter is a bounded copy (:meth:`Publisher.dead_letter`).
 3. The handler gets the decoded records of the batch, in partition order (every topic is
    keyed by entity, so one entity's records arrive in their order). It does one Redis round
    trip, one ledger transaction and one produce-and-acknowledge for the whole batch.
@@ -33,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import traceback
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -50,7 +55,7 @@ from prometheus_client.registry import REGISTRY, Collector
 from pydantic import ValidationError
 
 from .events import Event
-from .kafka import Publisher, consumer_kwargs, decode, header
+from .kafka import DEAD_LETTERS, SCAN_ABOVE_BYTES, PoisonRecord, Publisher, check, clip, consumer_kwargs, decode, header
 from .metrics import LATENCY_BUCKETS
 from .settings import ServiceSettings
 from .topics import Topic
@@ -73,7 +78,6 @@ INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
     asyncio.TimeoutError,
 )
 
-DEAD_LETTERS = Counter("dercmd_dead_letters_total", "Records copied to a dead-letter topic.", ["topic"])
 BATCHES = Counter("dercmd_consumer_batches_total", "Batches handled, by topic.", ["topic"])
 RECORDS = Counter("dercmd_consumer_records_total", "Records consumed, by topic.", ["topic"])
 REWOUND = Counter("dercmd_consumer_rewound_partitions_total",
@@ -96,6 +100,16 @@ class Item(Generic[E]):
 BatchHandler = Callable[[list[Item[Any]]], Awaitable[Awaitable[None] | None]]
 #: Told about a record that did not parse (after it is dead-lettered), e.g. to say Rejected.
 InvalidHandler = Callable[[ConsumerRecord, Exception], Awaitable[None]]
+
+
+def failure(exc: BaseException | None) -> dict[str, str]:
+    """Log fields for an exception a record may have caused: its traceback, with the message
+    (which may echo a value from the record) clipped to ``LOG_ECHO_CHARS``; where
+    ``log.exception`` would print the whole message, however long."""
+    if exc is None:
+        return {}
+    message = clip(f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}")
+    return {"error": message, "exc": "".join(traceback.format_tb(exc.__traceback__, limit=-40)) + message}
 
 
 async def retrying(call: Callable[[], Awaitable[Any]], what: str) -> Any:
@@ -340,13 +354,32 @@ class BatchConsumer(ConsumerRebalanceListener):
         items: list[Item[Any]] = []
         for record in records:
             try:
+                if record.value is not None and len(record.value) > SCAN_ABOVE_BYTES:
+                    check(record.value)
                 model = self.topic.model_of(header(record.headers, "ce_type")) if self.topic.others else None
                 items.append(Item(decode(self.topic, record.value, model), record))
-            except (ValidationError, ValueError) as exc:
-                await self._dead_letter(record, str(exc))
-                if self._on_invalid is not None:
-                    await self._retrying(lambda r=record, e=exc: self._on_invalid(r, e))  # type: ignore[misc]
+            except Exception as exc:  # noqa: BLE001 - whatever a record holds, it must not stop the consumer
+                await self._invalid(record, exc)
         return items
+
+    async def _invalid(self, record: ConsumerRecord, exc: Exception) -> None:
+        """A record that did not decode: dead-letter it, then tell the ``on_invalid`` hook; a hook
+        that fails for it (other than a dependency, which is retried) is logged and passed over."""
+        if not isinstance(exc, PoisonRecord):
+            try:
+                check(record.value)  # a short record that nests too deep: say so
+            except PoisonRecord as poison:
+                exc = poison
+        error = str(exc) if isinstance(exc, (ValidationError, ValueError)) else repr(exc)
+        await self._dead_letter(record, error)
+        if self._on_invalid is None:
+            return
+        try:
+            await self._retrying(lambda: self._on_invalid(record, exc))  # type: ignore[misc]
+        except Exception as hook_error:  # noqa: BLE001
+            log.error("on_invalid failed for a dead-lettered record", extra={
+                "topic": self.topic.name, "partition": record.partition, "offset": record.offset,
+                "error": clip(repr(hook_error), 500)})
 
     async def _guarded(self, items: list[Item[Any]]) -> asyncio.Future[Any]:
         """Run the handler on the batch: retry it while a dependency fails; on any other error
@@ -357,8 +390,9 @@ class BatchConsumer(ConsumerRebalanceListener):
             return done
         try:
             result = await self._retrying(lambda: self._handler(items))
-        except Exception:
-            log.exception("batch failed; replaying it record by record", extra={"topic": self.topic.name, "records": len(items)})
+        except Exception as exc:
+            log.error("batch failed; replaying it record by record",
+                      extra={"topic": self.topic.name, "records": len(items), **failure(exc)})
             await self._replay(items)
             done.set_result(None)
             return done
@@ -375,21 +409,31 @@ class BatchConsumer(ConsumerRebalanceListener):
                 if result is not None:
                     await result
             except Exception as exc:
-                log.exception("record failed", extra={"topic": self.topic.name, "partition": item.record.partition,
-                                                      "offset": item.record.offset})
+                log.error("record failed", extra={"topic": self.topic.name, "partition": item.record.partition,
+                                                  "offset": item.record.offset, **failure(exc)})
                 await self._dead_letter(item.record, repr(exc))
 
     async def _retrying(self, call: Callable[[], Awaitable[Any]]) -> Any:
         return await retrying(call, self.topic.name)
 
     async def _dead_letter(self, record: ConsumerRecord, error: str) -> None:
-        DEAD_LETTERS.labels(self.topic.name).inc()
-        await self._retrying(
-            lambda: self._publisher.dead_letter(
-                self.topic, key=record.key, value=record.value, headers=record.headers, error=error,
-                partition=record.partition, offset=record.offset,
-            )
-        )
+        """Copy the record to the dead-letter topic (counted there). A dependency that fails is
+        retried; if the copy fails otherwise, a bare one (no key, headers or value) is tried,
+        and if that fails too the record is logged and passed over: nothing stops the partition."""
+        copy: dict[str, Any] = {"key": record.key, "value": record.value, "headers": record.headers}
+        for attempt in ("copy", "bare"):
+            try:
+                await self._retrying(
+                    lambda: self._publisher.dead_letter(
+                        self.topic, error=error, partition=record.partition, offset=record.offset, **copy,
+                    )
+                )
+                return
+            except Exception as exc:  # noqa: BLE001
+                log.error("dead letter refused", extra={
+                    "topic": self.topic.name, "partition": record.partition, "offset": record.offset,
+                    "attempt": attempt, "error": clip(repr(exc), 500)})
+                copy = {"key": b"", "value": None, "headers": None}
 
     # -- commits -----------------------------------------------------------------------
 
@@ -431,7 +475,7 @@ class BatchConsumer(ConsumerRebalanceListener):
             if done.exception() is not None:
                 # Pipelined work that raised: replay its records one by one before its offsets
                 # may be committed (nothing accepted may be skipped).
-                log.error("pipelined batch failed; replaying it", exc_info=done.exception(), extra={"topic": self.topic.name})
+                log.error("pipelined batch failed; replaying it", extra={"topic": self.topic.name, **failure(done.exception())})
                 replay = asyncio.ensure_future(self._replay(items))
                 replay.add_done_callback(lambda _f: self._finished())
                 self._pending[0] = (batch_offsets, replay, items)

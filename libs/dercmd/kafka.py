@@ -8,7 +8,9 @@ Services speak plain Kafka and know only a bootstrap address; which broker runs 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -18,6 +20,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from prometheus_client import Counter
 
 from . import topics
 from .events import Event, dump
@@ -36,8 +39,89 @@ DLQ_TRUNCATED = "dercmd_truncated"  # the original value's length, when the copy
 
 #: Largest record a producer sends (aiokafka's default max_request_size).
 MAX_RECORD_BYTES = 1_048_576
-#: A dead letter's value is cut to this when the original would not fit in a record.
+#: A dead letter keeps at most this much of the original value (its length goes in
+#: ``dercmd_truncated``): a dead letter is for finding out what went wrong, and a topic of
+#: full copies of megabyte records would be a cost an attacker chooses.
 DLQ_TRUNCATE_BYTES = 65_536
+#: A dead letter keeps the original's headers up to this much in all, none longer than
+#: ``DLQ_HEADER_BYTES``; the count of those left out goes in ``dercmd_dropped_headers``.
+DLQ_HEADERS_BYTES = 16_384
+DLQ_HEADER_BYTES = 1_024
+DLQ_DROPPED_HEADERS = "dercmd_dropped_headers"
+
+#: Records no consumer decodes: larger than this (every event is a few hundred bytes; a
+#: device report with many measurements a few kilobytes) ...
+MAX_VALUE_BYTES = 262_144
+#: ... or nested deeper than this (events nest three levels at most).
+MAX_DEPTH = 32
+#: A consumer scans a value before decoding it only when it is longer than this: a shorter one
+#: is safe to hand to the decoder (pydantic's JSON parser stops at 200 levels, and no consumed
+#: model takes nested data), and the scan runs on it only if it fails to decode, so that its
+#: dead letter says why. Records of every day cost one ``len``.
+SCAN_ABOVE_BYTES = 4_096
+#: A value taken from a record is echoed in a log line up to this many characters.
+LOG_ECHO_CHARS = 1_024
+
+#: Every dead letter, counted where it is written (whatever wrote it: the consumer scaffold
+#: for a record that did not parse or whose handler failed, a handler for a refused request).
+DEAD_LETTERS = Counter("dercmd_dead_letters_total", "Records copied to a dead-letter topic.", ["topic"])
+
+
+class PoisonRecord(ValueError):
+    """A record refused before decoding: too large, or nested too deep."""
+
+
+def _string_free(value: bytes) -> bytes:
+    """``value`` without its JSON strings (brackets inside them do not nest)."""
+    return _STRING.sub(b"", value)
+
+
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_BRACKETS = re.compile(rb"[\[\]{}]")
+
+
+def depth(value: bytes, stop_above: int | None = None) -> int:
+    """How deep JSON ``value`` nests (a byte scan, not a parse; strings skipped); for bytes that
+    are not JSON, a bound of what a parser would nest. Stops as soon as it passes ``stop_above``."""
+    deepest = level = 0
+    for bracket in _BRACKETS.findall(_string_free(value)):
+        if bracket in (b"[", b"{"):
+            level += 1
+            if level > deepest:
+                deepest = level
+                if stop_above is not None and deepest > stop_above:
+                    break
+        else:
+            level -= 1
+    return deepest
+
+
+def check(value: bytes | None, *, max_bytes: int = MAX_VALUE_BYTES, max_depth: int = MAX_DEPTH) -> None:
+    """Raise :class:`PoisonRecord` for a value too large or nested too deep to decode. Costs two
+    ``bytes.count`` for a value with few brackets (every event): the byte scan of
+    :func:`depth` runs only when there are more opening brackets than ``max_depth``."""
+    if value is None:
+        return
+    if len(value) > max_bytes:
+        raise PoisonRecord(f"record value of {len(value)} bytes, more than the {max_bytes} a record may have")
+    if value.count(b"[") + value.count(b"{") > max_depth and depth(value, max_depth) > max_depth:
+        raise PoisonRecord(f"record value nests more than the {max_depth} levels deep a record may")
+
+
+def loads(value: bytes | None) -> Any:
+    """``json.loads`` for a record's raw bytes that never raises: None for a value that is not
+    JSON, too large or nested too deep (for hooks that read what did not decode)."""
+    try:
+        check(value)
+        return json.loads(value or b"")
+    except Exception:  # noqa: BLE001 - any value at all: nothing here may stop a consumer
+        return None
+
+
+def clip(value: Any, limit: int = LOG_ECHO_CHARS) -> str:
+    """``value`` as text for a log line, cut to ``limit`` characters (its length said)."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def producer_kwargs(settings: ServiceSettings) -> dict[str, Any]:
@@ -218,21 +302,35 @@ class Publisher:
         partition: int,
         offset: int,
     ) -> None:
-        """Copy an unprocessable record to ``<topic>.dlq`` with the error in its headers."""
+        """Copy an unprocessable record to ``<topic>.dlq`` with the error in its headers, and
+        count it. The copy is bounded: the value's first ``DLQ_TRUNCATE_BYTES`` (its length in
+        ``dercmd_truncated`` when cut), the key's first KiB, headers up to ``DLQ_HEADERS_BYTES``
+        (how many were left out in ``dercmd_dropped_headers``), the error's first 4000 characters;
+        so any record that was on a topic fits on its dead-letter topic."""
         if self._producer is None:
             await self.start()
         assert self._producer is not None
         extra = [
-            (DLQ_ERROR, error[:4000].encode()),
+            (DLQ_ERROR, error[:4000].encode(errors="replace")),
             (DLQ_SOURCE, f"{topic.name}/{partition}/{offset}".encode()),
         ]
-        original = [*(headers or [])]
-        size = len(value or b"") + len(key or b"") + sum(len(k) + len(v or b"") for k, v in [*original, *extra])
-        if size > MAX_RECORD_BYTES - 4096:  # room for the record and batch framing
-            # The whole copy would be refused for its size, and retrying it forever would
-            # stall the partition: keep the start of the value and say how long it was.
-            extra.append((DLQ_TRUNCATED, str(len(value or b"")).encode()))
-            value = (value or b"")[:DLQ_TRUNCATE_BYTES]
-            original = [(k, v) for k, v in original if len(v or b"") <= 1024]
+        original: Headers = []
+        budget, dropped = DLQ_HEADERS_BYTES, 0
+        for name, content in headers or ():
+            size = len(name) + len(content or b"")
+            if size <= DLQ_HEADER_BYTES and size <= budget:
+                original.append((name, content))
+                budget -= size
+            else:
+                dropped += 1
+        if dropped:
+            extra.append((DLQ_DROPPED_HEADERS, str(dropped).encode()))
+        if value is not None and len(value) > DLQ_TRUNCATE_BYTES:
+            extra.append((DLQ_TRUNCATED, str(len(value)).encode()))
+            value = value[:DLQ_TRUNCATE_BYTES]
+        if key is None and value is None:
+            key = b""  # a record needs one of them
         await self._producer.send_and_wait(topic.dlq, value, key=key[:1024] if key else key, headers=[*original, *extra])
-        log.warning("dead-lettered", extra={"topic": topic.name, "partition": partition, "offset": offset, "error": error[:500]})
+        DEAD_LETTERS.labels(topic.name).inc()
+        log.warning("dead-lettered", extra={"topic": topic.name, "partition": partition, "offset": offset,
+                                            "error": clip(error, 500)})

@@ -9,7 +9,6 @@ redelivers, and a redelivered request maps to the same command id (see
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import uuid
@@ -20,13 +19,19 @@ from aiokafka import ConsumerRecord
 from dercmd import topics
 from dercmd.consumer import Item
 from dercmd.events import ID_PATTERN, CommandAcceptedV1, CommandRequestV1, CommandStatus, Event, StatusEventV1, utcnow
-from dercmd.kafka import header
+from dercmd.kafka import clip, header, loads
 
 from . import metrics
 from . import commands
 from .admission import Admission, Refusal
 
 log = logging.getLogger(__name__)
+
+#: As long as a request's entityId may be (CommandRequestV1).
+_MAX_ENTITY_ID: int = next(m.max_length for m in CommandRequestV1.model_fields["entity_id"].metadata if hasattr(m, "max_length"))
+
+#: A Rejected status says at most this much of why (a refusal may quote the request).
+_MAX_DETAIL = 2_000
 
 _POSITION_NAMESPACE = uuid.UUID("6f1c7d5e-8f0b-4a35-9a7e-2f9f0e3c1b11")
 
@@ -61,7 +66,7 @@ class RequestsHandler:
                 if item.record.key != request.entity_id.encode():
                     # The key decides the partition, and so the order of the entity's commands.
                     raise Refusal("key_mismatch", f"the record's key must be its entityId {request.entity_id!r}, "
-                                                  f"not {item.record.key!r}")
+                                                  f"not {clip(item.record.key, 200)}")
                 if entity is None:
                     raise Refusal("unknown_entity", f"no entity {request.entity_id}")
                 cmd = commands.build(
@@ -93,17 +98,16 @@ class RequestsHandler:
     async def on_invalid(self, record: ConsumerRecord, error: Exception) -> None:
         """Say ``Rejected`` for a request that did not parse (it is dead-lettered already), if
         it names an entity."""
-        try:
-            body: Any = json.loads(record.value or b"")
-        except ValueError:
-            body = None
+        body: Any = loads(record.value)  # never raises: None for what is too large, deep or not JSON
         body = body if isinstance(body, dict) else {}
-        entity_id = body.get("entityId") if isinstance(body.get("entityId"), str) else None
+        entity_id = body.get("entityId")
+        if not isinstance(entity_id, str) or len(entity_id) > _MAX_ENTITY_ID:
+            entity_id = None  # not an entity any status could name
         if not entity_id:
             metrics.REFUSED.labels("kafka", "unreadable").inc()
             return  # nothing to attach a status to: the dead letter is all there is
         body_id = body.get("id") if isinstance(body.get("id"), str) and re.fullmatch(ID_PATTERN, body["id"]) else None
-        await self._reject([(command_id_of(record, body_id), entity_id, "invalid_request", str(error)[:2000], None)])
+        await self._reject([(command_id_of(record, body_id), entity_id, "invalid_request", str(error), None)])
 
     async def _reject(self, rejections: list[tuple[str, str, str, str, CommandRequestV1 | None]]) -> None:
         known = await self._admission.known([command_id for command_id, *_ in rejections])
@@ -120,7 +124,7 @@ class RequestsHandler:
                 entity_id=entity_id,
                 status=CommandStatus.REJECTED,
                 reason=key,
-                detail=message,
+                detail=message[:_MAX_DETAIL],
                 type=request.type if request else None,
                 percentage=request.percentage if request else None,
                 value=request.value if request else None,

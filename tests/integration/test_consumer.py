@@ -269,3 +269,79 @@ async def test_a_lingering_consumer_takes_what_trickles_in_as_few_batches(kafka_
         # Read as it came, 60 records would be dozens of batches; lingering 1 s between them,
         # a handful.
         assert len(sizes) <= 5, sizes
+
+
+async def test_no_record_stops_the_consumer_not_even_one_that_breaks_the_on_invalid_hook(kafka_bootstrap: str) -> None:
+    """The probe's record: 100,000 ``[`` then 100,000 ``]``. The decoder refuses it, and intake's
+    hook, re-reading the raw bytes for an entity to say Rejected to, hit RecursionError: the
+    consumer task died, and after a restart died again on the same record."""
+    from dercmd.intake.requests_consumer import RequestsHandler
+
+    async with Harness(kafka_bootstrap) as h:
+        key = b"one-partition"
+        deep = b"[" * 100_000 + b"]" * 100_000
+        deep_object = b'{"a":' * 5_000 + b"1" + b"}" * 5_000
+        short_deep = b"[" * 40 + b"]" * 40  # scanned only once the decoder has refused it
+        await h.produce([(key, deep), (key, deep_object), (key, b"\xff\xfe not utf-8"), (key, short_deep),
+                         (key, status("after", "e"))])
+        handled: list[str] = []
+        hook_errors: list[str] = []
+        intake = RequestsHandler(admission=None)  # type: ignore[arg-type]  # not reached: nothing names an entity
+
+        async def on_invalid(record: Any, error: Exception) -> None:
+            try:
+                await intake.on_invalid(record, error)
+            except BaseException as exc:
+                hook_errors.append(repr(exc)[:100])
+                raise
+
+        async def handle(items: list[Item[StatusEventV1]]) -> None:
+            handled.extend(item.event.command_id for item in items)
+
+        consumer = await h.consume(handle, on_invalid=on_invalid)
+        await until(lambda: "after" in handled or not consumer.running, what="the record after the poison")
+        assert consumer.running and handled == ["after"] and hook_errors == []
+        dead = await h.dead_letters(4)
+        assert [d.value for d in dead] == [deep[:65_536], deep_object, b"\xff\xfe not utf-8", short_deep]
+        assert header(dead[0].headers, DLQ_TRUNCATED) == str(len(deep))
+        assert ["deep" in (header(d.headers, DLQ_ERROR) or "") for d in dead] == [True, True, False, True]
+
+
+async def test_a_hook_that_fails_for_a_record_does_not_stop_the_consumer(kafka_bootstrap: str) -> None:
+    async with Harness(kafka_bootstrap) as h:
+        await h.produce([(b"k", b"not json"), (b"k", status("after", "e"))])
+        handled: list[str] = []
+
+        async def on_invalid(record: Any, error: Exception) -> None:
+            raise RuntimeError("a bug in the hook")
+
+        async def handle(items: list[Item[StatusEventV1]]) -> None:
+            handled.extend(item.event.command_id for item in items)
+
+        consumer = await h.consume(handle, on_invalid=on_invalid)
+        await until(lambda: "after" in handled or not consumer.running, what="the record after the bad one")
+        assert consumer.running and handled == ["after"]
+        await until(lambda: not any(consumer.lag().values()), what="the commit past it")
+
+
+async def test_a_failure_a_record_causes_is_logged_with_its_message_clipped(kafka_bootstrap: str,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """A handler's exception may echo a value of the record (a 1 MiB entity id): the log line
+    keeps its traceback and at most a KiB of its message."""
+    async with Harness(kafka_bootstrap) as h:
+        await h.produce([(b"k", status("bug", "e")), (b"k", status("after", "e"))])
+        handled: list[str] = []
+
+        async def handle(items: list[Item[StatusEventV1]]) -> None:
+            if any(item.event.command_id == "bug" for item in items):
+                raise ValueError("echoing " + "x" * 1_048_576)
+            handled.extend(item.event.command_id for item in items)
+
+        with caplog.at_level("ERROR", logger="dercmd.consumer"):
+            await h.consume(handle)
+            await until(lambda: "after" in handled, what="the record after the failing one")
+        failures = [r for r in caplog.records if r.name == "dercmd.consumer"]
+        assert {r.getMessage() for r in failures} >= {"batch failed; replaying it record by record", "record failed"}
+        for record in failures:
+            assert record.exc_info is None and "in handle" in record.exc  # type: ignore[attr-defined]
+            assert all(len(str(v)) < 20_000 for v in vars(record).values()), record.getMessage()

@@ -113,3 +113,33 @@ async def test_concurrent_publishes_share_produce_requests_and_keep_their_order(
     assert [decode(topics.STATUS, r.value).command_id for r in records] == [e.command_id for e in events]
     # one request in flight at a time, and every caller that queued meanwhile shares the next
     assert batches_sent <= 3, batches_sent
+
+
+async def test_every_dead_letter_is_counted_and_is_a_bounded_copy(kafka_bootstrap: str) -> None:
+    """Counted where it is written, so the alert sees a handler's dead letters (intake's refused
+    requests) as well as the consumer's; and a record with many headers still fits."""
+    from aiokafka.admin import NewTopic
+
+    from dercmd.kafka import DEAD_LETTERS, DLQ_DROPPED_HEADERS, DLQ_TRUNCATE_BYTES
+
+    topic = topics.Topic(f"test.dead.{uuid.uuid4().hex[:8]}", StatusEventV1, "entity id", public=False)
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic.dlq, 1, 1)])
+    finally:
+        await admin.close()
+    before = DEAD_LETTERS.labels(topic.name)._value.get()
+    publisher = Publisher(Settings(kafka_bootstrap=kafka_bootstrap), source="/dercmd/test")
+    many = [(f"h{i}", b"v" * 900) for i in range(1000)]  # 900 KB of headers, each small
+    await publisher.dead_letter(topic, key=b"k" * 5000, value=b"x" * 200_000, headers=many, error="e" * 10_000,
+                                partition=0, offset=1)
+    await publisher.dead_letter(topic, key=None, value=None, headers=None, error="no value", partition=0, offset=2)
+    await publisher.stop()
+    first, second = await read_all(kafka_bootstrap, topic.dlq, 2)
+    assert DEAD_LETTERS.labels(topic.name)._value.get() - before == 2
+    assert first.value == b"x" * DLQ_TRUNCATE_BYTES and header(first.headers, DLQ_TRUNCATED) == "200000"
+    assert len(first.key) == 1024 and len(header(first.headers, DLQ_ERROR) or "") == 4000
+    kept = [h for h in first.headers if h[0].startswith("h")]
+    assert 0 < len(kept) < 1000 and header(first.headers, DLQ_DROPPED_HEADERS) == str(1000 - len(kept))
+    assert second.value is None and header(second.headers, DLQ_ERROR) == "no value"
