@@ -174,13 +174,16 @@ class Applied:
     ``state`` is built when first asked for: a consumer of a batch usually needs it only for
     the last event of each command, and building a model per event was most of a fold."""
 
-    __slots__ = ("_row", "_state", "current", "changed")
+    __slots__ = ("_row", "_state", "current", "changed", "foreign")
 
-    def __init__(self, row: Mapping[str, Any], current: bool, changed: bool, state: CommandStateV1 | None = None) -> None:
+    def __init__(self, row: Mapping[str, Any], current: bool, changed: bool, state: CommandStateV1 | None = None,
+                 foreign: bool = False) -> None:
         self._row = row
         self._state = state
         self.current = current
         self.changed = changed
+        #: The event names another entity than its command's: refused, not recorded.
+        self.foreign = foreign
 
     @property
     def state(self) -> CommandStateV1:
@@ -386,16 +389,19 @@ class Ledger:
         commands, insert the commands the ledger lacks, update the commands that moved.
         """
         events = list(events)
-        folded: list[tuple[dict[str, Any], bool, bool]] = []
+        folded: list[tuple[dict[str, Any], bool, bool, bool]] = []
         with self._writing() as conn:
             for chunk in _chunks(events):
                 folded += self._fold(conn, chunk)
-        return [Applied(row, current=current, changed=changed) for row, current, changed in folded]
+        return [Applied(row, current=current, changed=changed, foreign=foreign) for row, current, changed, foreign in folded]
 
-    def _fold(self, conn: Connection, events: Sequence[StatusEventV1]) -> list[tuple[dict[str, Any], bool, bool]]:
-        # Each event is recorded once: only the first copy of a newly inserted id is fresh.
-        unseen = self._insert_new(conn, command_events, [self._event_row(ev) for ev in events])
+    def _fold(self, conn: Connection, events: Sequence[StatusEventV1]) -> list[tuple[dict[str, Any], bool, bool, bool]]:
         rows = self._rows(conn, list(dict.fromkeys(ev.command_id for ev in events)))
+        # An event that names another entity than its command's row is refused: a result is
+        # about one command of one entity (a forged or mistaken one must not end another's).
+        foreign = {ev.event_id for ev in events if ev.command_id in rows and rows[ev.command_id]["entity_id"] != ev.entity_id}
+        # Each event is recorded once: only the first copy of a newly inserted id is fresh.
+        unseen = self._insert_new(conn, command_events, [self._event_row(ev) for ev in events if ev.event_id not in foreign])
         # A command the ledger has not seen (a Rejected request, or a row lost with a database)
         # is created from its first event.
         missing = {ev.command_id: self._row_from_event(ev) for ev in reversed(events) if ev.command_id not in rows}
@@ -408,6 +414,9 @@ class Ledger:
         out = []
         for ev in events:
             row = rows[ev.command_id]
+            if ev.event_id in foreign or row["entity_id"] != ev.entity_id:
+                out.append((row, False, False, True))
+                continue
             fresh = ev.event_id in unseen
             unseen.discard(ev.event_id)
             if fresh and ev.status is not CommandStatus.REJECTED and ev.status.rank > CommandStatus(row["status"]).rank:
@@ -417,7 +426,7 @@ class Ledger:
             # "current" includes the Pending that intake wrote before announcing it, and a
             # redelivered event whose state may not have been published the first time.
             current = row["status"] == ev.status.value
-            out.append((row, current, fresh and current))
+            out.append((row, current, fresh and current, False))
         if moved:
             conn.execute(_UPDATE_MOVED, [{"_id": cid, **{c: rows[cid][c] for c in _MOVABLE}} for cid in moved])
         return out

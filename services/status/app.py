@@ -51,7 +51,7 @@ def build(settings: StatusSettings) -> Service:
         # command's events are side by side, so its last one wins).
         latest: dict[str, Applied] = {}
         folded: Counter[str] = Counter()
-        ignored = 0
+        ignored = refused = 0
         for event, result in zip(events, applied, strict=True):
             if result.changed:
                 folded[event.status.value] += 1
@@ -60,6 +60,10 @@ def build(settings: StatusSettings) -> Service:
                     completion[event.status].observe((event.at - accepted_at).total_seconds())
                 log.debug("status", extra={"command_id": event.command_id, "entity_id": event.entity_id,
                                            "status": event.status.value, "reason": event.reason})
+            elif result.foreign:
+                refused += 1
+                log.warning("status event for another entity refused", extra={
+                    "command_id": event.command_id, "entity_id": event.entity_id, "status": event.status.value})
             else:
                 ignored += 1
             if result.current:
@@ -70,6 +74,8 @@ def build(settings: StatusSettings) -> Service:
             metrics.STATUS_EVENTS.labels(status).inc(count)
         if ignored:
             metrics.IGNORED.inc(ignored)
+        if refused:
+            metrics.REFUSED.inc(refused)
         await service.publisher.publish_all([(topics.STATE, r.state, command_id) for command_id, r in latest.items()])
 
     consumer = service.consume(topics.STATUS, handle, linger_ms=settings.status_linger_ms,

@@ -12,6 +12,10 @@ STATUS_EVENTS = Counter(
 # that appears at 1 has no rate until it moves again, and an alert on the rate sees nothing).
 for _status in CommandStatus:
     STATUS_EVENTS.labels(_status.value)
+REFUSED = Counter(
+    "dercmd_status_events_refused_total",
+    "Status events refused because they name another entity than their command's (a forged or mistaken result).",
+)
 IGNORED = Counter(
     "dercmd_status_events_ignored_total", "Status events that did not move a command (duplicate, late, after terminal)."
 )

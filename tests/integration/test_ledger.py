@@ -54,6 +54,21 @@ def test_late_and_duplicate_events_never_move_a_command_backwards(ledger: Ledger
     assert ledger.get(cmd.id).status is S.SUCCEEDED  # type: ignore[union-attr]
 
 
+def test_an_event_naming_another_entity_than_its_commands_is_refused(ledger: Ledger) -> None:
+    """A result is about one command of one entity: an event for the command under another
+    entity (a forged or mistaken webhook) moves nothing and is not in its history."""
+    cmd = accepted()
+    ledger.record_pending(cmd)
+    forged = StatusEventV1(command_id=cmd.id, entity_id="ev-3", status=S.FAILED, at=T0 + timedelta(seconds=1),
+                           reason="device_failed")
+    [applied] = ledger.apply([forged])
+    assert (applied.foreign, applied.changed, applied.current) == (True, False, False)
+    assert ledger.get(cmd.id).status is S.PENDING  # type: ignore[union-attr]
+    assert [e["status"] for e in ledger.history(cmd.id)] == []
+    [genuine] = ledger.apply([event(cmd, S.TRIGGERED, 2)])
+    assert genuine.changed and not genuine.foreign
+
+
 def test_a_terminal_status_is_final(ledger: Ledger) -> None:
     cmd = accepted()
     ledger.record_pending(cmd)
