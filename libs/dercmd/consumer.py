@@ -226,6 +226,11 @@ class BatchConsumer(ConsumerRebalanceListener):
     def partitions(self) -> int:
         return len(self._consumer.assignment()) if self._consumer is not None else 0
 
+    def topic_partitions(self) -> int | None:
+        """How many partitions the topic has, as the cluster's metadata says (None: unknown yet)."""
+        found = self._consumer.partitions_for_topic(self.topic.name) if self._consumer is not None else None
+        return len(found) if found else None
+
     # -- rebalance listener (awaited by aiokafka before partitions change hands) ------------
 
     async def on_partitions_revoked(self, revoked: Any) -> None:

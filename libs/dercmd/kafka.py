@@ -206,8 +206,9 @@ def decode(topic: topics.Topic, value: bytes | None, model: type[E] | None = Non
 
 @lru_cache(maxsize=65_536)
 def partition_of(key: bytes, partitions: int) -> int:
-    """The partition Kafka's default partitioner (murmur2 of the key) picks, as every Kafka
-    client does; cached, because one entity's key comes back again and again."""
+    """The partition the Java client's default partitioner (murmur2 of the key) picks, as
+    aiokafka's does (librdkafka's default, consistent_random, does not: it must be set to
+    murmur2_random); cached, because one entity's key comes back again and again."""
     return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
@@ -334,3 +335,4 @@ class Publisher:
         DEAD_LETTERS.labels(topic.name).inc()
         log.warning("dead-lettered", extra={"topic": topic.name, "partition": partition, "offset": offset,
                                             "error": clip(error, 500)})
+

@@ -166,6 +166,11 @@ class _SentDeadline(ServiceSettings):
 class IntakeSettings(_Ledger):
     """intake: it writes each accepted command's Pending row."""
 
+    requests_misrouted: Literal["count", "refuse"] = Field(
+        "count",
+        description="intake: a Kafka request on another partition than its key's murmur2 partition (a producer with another partitioner, e.g. librdkafka's default) is counted and logged (`count`), or also refused as `Rejected: wrong_partition` (`refuse`): an entity's requests on two partitions may be taken in either order.",
+    )
+
 
 class ArbitrationSettings(ServiceSettings):
     cooldown_s: float = Field(

@@ -43,11 +43,11 @@ def build(settings: IntakeSettings) -> Service:
     )
     ledger = Ledger(settings.database_url)
     admission = Admission(fleet, ledger, service.publisher, service.redis, max_batch=settings.batch_max_records)
-    requests = RequestsHandler(admission)
+    requests = RequestsHandler(admission, refuse_misrouted=settings.requests_misrouted == "refuse")
     service.starters.append(lambda: asyncio.to_thread(ledger.create_schema))
     service.closers.append(lambda: asyncio.to_thread(ledger.close))
     service.health_checks.append(lambda: asyncio.to_thread(ledger.ping))
-    service.consume(topics.REQUESTS, requests, on_invalid=requests.on_invalid)
+    requests.partitions = service.consume(topics.REQUESTS, requests, on_invalid=requests.on_invalid).topic_partitions
     app = service.app
 
     def _count(request: Request, key: str, status: int) -> None:

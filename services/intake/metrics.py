@@ -12,6 +12,11 @@ REFUSED = Counter(
     "Commands refused at intake (REST 4xx or Kafka Rejected), by source and error key.",
     ["source", "key"],
 )
+MISROUTED = Counter(
+    "dercmd_intake_requests_misrouted_total",
+    "Kafka requests on another partition than their key's murmur2 partition (a producer with another partitioner): "
+    "their entity's order is not guaranteed.",
+)
 ADMIT_SECONDS = Histogram(
     "dercmd_intake_admit_seconds",
     "From receiving a command to its Pending row and accepted event being durable.",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from aiokafka import ConsumerRecord
@@ -19,7 +20,7 @@ from aiokafka import ConsumerRecord
 from dercmd import topics
 from dercmd.consumer import Item
 from dercmd.events import ID_PATTERN, CommandAcceptedV1, CommandRequestV1, CommandStatus, Event, StatusEventV1, utcnow
-from dercmd.kafka import clip, header, loads
+from dercmd.kafka import clip, header, loads, partition_of
 
 from . import metrics
 from . import commands
@@ -51,8 +52,28 @@ class RequestsHandler:
     """Admits each batch of requests; what cannot be admitted is said ``Rejected`` and
     dead-lettered, and never holds up the good requests beside it."""
 
-    def __init__(self, admission: Admission) -> None:
+    def __init__(self, admission: Admission, *, refuse_misrouted: bool = False) -> None:
         self._admission = admission
+        self._refuse_misrouted = refuse_misrouted
+        #: How many partitions the requests topic has (set once its consumer runs).
+        self.partitions: Callable[[], int | None] = lambda: None
+
+    def _misrouted(self, record: ConsumerRecord) -> Refusal | None:
+        """A request on another partition than its key's murmur2 partition (a producer with
+        another partitioner, e.g. librdkafka's default consistent_random): counted and logged,
+        and refused where ``DERCMD_REQUESTS_MISROUTED=refuse``, since the entity's requests on
+        two partitions may be taken in either order."""
+        count = self.partitions()
+        if not count or record.key is None or partition_of(record.key, count) == record.partition:
+            return None
+        metrics.MISROUTED.inc()
+        expected = partition_of(record.key, count)
+        log.warning("request on another partition than its key's", extra={
+            "key": clip(record.key, 128), "partition": record.partition, "expected": expected})
+        if not self._refuse_misrouted:
+            return None
+        return Refusal("wrong_partition", f"the record is on partition {record.partition}, its key's murmur2 partition is "
+                                          f"{expected}: produce with the murmur2 partitioner (librdkafka: partitioner=murmur2_random)")
 
     async def __call__(self, items: list[Item[CommandRequestV1]]) -> None:
         admitted: list[tuple[Item[CommandRequestV1], CommandAcceptedV1]] = []
@@ -67,6 +88,8 @@ class RequestsHandler:
                     # The key decides the partition, and so the order of the entity's commands.
                     raise Refusal("key_mismatch", f"the record's key must be its entityId {request.entity_id!r}, "
                                                   f"not {clip(item.record.key, 200)}")
+                if (misrouted := self._misrouted(item.record)) is not None:
+                    raise misrouted
                 if entity is None:
                     raise Refusal("unknown_entity", f"no entity {request.entity_id}")
                 cmd = commands.build(
