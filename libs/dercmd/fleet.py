@@ -59,6 +59,10 @@ class Entity:
     declared_types: tuple[CommandType, ...] | None = None
     assets: tuple[str, ...] = ()
     cooldown_s: Annotated[float, Field(ge=0)] | None = None
+    #: An OCPP charge point's password hash (``dercmd ocpp-password`` makes one): it must
+    #: connect with HTTP Basic and that password (OCPP 1.6 security profile 1). None: it may
+    #: connect without (profile 0, refused in production).
+    ocpp_password_hash: str | None = None
 
     @property
     def device_id(self) -> str:

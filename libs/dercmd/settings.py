@@ -251,6 +251,10 @@ class OcppGatewaySettings(ServiceSettings):
 
 
 class SimulatorSettings(ServiceSettings):
+    sim_ocpp_passwords_file: str = Field(
+        "deploy/ocpp-passwords.example.yaml",
+        description="simulator: the simulated charge points' OCPP passwords (`chargePointId: password`, YAML), sent as HTTP Basic (OCPP 1.6 security profile 1) where the fleet file requires one; absent: none.",
+    )
     sim_confirm_delay_ms: int = Field(
         5, description="simulator: how long a simulated device takes to confirm a command, ms."
     )

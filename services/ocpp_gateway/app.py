@@ -69,7 +69,15 @@ def build(settings: OcppGatewaySettings) -> Service:
     service = Service("ocpp_gateway", settings, settings.ocpp_gateway_port)
     ocpp = OcppSettings()
     refuse_published(settings, ocpp)
-    gateway = Gateway(settings, ocpp, service.redis, Fleet.load(settings.fleet_file))
+    fleet = Fleet.load(settings.fleet_file)
+    if settings.environment == "production":
+        open_ = sorted(e.id for e in fleet.entities.values() if e.backend == "ocpp" and e.ocpp_password_hash is None)
+        if open_:
+            # Without a password, anyone who knows a charge point's id can take its place.
+            raise SystemExit(f"dercmd: refusing to start: DERCMD_ENVIRONMENT=production, but these charge points need no "
+                             f"password (ocppPasswordHash in the fleet file; `dercmd ocpp-password ID` makes one): "
+                             f"{', '.join(open_[:20])}{' ...' if len(open_) > 20 else ''}")
+    gateway = Gateway(settings, ocpp, service.redis, fleet)
     service.closers.append(gateway.aclose)
     add_routes(service.app, gateway)
     return service

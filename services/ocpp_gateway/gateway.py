@@ -40,9 +40,9 @@ from ocpp.routing import after, on
 from ocpp.v16 import ChargePoint, call, call_result
 from ocpp.v16.enums import Action, AuthorizationStatus, MessageTrigger, RegistrationStatus, RemoteStartStopStatus, TriggerMessageStatus
 
-from dercmd.protocols.ocpp import OcppSettings
 from dercmd.events import CommandStatus, CommandType
 from dercmd.fleet import Entity, Fleet
+from dercmd.kafka import clip
 from dercmd.protocols.ocpp import (
     CHARGING_STATUSES,
     CONNECTOR_ID,
@@ -58,8 +58,11 @@ from dercmd.protocols.ocpp import (
     GatewayFindings,
     OcppResult,
     OcppResults,
+    OcppSettings,
+    basic_credentials,
     message_id,
     parse_profiles,
+    password_matches,
 )
 from dercmd.settings import OcppGatewaySettings
 from dercmd.state.delivery import Deliveries, Stage
@@ -129,6 +132,13 @@ class Connection:
     charge_point: CentralChargePoint | None = None
     #: When a message last kept the link alive (monotonic).
     held_at: float = 0.0
+
+
+def _authenticated(websocket: WebSocket, charge_point_id: str, password_hash: str) -> bool:
+    """HTTP Basic with the charge point's id as the user and its password (OCPP 1.6 security
+    profile 1)."""
+    credentials = basic_credentials(websocket.headers.get("authorization"))
+    return credentials is not None and credentials[0] == charge_point_id and password_matches(password_hash, credentials[1])
 
 
 class CentralChargePoint(ChargePoint):
@@ -248,8 +258,15 @@ class Gateway:
         entity = self.charge_points.get(charge_point_id)
         if entity is None or SUBPROTOCOL not in websocket.scope.get("subprotocols", ()):
             metrics.CONNECTIONS.labels("refused").inc()
-            log.warning("charge point refused", extra={"charge_point": charge_point_id, "known": entity is not None,
+            log.warning("charge point refused", extra={"charge_point": clip(charge_point_id, 128), "known": entity is not None,
                                                        "subprotocols": websocket.scope.get("subprotocols")})
+            await websocket.close(code=1008)
+            return
+        if entity.ocpp_password_hash is not None and not _authenticated(websocket, charge_point_id, entity.ocpp_password_hash):
+            # Security profile 1: without its password, a connection under this id is refused
+            # before the handshake completes, and never replaces the charge point's own.
+            metrics.CONNECTIONS.labels("unauthenticated").inc()
+            log.warning("charge point refused: not authenticated", extra={"charge_point": charge_point_id})
             await websocket.close(code=1008)
             return
         await websocket.accept(subprotocol=SUBPROTOCOL)

@@ -28,6 +28,7 @@ from dercmd.fleet import Fleet
 from dercmd.launcher import free_port
 from dercmd.ocpp_gateway.app import add_routes
 from dercmd.ocpp_gateway.gateway import Gateway
+from dercmd.protocols.ocpp import SUBPROTOCOL, basic_authorization, hash_password
 from dercmd.settings import Settings
 from dercmd.simulator.faults import FaultKind, FaultPlan, Faults
 from dercmd.simulator.backends.ocpp import OcppChargePoints, SimChargePoint
@@ -39,6 +40,7 @@ T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 DISPATCH = "http://dispatch.test"
 CALL_TIMEOUT_S = 1.0
 CHARGE_POINTS = [f"cp-{i}" for i in range(1, 10)]
+LOCKED_PASSWORD = "cp-locked-authorization-key-0123"
 
 FLEET = Fleet.model_validate({"entities": {
     **{cp: {"kind": "CP", "vendor": "alfen", "backend": "ocpp", "declaredTypes": ["StartCharging", "StopCharging"]}
@@ -47,6 +49,9 @@ FLEET = Fleet.model_validate({"entities": {
     "cp-mute": {"kind": "CP", "vendor": "abb", "backend": "ocpp", "declaredTypes": ["StartCharging", "StopCharging"]},
     # Never connects.
     "cp-offline": {"kind": "CP", "vendor": "abb", "backend": "ocpp", "vendorDeviceId": "OFF-1"},
+    # Security profile 1: connects with HTTP Basic and its password.
+    "cp-locked": {"kind": "CP", "vendor": "alfen", "backend": "ocpp", "declaredTypes": ["StartCharging", "StopCharging"],
+                  "ocppPasswordHash": hash_password(LOCKED_PASSWORD)},
 }})
 
 
@@ -141,7 +146,7 @@ async def rig(redis_url: str) -> AsyncIterator[Rig]:
     app = FastAPI()
     add_routes(app, gateway)
     server, serving = await serve(app, port)
-    sim = OcppChargePoints(FLEET, recorder, faults, f"ws://127.0.0.1:{port}/ocpp", 0.005)
+    sim = OcppChargePoints(FLEET, recorder, faults, f"ws://127.0.0.1:{port}/ocpp", 0.005, passwords={"cp-locked": LOCKED_PASSWORD})
     sim.by_entity["cp-mute"].profiles = []
     del sim.by_entity["cp-offline"]
     sim.start()
@@ -445,3 +450,24 @@ async def test_any_message_keeps_a_charge_point_connected_without_heartbeats(rig
             assert link.conn is not None and link.ttl_s >= rig.gateway.ocpp.link_ttl_s - 2, (first, link)
         finally:
             listening.cancel()
+
+
+
+@pytest.mark.parametrize("authorization", [None, basic_authorization("cp-locked", "a-wrong-password-0123456789"),
+                                           basic_authorization("cp-1", LOCKED_PASSWORD), "Bearer " + LOCKED_PASSWORD])
+async def test_a_charge_point_with_a_password_is_reached_only_with_it(rig: Rig, authorization: str | None) -> None:
+    """Security profile 1: a connection under cp-locked's id without its password (none, a
+    wrong one, another id's user, another scheme) is refused at the handshake, and the genuine
+    charge point keeps its link and its commands."""
+    import websockets
+
+    holder = (await rig.gateway.state.link("cp-locked")).conn
+    assert holder is not None
+    url = rig.gateway.url.replace("http://", "ws://") + "/ocpp/cp-locked"
+    headers = {"Authorization": authorization} if authorization else None
+    with pytest.raises(websockets.exceptions.InvalidStatus):
+        async with websockets.connect(url, subprotocols=[SUBPROTOCOL], additional_headers=headers, open_timeout=5):  # type: ignore[list-item]
+            pass
+    assert (await rig.gateway.state.link("cp-locked")).conn == holder
+    start = await rig.start_charging("cp-locked")
+    assert rig.received("cp-locked") == [(start.order.command_id, "StartCharging")]

@@ -93,3 +93,18 @@ def test_dercmd_run_refuses_production_defaults_with_one_line(tmp_path: Path) ->
     assert done.stderr.strip().splitlines() == [
         "dercmd: refusing to start: DERCMD_ENVIRONMENT=production, but these hold their documented defaults: "
         "DERCMD_CALLBACK_SECRET, DERCMD_FLEET_FILE (the example fleet); set your own"]
+
+
+def test_production_refuses_charge_points_that_need_no_password(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dercmd.ocpp_gateway.app import build
+    from dercmd.protocols.ocpp import hash_password
+    from dercmd.settings import OcppGatewaySettings
+
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("entities:\n"
+                     "  cp-open: {kind: CP, vendor: abb, backend: ocpp}\n"
+                     f"  cp-locked: {{kind: CP, vendor: abb, backend: ocpp, ocppPasswordHash: '{hash_password('k' * 20)}'}}\n")
+    monkeypatch.setenv("DERCMD_OCPP_GATEWAY_TOKEN", STRONG)
+    settings = OcppGatewaySettings(environment="production", fleet_file=str(fleet), kafka_bootstrap="127.0.0.1:1")
+    with pytest.raises(SystemExit, match=r"^dercmd: refusing to start: .*need no password .*: cp-open$"):
+        build(settings)

@@ -11,6 +11,7 @@ still open, 130 interrupted.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +19,13 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.live import Live
+from rich.text import Text
 
 from . import batches, inputs, progress
 from .client import DEFAULT_TOKEN, DEFAULT_URL, EXIT_ERROR, Api, CliError, call, path
 from .output import Output, command_table, commands_table, settings_table
 from .settings import every_setting
+from dercmd.protocols.ocpp import hash_password
 
 T = TypeVar("T")
 
@@ -223,6 +226,16 @@ def show(ctx: typer.Context, command_id: Annotated[str, typer.Argument(metavar="
 def cancel(ctx: typer.Context, command_id: Annotated[str, typer.Argument(metavar="ID", help="command id")]) -> None:
     """Cancel a command that has not finished (DELETE /v1/commands/{id})."""
     _one(ctx.obj, "DELETE", command_id)
+
+
+@app.command(name="ocpp-password")
+def ocpp_password(ctx: typer.Context, charge_point_id: Annotated[str, typer.Argument(metavar="ID", help="the charge point's id")]) -> None:
+    """A new OCPP password for a charge point (security profile 1): set the password on the
+    charger (its AuthorizationKey) and the hash in the fleet file (ocppPasswordHash)."""
+    password = secrets.token_urlsafe(24)  # 32 characters, within OCPP's 16 to 40
+    ctx.obj.out.result({"chargePointId": charge_point_id, "password": password, "ocppPasswordHash": hash_password(password)},
+                       lambda r: Text(f"password (on the charger):      {r['password']}\n"
+                                      f"ocppPasswordHash (fleet file):  {r['ocppPasswordHash']}", no_wrap=True, overflow="ignore"))
 
 
 @app.command(name="settings")

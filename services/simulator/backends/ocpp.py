@@ -48,11 +48,13 @@ import json
 import logging
 import random
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import websockets
+import yaml
 from fastapi import APIRouter
 from ocpp.exceptions import GenericError, InternalError, OCPPError
 from ocpp.routing import on
@@ -77,6 +79,7 @@ from dercmd.protocols.ocpp import (
     SUPPORTED_FEATURE_PROFILES,
     WS_PATH,
     OcppSettings,
+    basic_authorization,
     profiles_of,
 )
 from dercmd.settings import SimulatorSettings
@@ -155,9 +158,12 @@ class _Link(ChargePoint):
 
 
 class SimChargePoint:
-    def __init__(self, entity: Entity, url: str, recorder: Recorder, faults: Faults, confirm_delay_s: float) -> None:
+    def __init__(self, entity: Entity, url: str, recorder: Recorder, faults: Faults, confirm_delay_s: float,
+                 password: str | None = None) -> None:
         self.entity = entity
         self.url = f"{url}/{entity.device_id}"
+        #: Its AuthorizationKey (OCPP 1.6 security profile 1): sent as HTTP Basic when it connects.
+        self.password = password
         self.recorder = recorder
         self.faults = faults
         self.confirm_delay_s = confirm_delay_s
@@ -181,8 +187,9 @@ class SimChargePoint:
         pause = RECONNECT_MIN_S
         while True:
             try:
+                headers = {"Authorization": basic_authorization(self.entity.device_id, self.password)} if self.password else None
                 async with websockets.connect(self.url, subprotocols=[Subprotocol(SUBPROTOCOL)], open_timeout=5,
-                                              ping_interval=20, ping_timeout=20) as connection:
+                                              ping_interval=20, ping_timeout=20, additional_headers=headers) as connection:
                     pause = RECONNECT_MIN_S
                     await self._session(connection)
             except asyncio.CancelledError:
@@ -349,9 +356,13 @@ class SimChargePoint:
 class OcppChargePoints:
     """Every simulated charge point of the fleet, each connected on its own task."""
 
-    def __init__(self, fleet: Fleet, recorder: Recorder, faults: Faults, url: str, confirm_delay_s: float) -> None:
+    def __init__(self, fleet: Fleet, recorder: Recorder, faults: Faults, url: str, confirm_delay_s: float,
+                 passwords: Mapping[str, str] | None = None) -> None:
+        """``passwords``: each charge point's AuthorizationKey, by its id (those the fleet
+        requires one of connect with it)."""
         self.by_entity = {
-            e.id: SimChargePoint(e, url, recorder, faults, confirm_delay_s) for e in fleet.entities.values() if e.backend == NAME
+            e.id: SimChargePoint(e, url, recorder, faults, confirm_delay_s, (passwords or {}).get(e.device_id))
+            for e in fleet.entities.values() if e.backend == NAME
         }
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.router = APIRouter()  # the charge points call out; nothing is served
@@ -382,4 +393,13 @@ class OcppChargePoints:
 @simulates(NAME, state="charge_points")
 def _create(context: SimContext) -> OcppChargePoints:
     return OcppChargePoints(context.fleet, context.recorder, context.faults, gateway_ws_url(context.settings, OcppSettings()),
-                            context.settings.sim_confirm_delay_ms / 1000)
+                            context.settings.sim_confirm_delay_ms / 1000, passwords(context.settings.sim_ocpp_passwords_file))
+
+
+def passwords(path: str) -> dict[str, str]:
+    """The simulated charge points' passwords (``chargePointId: password`` in YAML), as each
+    real charge point is provisioned with its own; none where the file is empty or absent."""
+    if not path or not Path(path).is_file():
+        return {}
+    loaded = yaml.safe_load(Path(path).read_text()) or {}
+    return {str(k): str(v) for k, v in loaded.items()}
