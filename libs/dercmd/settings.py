@@ -118,6 +118,10 @@ class _SentDeadline(ServiceSettings):
 class IntakeSettings(_Ledger):
     """intake: it writes each accepted command's Pending row."""
 
+    idempotency_ttl_s: float = Field(
+        86400.0, gt=0, description="intake: how long a POST's `Idempotency-Key` and its answer are kept (in Redis, for every replica), s."
+    )
+
 
 class ArbitrationSettings(ServiceSettings):
     cooldown_s: float = Field(

@@ -135,7 +135,10 @@ def test_the_schema_says_which_types_take_a_value_and_every_route_names_its_meth
     assert valued["properties"]["value"]["anyOf"] == [{"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
                                                       {"type": "string", "pattern": "^[0-9]{1,10}$"}]
     assert "value" in valued["required"]
-    assert all("422" not in op["responses"] for ops in document["paths"].values() for op in ops.values())
+    # FastAPI's 422 is documented as the envelope's 400; the one 422 is a POST's reused Idempotency-Key.
+    assert all("422" not in op["responses"] or (method == "post" and "idempotency_key_reused" in op["responses"]["422"]["description"])
+               for ops in document["paths"].values() for method, op in ops.items())
+    assert "HTTPValidationError" not in document["components"]["schemas"]
     for path, allow in [("/v1/commands/x", "DELETE, GET, OPTIONS"), ("/v1/entities/ev-1/commands", "GET, OPTIONS, POST"),
                         ("/v1/entities/ev-1/commands/schedule", "OPTIONS, POST"), ("/v1/command/", "OPTIONS, POST"),
                         ("/health", "GET, OPTIONS")]:
