@@ -27,6 +27,7 @@ from fastapi.responses import Response
 from dercmd.state.idempotency import Answer, IdempotencyKeys, Outcome
 from dercmd.web import ErrorBody
 
+from . import metrics
 from .admission import Refusal
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ IdempotencyKeyHeader = Annotated[str, Header(
 
 #: The answers an idempotent POST adds, for the OpenAPI document.
 RESPONSES: dict[int | str, dict[str, Any]] = {
+    201: {"headers": {REPLAYED: {"description": "`true`: the answer kept under this `Idempotency-Key`, given again; "
+                                                "nothing was created now", "schema": {"type": "string", "enum": ["true"]}}}},
     422: {"model": ErrorBody, "description": "`idempotency_key_reused`: this `Idempotency-Key` was used for another request"},
 }
 
@@ -101,6 +104,7 @@ class Idempotency:
         begun = await self._keys.begin(scope, key, fp)
         if begun.outcome is Outcome.DONE:
             assert begun.answer is not None
+            metrics.IDEMPOTENT_REPLAYS.inc()
             return Response(begun.answer.body, status_code=begun.answer.status, media_type="application/json",
                             headers={**begun.answer.headers, REPLAYED: "true"})
         if begun.outcome is Outcome.IN_PROGRESS:

@@ -18,7 +18,6 @@ import yaml
 
 from dercmd.launcher import Stack
 
-from ..conftest import wait_for
 from .conftest import Api, running_stack
 
 pytestmark = pytest.mark.e2e
@@ -92,6 +91,9 @@ def test_a_retried_post_with_the_same_key_creates_one_command_delivered_once(api
     assert (quoted.status_code, quoted.json()["id"]) == (201, command_id)
     assert entity_commands(api, device) == [command_id]
     assert received_ids(api, device) == [command_id]
+    replays = [line for line in api.http.get("/metrics").text.splitlines()
+               if line.startswith("dercmd_intake_idempotent_replays_total ")]
+    assert replays and float(replays[0].split()[1]) >= 2
 
 
 def test_the_same_key_with_another_request_is_refused_and_creates_nothing(api: Api, devices: Iterator[str]) -> None:
@@ -160,11 +162,13 @@ def test_a_retried_batch_with_the_same_key_reaches_each_device_once(api: Api, de
 def test_two_callers_keys_are_their_own(api: Api, devices: Iterator[str]) -> None:
     device, key = next(devices), str(uuid.uuid4())
     mine = post(api, f"/v1/entities/{device}/commands", {"type": "StopFeedIn"}, key)
+    assert mine.status_code == 201, mine.text
+    assert api.wait_terminal(mine.json()["id"])["status"] == "Succeeded"  # else the second would supersede it
     theirs = post(api, f"/v1/entities/{device}/commands", {"type": "StopFeedIn"}, key, token="dev-partner")
-    assert (mine.status_code, theirs.status_code) == (201, 201)
-    assert mine.json()["id"] != theirs.json()["id"] and "Idempotency-Replayed" not in theirs.headers
-    wait_for(lambda: sorted(received_ids(api, device)) == sorted([mine.json()["id"], theirs.json()["id"]]),
-             what="both callers' commands delivered")
+    assert theirs.status_code == 201 and "Idempotency-Replayed" not in theirs.headers, theirs.text
+    assert mine.json()["id"] != theirs.json()["id"]
+    assert api.wait_terminal(theirs.json()["id"])["status"] == "Succeeded"
+    assert received_ids(api, device) == [mine.json()["id"], theirs.json()["id"]]
 
 
 def test_an_error_answer_is_not_kept_and_a_malformed_key_is_refused(api: Api, devices: Iterator[str]) -> None:
@@ -174,12 +178,12 @@ def test_an_error_answer_is_not_kept_and_a_malformed_key_is_refused(api: Api, de
     # Nothing was created, so the key is free: the corrected request is answered anew.
     corrected = post(api, f"/v1/entities/{device}/commands", {"type": "StopFeedIn"}, key)
     assert corrected.status_code == 201 and "Idempotency-Replayed" not in corrected.headers, corrected.text
+    assert api.wait_terminal(corrected.json()["id"])["status"] == "Succeeded"
     for bad in ["", '""', "x" * 256, "caf\u00e9"]:
         refused = api.http.post(f"/v1/entities/{device}/commands", json={"type": "StopFeedIn"},
                                 headers={"Authorization": "Bearer dev-contributor", "Idempotency-Key": bad.encode("latin-1")})
         assert (refused.status_code, refused.json()["key"]) == (400, "invalid_idempotency_key"), bad
     assert post(api, f"/v1/entities/{device}/commands", {"type": "StopFeedIn"}, "x" * 255).status_code == 201
-    assert api.wait_terminal(corrected.json()["id"])["status"] == "Succeeded"
 
 
 def test_the_document_describes_the_header_and_its_answers(api: Api) -> None:
@@ -190,4 +194,5 @@ def test_the_document_describes_the_header_and_its_answers(api: Api) -> None:
         assert (header["name"], header["required"], header["schema"]["maxLength"]) == ("Idempotency-Key", False, 255)
         assert "idempotency_key_reused" in operation["responses"]["422"]["description"]
         assert "idempotency_key_in_use" in operation["responses"]["409"]["description"]
+        assert "Idempotency-Replayed" in operation["responses"]["201"]["headers"]
     assert "422" not in document["paths"]["/v1/commands/{id}"]["delete"]["responses"]
