@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 
 
@@ -141,10 +141,35 @@ def _representable(value: datetime) -> datetime:
 #: within 1970..9998.
 RequestTime = Annotated[datetime, BeforeValidator(_time_as_text), AfterValidator(_representable)]
 
+_DIGITS = re.compile(r"[0-9]{1,10}")
+
+
+def _value_as_digits(value: Any) -> Any:
+    """The Commands API documents ``value`` as a string: ``"3000"`` (decimal digits only, at
+    most 10) is read as 3000. Any other string (``"3.5"``, ``"-1"``, ``" 3000"``, ``"abc"``) is
+    refused; a number must be an integer (strict: ``true`` and ``3000.0`` are refused)."""
+    if isinstance(value, str):
+        if not _DIGITS.fullmatch(value):
+            raise ValueError("value must be an integer, or a string of decimal digits (e.g. \"3000\")")
+        return int(value)
+    return value
+
+
+#: ``value`` as callers send it (REST bodies, Kafka requests): an integer 0..2^31-1, or a
+#: string of decimal digits holding one (the Commands API's documented form).
+RequestValue = Annotated[
+    int,
+    BeforeValidator(_value_as_digits),
+    Field(ge=0, le=MAX_VALUE, strict=True),
+    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 0, "maximum": MAX_VALUE},
+                              {"type": "string", "pattern": "^[0-9]{1,10}$"}]}),
+]
+
 
 class CommandFields(Model):
     """What the caller asks for; shared by the request, REST body and accepted event. Numbers
-    are strict: ``"3000"``, ``true`` and ``3000.0`` are not integers."""
+    are strict: ``true`` and ``3000.0`` are not integers (requests take ``value`` also as a
+    string of digits, :data:`RequestValue`; ``percentage`` is an integer only)."""
 
     type: CommandType
     value: int | None = Field(None, le=MAX_VALUE, strict=True)
@@ -182,7 +207,7 @@ class ValueCommand(Model):
     """A command with a ``value`` in watts (``LimitFeedIn``)."""
 
     type: Literal["LimitFeedIn"]
-    value: int = Field(ge=0, le=MAX_VALUE, strict=True, description="watts, an integer")
+    value: RequestValue = Field(description='watts: an integer, or a string of decimal digits ("3000", as the Commands API documents it)')
 
     def fields(self) -> CommandFields:
         return CommandFields(type=CommandType(self.type), value=self.value)
@@ -216,6 +241,8 @@ class CommandRequestV1(CommandFields, Event):
 
     id: str | None = Field(None, pattern=ID_PATTERN)
     entity_id: str = Field(min_length=1, max_length=128)
+    #: As REST takes it: an integer, or a string of decimal digits (``"3000"``).
+    value: RequestValue | None = None
     ignore_cooldown: bool = Field(False, strict=True)
     #: A scheduled or windowed command: the same rules as ``POST /v1/command/`` (BRIEF 2.2).
     start_at: RequestTime | None = None

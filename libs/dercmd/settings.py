@@ -170,6 +170,9 @@ class IntakeSettings(_Ledger):
         "count",
         description="intake: a Kafka request on another partition than its key's murmur2 partition (a producer with another partitioner, e.g. librdkafka's default) is counted and logged (`count`), or also refused as `Rejected: wrong_partition` (`refuse`): an entity's requests on two partitions may be taken in either order.",
     )
+    idempotency_ttl_s: float = Field(
+        86400.0, gt=0, description="intake: how long a POST's `Idempotency-Key` and its answer are kept (in Redis, for every replica), s."
+    )
 
 
 class ArbitrationSettings(ServiceSettings):

@@ -199,13 +199,14 @@ def install_error_envelope(app: FastAPI) -> None:
 
 
 def _validation_errors_are_400(schema: dict[str, Any]) -> None:
-    """Replace FastAPI's documented 422 (``HTTPValidationError``) by the envelope's 400."""
+    """Replace FastAPI's documented 422 (``HTTPValidationError``) by the envelope's 400 (a
+    route's own 422 in the envelope, such as ``idempotency_key_reused``, stays)."""
     envelope = {"$ref": "#/components/schemas/ErrorBody"}
     used = False
     for operations in schema.get("paths", {}).values():
         for operation in operations.values():
             responses = operation.get("responses", {})
-            if responses.pop("422", None) is not None:
+            if "HTTPValidationError" in str(responses.get("422")) and responses.pop("422", None) is not None:
                 used = True
                 responses.setdefault("400", {"description": "The request is not valid (`validation_error`, `invalid_json`)",
                                              "content": {"application/json": {"schema": envelope}}})

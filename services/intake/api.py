@@ -15,10 +15,12 @@ from dercmd.fleet import Fleet
 from dercmd.ledger import Ledger
 from dercmd.service import Service
 from dercmd.settings import IntakeSettings, refuse_published
+from dercmd.state.idempotency import IdempotencyKeys
 
 from . import metrics
 from .admission import Admission
 from .context import Intake
+from .idempotency import Idempotency
 from .requests_consumer import RequestsHandler
 from .routes import batch_commands, entity_commands, queries
 
@@ -56,7 +58,7 @@ def build(settings: IntakeSettings) -> Service:
 
     web.observe_errors(app, _count)
 
-    intake = Intake(fleet, admission, ledger)
+    intake = Intake(fleet, admission, ledger, Idempotency(IdempotencyKeys(service.redis, settings.idempotency_ttl_s)))
     for module in (entity_commands, batch_commands, queries):
         app.include_router(module.router(intake))
     return service

@@ -19,14 +19,17 @@ from dercmd.ledger import Ledger
 from dercmd.web import ErrorBody
 
 from .admission import Admission, Refusal
+from .idempotency import Idempotency
 
 #: The error answers every route may give, for the OpenAPI document (all in the one envelope).
 ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorBody, "description": "Not valid: `validation_error` (with `errors`), `invalid_json`, or the key of the rule broken"},
+    400: {"model": ErrorBody, "description": "Not valid: `validation_error` (with `errors`), `invalid_json`, `invalid_idempotency_key`, "
+                                             "or the key of the rule broken"},
     401: {"model": ErrorBody, "description": "`unauthorized`: no or unknown bearer token"},
     403: {"model": ErrorBody, "description": "`forbidden`: the token may read this entity but not command it"},
     404: {"model": ErrorBody, "description": "`entity_not_found`, `command_not_found`: does not exist, or this token may not see it"},
-    409: {"model": ErrorBody, "description": "`cooldown_active` (with `cooldownUntil` and `Retry-After`), `command_finished`"},
+    409: {"model": ErrorBody, "description": "`cooldown_active` (with `cooldownUntil` and `Retry-After`), `command_finished`, "
+                                             "`idempotency_key_in_use` (a request with this `Idempotency-Key` is still being answered; `Retry-After`)"},
     503: {"model": ErrorBody, "description": "`intake_unavailable`, `dependency_unavailable`: retry later"},
 }
 
@@ -82,6 +85,8 @@ class Intake:
     fleet: Fleet
     admission: Admission
     ledger: Ledger
+    #: ``Idempotency-Key`` on every POST (:mod:`.idempotency`).
+    idempotency: Idempotency
     #: ``Depends(intake.token)``: the caller's bearer token.
     token: FleetBearer = field(init=False)
 

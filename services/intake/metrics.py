@@ -23,3 +23,7 @@ ADMIT_SECONDS = Histogram(
     ["source"],
     buckets=LATENCY_BUCKETS,
 )
+IDEMPOTENT_REPLAYS = Counter(
+    "dercmd_intake_idempotent_replays_total",
+    "POSTs answered with the answer kept under their Idempotency-Key (a client's retry): nothing created.",
+)

@@ -98,7 +98,10 @@ def test_every_request_is_answered_as_the_schema_documents(stack: Stack) -> None
     ("POST", "/v1/entities/ev-1/commands", b"{\"type\": ", 400, "invalid_json"),
     ("POST", "/v1/entities/ev-1/commands", b"[" * 5000 + b"]" * 5000, 400, "invalid_json"),
     ("POST", "/v1/entities/ev-1/commands", b"{\"a\":" * 5000 + b"1" + b"}" * 5000, 400, "invalid_json"),
-    ("POST", "/v1/entities/pv-1/commands", b'{"type": "LimitFeedIn", "value": "3000"}', 400, "validation_error"),
+    ("POST", "/v1/entities/pv-1/commands", b'{"type": "LimitFeedIn", "value": "3.5"}', 400, "validation_error"),
+    ("POST", "/v1/entities/pv-1/commands", b'{"type": "LimitFeedIn", "value": "abc"}', 400, "validation_error"),
+    ("POST", "/v1/entities/pv-1/commands", b'{"type": "LimitFeedIn", "value": "-1"}', 400, "validation_error"),
+    ("POST", "/v1/entities/pv-1/commands", b'{"type": "LimitFeedIn", "value": "2147483648"}', 400, "validation_error"),
     ("POST", "/v1/entities/pv-1/commands", b'{"type": "LimitFeedIn", "value": true}', 400, "validation_error"),
     ("POST", "/v1/entities/pv-1/commands", b'{"type": "LimitFeedIn", "value": 3000.0}', 400, "validation_error"),
     ("POST", "/v1/entities/pv-1/commands", b'{"type": "Reset", "value": 0}', 400, "validation_error"),
@@ -128,8 +131,14 @@ def test_the_schema_says_which_types_take_a_value_and_every_route_names_its_meth
     plain = schemas[mapping["Reset"].rsplit("/", 1)[1]]
     assert plain["additionalProperties"] is False and set(plain["properties"]) == {"type", "expiresAt"}
     valued = schemas[mapping["LimitFeedIn"].rsplit("/", 1)[1]]
-    assert valued["properties"]["value"]["type"] == "integer" and "value" in valued["required"]
-    assert all("422" not in op["responses"] for ops in document["paths"].values() for op in ops.values())
+    # The Commands API's documented form too: an integer, or a string of decimal digits.
+    assert valued["properties"]["value"]["anyOf"] == [{"type": "integer", "minimum": 0, "maximum": 2**31 - 1},
+                                                      {"type": "string", "pattern": "^[0-9]{1,10}$"}]
+    assert "value" in valued["required"]
+    # FastAPI's 422 is documented as the envelope's 400; the one 422 is a POST's reused Idempotency-Key.
+    assert all("422" not in op["responses"] or (method == "post" and "idempotency_key_reused" in op["responses"]["422"]["description"])
+               for ops in document["paths"].values() for method, op in ops.items())
+    assert "HTTPValidationError" not in document["components"]["schemas"]
     for path, allow in [("/v1/commands/x", "DELETE, GET, OPTIONS"), ("/v1/entities/ev-1/commands", "GET, OPTIONS, POST"),
                         ("/v1/entities/ev-1/commands/schedule", "OPTIONS, POST"), ("/v1/command/", "OPTIONS, POST"),
                         ("/health", "GET, OPTIONS")]:
@@ -190,7 +199,8 @@ def kafka(stack: Stack) -> Kafka:
 
 def test_kafka_requests_are_as_strict_as_rest_and_never_cost_the_good_one_beside_them(api: Api, kafka: Kafka) -> None:
     bad = {f"{name}-{uuid.uuid4()}": fields for name, fields in [
-        ("string", {"type": "LimitFeedIn", "value": "3000"}), ("bool", {"type": "LimitFeedIn", "value": True}),
+        ("string", {"type": "LimitFeedIn", "value": "3.5"}), ("bool", {"type": "LimitFeedIn", "value": True}),
+        ("negative", {"type": "LimitFeedIn", "value": "-1"}),
         ("float", {"type": "LimitFeedIn", "value": 3000.0}), ("reset-value", {"type": "Reset", "value": 0}),
         ("epoch", {"type": "StopFeedIn", "startAt": 1893456000}), ("flag", {"type": "Reset", "ignoreCooldown": "true"}),
     ]}
@@ -208,7 +218,7 @@ def test_a_rejected_request_holds_no_id_whichever_comes_first(api: Api, kafka: K
     """An invalid request and a valid one with the same id: the valid one is the command,
     in either order; the invalid one is dead-lettered in either order."""
     first_bad, first_good = f"bad-first-{uuid.uuid4()}", f"good-first-{uuid.uuid4()}"
-    kafka.produce("dercmd.commands.requests", [request(first_bad, "pv-3", type="LimitFeedIn", value="0")])
+    kafka.produce("dercmd.commands.requests", [request(first_bad, "pv-3", type="LimitFeedIn", value="0.5")])
     assert api.wait_terminal(first_bad)["status"] == "Rejected"
     corrected = request(first_bad, "pv-3", type="LimitFeedIn", value=0, ignoreCooldown=True)
     kafka.produce("dercmd.commands.requests", [corrected])  # takes the id
@@ -217,7 +227,7 @@ def test_a_rejected_request_holds_no_id_whichever_comes_first(api: Api, kafka: K
     kafka.produce("dercmd.commands.requests", [request(first_good, "pv-3", type="StopFeedIn", ignoreCooldown=True)])
     assert api.wait_terminal(first_good)["status"] == "Succeeded"
     marker = f"marker-{uuid.uuid4()}"  # after it in the partition: its Pending comes after any Rejected of it
-    kafka.produce("dercmd.commands.requests", [request(first_good, "pv-3", type="LimitFeedIn", value="0"),
+    kafka.produce("dercmd.commands.requests", [request(first_good, "pv-3", type="LimitFeedIn", value="0.5"),
                                                request(marker, "pv-3", type="Reset", ignoreCooldown=True)])
     assert dead_letter_errors(kafka, [first_good])[first_good]
     statuses = kafka.read_until("dercmd.commands.status", lambda rs: any(marker.encode() in (r.value or b"") for r in rs))

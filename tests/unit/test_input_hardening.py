@@ -36,7 +36,9 @@ def test_the_rest_shapes_say_what_command_fields_checks() -> None:
 
 
 @pytest.mark.parametrize("fields", [
-    {"type": "LimitFeedIn", "value": "3000"}, {"type": "LimitFeedIn", "value": True}, {"type": "LimitFeedIn", "value": 3000.0},
+    {"type": "LimitFeedIn", "value": "3.5"}, {"type": "LimitFeedIn", "value": "abc"}, {"type": "LimitFeedIn", "value": "-1"},
+    {"type": "LimitFeedIn", "value": " 3000"}, {"type": "LimitFeedIn", "value": "2147483648"}, {"type": "LimitFeedIn", "value": ""},
+    {"type": "LimitFeedIn", "value": True}, {"type": "LimitFeedIn", "value": 3000.0},
     {"type": "Reset", "value": 0}, {"type": "Reset", "ignoreCooldown": "true"}, {"type": "Reset", "ignoreCooldown": 1},
     {"type": "StopFeedIn", "startAt": 1893456000}, {"type": "StopFeedIn", "startAt": "1893456000"},
     {"type": "Reset", "expiresAt": True}, {"type": "Reset", "expiresAt": "0001-01-01T00:00:00+01:00"},
@@ -44,6 +46,21 @@ def test_the_rest_shapes_say_what_command_fields_checks() -> None:
 def test_kafka_requests_are_strict(fields: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         CommandRequestV1.model_validate_json(json.dumps({"entityId": "pv-1", **fields}))
+
+
+@pytest.mark.parametrize("extra", [{"entityId": "pv-1"}, {}], ids=["kafka", "rest"])
+def test_value_is_taken_as_the_commands_api_documents_it_a_string_of_digits(extra: dict[str, str]) -> None:
+    """The Commands API documents ``value`` as a string: ``"3000"`` is 3000, on Kafka and REST."""
+    shape = CommandRequestV1 if extra else ValueCommand
+
+    def parse(value: object) -> object:
+        return shape.model_validate_json(json.dumps({**extra, "type": "LimitFeedIn", "value": value})).value
+
+    for sent, read in (("3000", 3000), ("0", 0), ("03000", 3000), (3000, 3000), ("2147483647", 2**31 - 1)):
+        assert parse(sent) == read and isinstance(parse(sent), int), sent
+    for bad in ("3.5", "abc", "-1", "+1", "1e3", " 1", "1 ", "2147483648", "", True, 1.5, -1, 2**31, None):
+        with pytest.raises(ValidationError):
+            parse(bad)
 
 
 def test_a_kafka_request_with_proper_values_parses() -> None:

@@ -19,6 +19,7 @@ module             keys                                        written by       
 :mod:`.ocpp`       ``dercmd:{e}:ocpp:link|seen|tx|txseq``,     OCPP gateway             OCPP gateway,
                    ``dercmd:{e}:ocpp:cmd|tag|stop:<id>``                                dispatch (ocpp)
 :mod:`.leases`     ``dercmd:sweeper``                          status (sweeper)         status (sweeper)
+:mod:`.idempotency` ``dercmd:idempotency:{caller}:<key hash>`` intake (idempotency.lua) intake
 =================  ==========================================  =======================  ==================
 
 :mod:`.keys` holds the key names more than one module builds and the two constants callers

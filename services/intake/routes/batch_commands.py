@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field, field_validator
 
@@ -18,9 +18,10 @@ from dercmd import web
 from dercmd.events import CommandFields, CommandType, Model, RequestTime, utcnow
 from dercmd.fleet import Role
 
-from .. import commands
+from .. import commands, idempotency
 from ..admission import Refusal
 from ..context import ERRORS, Intake
+from ..idempotency import IdempotencyKeyHeader
 
 log = logging.getLogger(__name__)
 
@@ -61,25 +62,31 @@ class BatchCreated(Model):
 def router(intake: Intake) -> APIRouter:
     api = APIRouter(tags=["batch commands"], responses=ERRORS, route_class=web.KnownQueryRoute)
 
-    @api.post("/v1/command/", status_code=201, response_model=BatchCreated)
-    async def create_batch(body: BatchBody, token: str = Depends(intake.token)) -> Any:
+    @api.post("/v1/command/", status_code=201, response_model=BatchCreated, responses=idempotency.RESPONSES)
+    async def create_batch(request: Request, body: BatchBody, idempotency_key: IdempotencyKeyHeader = None,
+                           token: str = Depends(intake.token)) -> Any:
         """Limit the production of up to 100 devices to ``percentage`` from ``startAt`` to
         ``endAt`` (then they return to their default), for the listed assets only if
         ``assetIdentifiers`` is given. 201 answers each device's command id."""
-        now = utcnow()
-        spec = body.command
-        commands.check_window(now, spec.start_at, spec.end_at)
-        entities = [
-            intake.authorise(token, device_id, Role.CONTRIBUTOR, unknown=Refusal("unknown_device_hash_id", f"no device {device_id}"))
-            for device_id in body.device_hash_ids
-        ]
-        fields = CommandFields(type=CommandType.LIMIT_PRODUCTION_POWER, percentage=spec.percentage)
-        cmds = [commands.build(intake.fleet, entity, fields, now=now, source="rest", start_at=spec.start_at,
-                               end_at=spec.end_at, asset_identifiers=spec.asset_identifiers) for entity in entities]
-        await intake.admit(cmds)
-        log.info("batch accepted", extra={"devices": len(cmds), "percentage": spec.percentage,
-                                          "start_at": spec.start_at.isoformat(), "end_at": spec.end_at.isoformat(),
-                                          "command_id": cmds[0].id})
-        return JSONResponse({"commands": [{"deviceHashId": c.entity_id, "id": c.id} for c in cmds]}, status_code=201)
+
+        async def create() -> JSONResponse:
+            now = utcnow()
+            spec = body.command
+            commands.check_window(now, spec.start_at, spec.end_at)
+            entities = [
+                intake.authorise(token, device_id, Role.CONTRIBUTOR,
+                                 unknown=Refusal("unknown_device_hash_id", f"no device {device_id}"))
+                for device_id in body.device_hash_ids
+            ]
+            fields = CommandFields(type=CommandType.LIMIT_PRODUCTION_POWER, percentage=spec.percentage)
+            cmds = [commands.build(intake.fleet, entity, fields, now=now, source="rest", start_at=spec.start_at,
+                                   end_at=spec.end_at, asset_identifiers=spec.asset_identifiers) for entity in entities]
+            await intake.admit(cmds)
+            log.info("batch accepted", extra={"devices": len(cmds), "percentage": spec.percentage,
+                                              "start_at": spec.start_at.isoformat(), "end_at": spec.end_at.isoformat(),
+                                              "command_id": cmds[0].id})
+            return JSONResponse({"commands": [{"deviceHashId": c.entity_id, "id": c.id} for c in cmds]}, status_code=201)
+
+        return await intake.idempotency.answer(request, token, idempotency_key, create)
 
     return api

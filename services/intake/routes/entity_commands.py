@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Path, Query
+from fastapi import APIRouter, Body, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BeforeValidator, Field
 
@@ -22,9 +22,10 @@ from dercmd.events import (
 )
 from dercmd.fleet import Role
 
-from .. import commands
+from .. import commands, idempotency
 from ..admission import Refusal
 from ..context import ERRORS, CancelRequested, Command, Intake, Scheduled, caller_of, command_json
+from ..idempotency import IdempotencyKeyHeader
 
 log = logging.getLogger(__name__)
 
@@ -84,32 +85,42 @@ IgnoreCooldown = Annotated[bool, Query(alias="ignoreCooldown", description="true
 def router(intake: Intake) -> APIRouter:
     api = APIRouter(tags=["entity commands"], responses=ERRORS, route_class=web.KnownQueryRoute)
 
-    @api.post("/v1/entities/{entityId}/commands", status_code=201, response_model=Command)
-    async def create_command(body: CommandBody, entity_id: EntityId, ignore_cooldown: IgnoreCooldown = False,
-                             token: str = Depends(intake.token)) -> Any:
+    @api.post("/v1/entities/{entityId}/commands", status_code=201, response_model=Command, responses=idempotency.RESPONSES)
+    async def create_command(request: Request, body: CommandBody, entity_id: EntityId, ignore_cooldown: IgnoreCooldown = False,
+                             idempotency_key: IdempotencyKeyHeader = None, token: str = Depends(intake.token)) -> Any:
         """Send a command to one entity now. 201: accepted as ``Pending``."""
-        entity = intake.authorise(token, entity_id, Role.CONTRIBUTOR)
-        cmd = commands.build(intake.fleet, entity, body.fields(), now=utcnow(), source="rest", expires_at=body.expires_at,
-                             ignore_cooldown=ignore_cooldown)
-        (state,) = await intake.admit([cmd])
-        log.info("accepted", extra={"command_id": cmd.id, "entity_id": entity_id, "type": cmd.type.value, "source": "rest"})
-        return JSONResponse(command_json(state), status_code=201, headers={"Location": f"/v1/commands/{cmd.id}"})
 
-    @api.post("/v1/entities/{entityId}/commands/schedule", status_code=201, response_model=Scheduled)
-    async def schedule_commands(entity_id: EntityId,
+        async def create() -> JSONResponse:
+            entity = intake.authorise(token, entity_id, Role.CONTRIBUTOR)
+            cmd = commands.build(intake.fleet, entity, body.fields(), now=utcnow(), source="rest", expires_at=body.expires_at,
+                                 ignore_cooldown=ignore_cooldown)
+            (state,) = await intake.admit([cmd])
+            log.info("accepted", extra={"command_id": cmd.id, "entity_id": entity_id, "type": cmd.type.value, "source": "rest"})
+            return JSONResponse(command_json(state), status_code=201, headers={"Location": f"/v1/commands/{cmd.id}"})
+
+        return await intake.idempotency.answer(request, token, idempotency_key, create)
+
+    @api.post("/v1/entities/{entityId}/commands/schedule", status_code=201, response_model=Scheduled,
+              responses=idempotency.RESPONSES)
+    async def schedule_commands(request: Request, entity_id: EntityId,
                                 body: Annotated[list[ScheduledCommand], Body(min_length=1, max_length=100)],
-                                ignore_cooldown: IgnoreCooldown = False, token: str = Depends(intake.token)) -> Any:
+                                ignore_cooldown: IgnoreCooldown = False, idempotency_key: IdempotencyKeyHeader = None,
+                                token: str = Depends(intake.token)) -> Any:
         """Commands for one entity at their trigger times (BRIEF 3: each one due later takes the
         scheduled slot, so a later item of the list supersedes an earlier one). All or none."""
-        entity = intake.authorise(token, entity_id, Role.CONTRIBUTOR)
-        now = utcnow()
-        cmds = [commands.build(intake.fleet, entity, item.fields(), now=now, source="rest", start_at=item.trigger_time,
-                               ignore_cooldown=ignore_cooldown) for item in body]
-        states = await intake.admit(cmds)
-        for cmd in cmds:
-            log.info("accepted", extra={"command_id": cmd.id, "entity_id": entity_id, "type": cmd.type.value, "source": "rest",
-                                        "trigger_time": cmd.trigger_time.isoformat() if cmd.trigger_time else None})
-        return JSONResponse({"commands": [command_json(s) for s in states]}, status_code=201)
+
+        async def schedule() -> JSONResponse:
+            entity = intake.authorise(token, entity_id, Role.CONTRIBUTOR)
+            now = utcnow()
+            cmds = [commands.build(intake.fleet, entity, item.fields(), now=now, source="rest", start_at=item.trigger_time,
+                                   ignore_cooldown=ignore_cooldown) for item in body]
+            states = await intake.admit(cmds)
+            for cmd in cmds:
+                log.info("accepted", extra={"command_id": cmd.id, "entity_id": entity_id, "type": cmd.type.value, "source": "rest",
+                                            "trigger_time": cmd.trigger_time.isoformat() if cmd.trigger_time else None})
+            return JSONResponse({"commands": [command_json(s) for s in states]}, status_code=201)
+
+        return await intake.idempotency.answer(request, token, idempotency_key, schedule)
 
     @api.delete("/v1/commands/{id}", status_code=202, response_model=CancelRequested)
     async def cancel_command(id: str, token: str = Depends(intake.token)) -> Any:
