@@ -69,7 +69,17 @@ def documented_defaults(settings: BaseSettings) -> list[str]:
             and getattr(settings, name) == field.default]
 
 
-class ServiceSettings(BaseSettings):
+class FromFiles(BaseSettings):
+    """Settings that may also come from files: ``<VARIABLE>_FILE`` (:class:`FileVariables`)."""
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, FileVariables(settings_cls), env_settings, dotenv_settings, file_secret_settings)
+
+
+class ServiceSettings(FromFiles):
     """What every service reads: the broker, Redis and the fleet, where each service listens
     (services reach each other, and the simulator, by these), and how consumers and producers
     behave."""
@@ -142,11 +152,6 @@ class ServiceSettings(BaseSettings):
                 raise ValueError(weak_message(weak))
         return self
 
-    @classmethod
-    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
-                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, FileVariables(settings_cls), env_settings, dotenv_settings, file_secret_settings)
 
 
 class _Ledger(ServiceSettings):

@@ -10,12 +10,12 @@ import pkgutil
 from typing import ClassVar
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from dercmd.settings import FileVariables, ServiceSettings
+from dercmd.settings import FromFiles, ServiceSettings
 
 
-class BackendSettings(BaseSettings):
+class BackendSettings(FromFiles):
     """A backend's own settings; a subclass sets ``env_prefix`` to ``DERCMD_<NAME>_``. Every
     backend may be rate limited (``rate_per_s``: calls per second over all dispatch replicas,
     0: unlimited, with bursts of ``burst`` calls)."""
@@ -28,13 +28,6 @@ class BackendSettings(BaseSettings):
 
     rate_per_s: float = Field(0.0, ge=0, description="Calls per second to this backend over all dispatch replicas (0: unlimited).")
     burst: int = Field(10, ge=1, description="Calls that may go at once after a quiet spell, within the rate.")
-
-    @classmethod
-    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
-                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
-        # <VARIABLE>_FILE, as for every other setting (a secret mounted as a file)
-        return (init_settings, FileVariables(settings_cls), env_settings, dotenv_settings, file_secret_settings)
 
 
 class BulkRestSettings(BackendSettings):
