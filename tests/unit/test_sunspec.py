@@ -84,7 +84,7 @@ async def test_the_marker_is_found_at_0_or_50000_when_40000_holds_none() -> None
         device = await ss.discover(regs.read)
         assert device.base == base
         assert device.rated_w is None and not device.tagged
-        assert device.block == (device.controls.body, ss.CONTROL_POINTS)
+        assert device.block == (device.controls.address, 2 + ss.CONTROL_POINTS)  # model 123's header read with it
 
 
 async def test_no_marker_or_no_controls_is_not_sunspec() -> None:
