@@ -8,7 +8,7 @@ WRtg_SF and WMax_SF 0, 1, 2; WMax (model 121) below WRtg (model 120), and no mod
 a layout change (model 121 inserted before 123) between two commands on one live connection; a
 strict device that refuses writes to the points it does not implement; an end model without
 its length register. Refusals: no marker, unit missing (0x04), model 123 missing or truncated,
-DER models 701-704 only, every write refused.
+DER models 701-704 only, every write refused. And the simulator as pysunspec2 reads it.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from dercmd.dispatch.backends.sunspec_modbus import SunSpecModbusBackend
 from dercmd.events import CommandType, DispatchOrderV1
 from dercmd.fleet import Fleet
 from dercmd.launcher import free_port
+from dercmd.simulator.backends.sunspec import SunSpecSim
+from dercmd.simulator.faults import Faults
+from dercmd.simulator.recorder import Recorder
 
 from . import sunspec_devices as sd
 
@@ -219,3 +222,26 @@ async def test_what_cannot_be_driven_says_why(rig_for: Callable[..., Any], model
     answer = await rig.send(CommandType.STOP_FEED_IN)
     assert isinstance(answer, error), answer
     assert answer.reason == reason, answer
+
+
+async def test_the_simulator_reads_as_the_models_define_and_holds_fractions_of_a_percent() -> None:
+    fleet = Fleet.model_validate({"entities": {"pv-1": {"kind": "PV", "vendor": "acme", "backend": "sunspec-modbus"}}})
+    port = free_port()
+    sim = SunSpecSim(fleet, Recorder(), Faults(), "127.0.0.1", port)
+    await sim.start()
+    backend = SunSpecModbusBackend(fleet, ("127.0.0.1", port), timeout_s=2.0)
+    try:
+        read = await asyncio.to_thread(sd.read_back, port, 1)
+        assert read[1]["Mn"] == "acme" and read[120]["WRtg:c"] == 5000
+        # What the simulated unit does not measure reads as not implemented, not as 0:
+        assert (read[103]["A"], read[103]["Hz"], read[103]["PF"], read[103]["St"], read[120]["VARtg"]) == (None,) * 5
+        assert read[103]["W:c"] == 5000
+        o = order(CommandType.LIMIT_FEED_IN, value=1230)
+        [answer] = await backend.send([backends.Delivery(o, fleet.entities["pv-1"], "t")])
+        assert isinstance(answer, backends.Accepted), answer
+        assert (await asyncio.to_thread(sd.read_back, port, 1))[123]["WMaxLimPct:c"] == pytest.approx(24.6)
+        state = sim.by_entity["pv-1"].measurements(datetime.now(UTC))
+        assert (state["activePowerW"], state["limitPercentage"]) == (1230, 25)  # 24.6 % of 5 kW, not 24 %
+    finally:
+        await backend.aclose()
+        await sim.aclose()
