@@ -355,22 +355,25 @@ async def find_base(read: Reader, bases: Sequence[int] = BASES, probe: Prober | 
     exception answer, other than busy) or does not answer at all (``probe`` reads the marker
     with a short deadline and reconnects after one that passed) is simply not it."""
     probe = probe or (lambda address: read(address, 2))
-    found: dict[int, str] = {}
-    codes: set[int | None] = set()
+    found: dict[int, str] = {}  # base: what it answered
+    codes: set[int | None] = set()  # exception codes; None: no answer; -1: registers, not the marker
     for base in bases:
         try:
             marker = tuple(await probe(base))
         except ExceptionAnswer as exc:
             if exc.busy:
                 raise
-            found[base], _ = f"exception 0x{exc.code:02X}", codes.add(exc.code)
+            found[base] = f"exception 0x{exc.code:02X}"
+            codes.add(exc.code)
             continue
         except NoAnswer:
-            found[base], _ = "no answer", codes.add(None)
+            found[base] = "no answer"
+            codes.add(None)
             continue
         if marker == MARKER:
             return base
-        found[base], _ = f"{marker[0]:04X} {marker[1]:04X}", codes.add(-1)
+        found[base] = "registers " + " ".join(f"{r:04X}" for r in marker)
+        codes.add(-1)
     detail = ", ".join(f"{base}: {what}" for base, what in found.items())
     if codes == {DEVICE_FAILURE}:
         raise UnitMissing(f"exception 0x04 at every base ({detail}): no such unit behind the gateway, or it failed")
@@ -512,12 +515,15 @@ class ModbusConnection:
         self.host, self.port, self.timeout_s = host, port, timeout_s
         self.broken = False
         self._lost = asyncio.Event()
+        self._generation = 0  # of the pymodbus client in use (one per TCP connection)
         self._client = self._new_client()
 
     def _new_client(self) -> AsyncModbusTcpClient:
         options: dict[str, object] = {"port": self.port, "timeout": self.timeout_s, "retries": 0, "reconnect_delay": 0}
+        generation = self._generation = self._generation + 1
         if "trace_connect" in inspect.signature(AsyncModbusTcpClient.__init__).parameters:
-            options["trace_connect"] = self._connection_changed
+            # Only the current client's loss counts: a replaced one may report its own late.
+            options["trace_connect"] = lambda connected: self._connection_changed(connected, generation)
         return AsyncModbusTcpClient(self.host, **options)  # type: ignore[arg-type]
 
     async def reopen(self) -> None:
@@ -528,8 +534,8 @@ class ModbusConnection:
         self.broken = False
         await self.connect()
 
-    def _connection_changed(self, connected: bool) -> None:
-        if not connected:
+    def _connection_changed(self, connected: bool, generation: int) -> None:
+        if not connected and generation == self._generation:
             self._lost.set()
 
     async def connect(self) -> None:
