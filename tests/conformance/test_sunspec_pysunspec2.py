@@ -5,9 +5,9 @@ pymodbus's server, and what dercmd wrote read back with pysunspec2's own client.
 Layouts: bases 40000, 0 and 50000 (the last silent at 40000 and 0); models in several orders,
 with models dercmd does not use among them (101, 103, 113, 122); WMaxLimPct_SF 0, -1, -2;
 WRtg_SF and WMax_SF 0, 1, 2; WMax (model 121) below WRtg (model 120), and no model 121 at all;
-a layout change (model 121 inserted before 123) between two commands on one live connection; a
-strict device that refuses writes to the points it does not implement; an end model without
-its length register. Refusals: no marker, unit missing (0x04), model 123 missing or truncated,
+a layout change (model 121 inserted before 123, or models removed so 123's old address is gone)
+between two commands on one live connection; a strict device that refuses writes to the points
+it does not implement; an end model without its length register. Refusals: no marker, unit missing (0x04), model 123 missing or truncated,
 DER models 701-704 only, every write refused. And the simulator as pysunspec2 reads it.
 """
 
@@ -173,6 +173,16 @@ async def test_a_layout_change_under_a_live_connection_is_found_before_anything_
     assert (read[121]["VMax"], read[121]["VMin"], read[121]["VAMax"]) == (253, 207, 80)  # model 121 untouched
     assert untouched(pristine, device.image) == []
     assert (read[123]["WMaxLimPct:c"], read[123]["WMaxLim_Ena"]) == (50, 1)  # 3 kW of WMax 6 kW
+
+
+async def test_a_layout_that_shrank_under_a_live_connection_is_discovered_again(rig_for: Callable[..., Any]) -> None:
+    device = sd.Device(sd.build(40000, (COMMON, nameplate(8000, 0), settings(6000, 0), (122, {}), controls(-1))))
+    rig = await rig_for({1: device})
+    assert isinstance(await rig.send(CommandType.LIMIT_PRODUCTION_POWER, percentage=30), backends.Accepted)
+    device.image = sd.build(40000, (COMMON, controls(-1)))  # model 123's old address is past the new end
+    answer = await rig.send(CommandType.LIMIT_PRODUCTION_POWER, percentage=60)
+    assert isinstance(answer, backends.Accepted), answer
+    assert (await rig.read_back())[123]["WMaxLimPct:c"] == 60
 
 
 async def test_a_device_refusing_writes_to_unimplemented_points_is_limited_stopped_and_disconnected(

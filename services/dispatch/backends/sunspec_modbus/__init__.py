@@ -209,13 +209,15 @@ class SunSpecModbusBackend:
                         address: ss.Address) -> tuple[ss.DeviceMap, ss.CommandTag | None, ss.Controls]:
         """The device's model map (discovered once, kept until an error on that unit or a
         layout change) and what its block holds, read with model 123's header and checked
-        against the map: when the header moved, the device is discovered again (its old base
-        tried first) and read anew."""
+        against the map: when the header moved, or the block is no longer there (0x02), the
+        device is discovered again (its old base tried first) and read anew."""
         device = self._maps.get(address)
         if device is not None:
             try:
                 return device, *await client.read_block(device)
-            except ss.LayoutChanged:
+            except (ss.LayoutChanged, ss.ExceptionAnswer) as exc:
+                if isinstance(exc, ss.ExceptionAnswer) and exc.code != ss.ILLEGAL_ADDRESS:
+                    raise
                 self._maps.pop(address, None)
         device = self._maps[address] = await client.discover(device.base if device is not None else None)
         return device, *await client.read_block(device)
