@@ -30,11 +30,11 @@ def measures(entity: Entity) -> bool:
 class Limit:
     """A production limit, within its window if it has one (outside it: the default)."""
 
-    percentage: int
+    percentage: int | float  # a SunSpec unit holds fractions (WMaxLimPct with its scale factor)
     start_at: datetime | None = None
     end_at: datetime | None = None
 
-    def at(self, now: datetime) -> int:
+    def at(self, now: datetime) -> int | float:
         started = self.start_at is None or self.start_at <= now
         ended = self.end_at is not None and now >= self.end_at
         return self.percentage if started and not ended else DEFAULT_PERCENTAGE
@@ -58,7 +58,7 @@ class SimDevice:
             return "end_at_in_the_past"
         return None
 
-    def apply(self, type: str, value: int | None, percentage: int | None, assets: Sequence[str] | None = None,
+    def apply(self, type: str, value: int | None, percentage: int | float | None, assets: Sequence[str] | None = None,
               start_at: datetime | None = None, end_at: datetime | None = None) -> None:
         """Carry a command out. A limit replaces what the listed assets (none listed: all of
         them) held; 100 % without a window is the default again."""
@@ -85,7 +85,7 @@ class SimDevice:
         device), ``connected``, ``feedInLimitW`` when one is set, and per asset its own
         ``activePowerW`` and ``limitPercentage``."""
         percentages = {unit: (limit.at(now) if (limit := self._limits.get(unit)) else DEFAULT_PERCENTAGE) for unit in self.units}
-        produced = {unit: NOMINAL_W * p // 100 if self._connected else 0 for unit, p in percentages.items()}
+        produced = {unit: int(NOMINAL_W * p // 100) if self._connected else 0 for unit, p in percentages.items()}
         total = sum(produced.values())
         out: dict[str, Any] = {
             "activePowerW": total if self._feed_in_limit_w is None else min(total, self._feed_in_limit_w),

@@ -7,7 +7,15 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from dercmd.dispatch.backends.sunspec_modbus.mapping import Unmappable, controls_for, holds, pct_register, revert_timer, tag_for
+from dercmd.dispatch.backends.sunspec_modbus.mapping import (
+    Unmappable,
+    controls_for,
+    holds,
+    pct_register,
+    points_for,
+    revert_timer,
+    tag_for,
+)
 from dercmd.events import CommandType, DispatchOrderV1
 from dercmd.protocols import sunspec as ss
 
@@ -84,7 +92,7 @@ async def test_the_marker_is_found_at_0_or_50000_when_40000_holds_none() -> None
         device = await ss.discover(regs.read)
         assert device.base == base
         assert device.rated_w is None and not device.tagged
-        assert device.block == (device.controls.body, ss.CONTROL_POINTS)
+        assert device.block == (device.controls.address, 2 + ss.CONTROL_POINTS)  # model 123's header read with it
 
 
 async def test_no_marker_or_no_controls_is_not_sunspec() -> None:
@@ -194,3 +202,92 @@ def test_the_tag_carries_value_or_percentage_and_holds_ignores_a_counting_timer(
     target = ss.Controls(wmaxlim_pct=400, wmaxlim_pct_rvrt_tms=900, wmaxlim_ena=1)
     assert holds(target, ss.Controls(wmaxlim_pct=400, wmaxlim_pct_rvrt_tms=897, wmaxlim_ena=1))
     assert not holds(target, ss.Controls(wmaxlim_pct=390, wmaxlim_pct_rvrt_tms=900, wmaxlim_ena=1))
+
+
+# -- issue 20: the map checked, WMax, only the points a command needs, discovery ---------------
+
+
+def settings_model(wmax: int, sf: int) -> list[int]:
+    body = [0] * 30
+    body[0], body[ss.WMAX_SF_OFFSET] = wmax, ss.unsigned(sf)
+    return body
+
+
+async def test_wmax_of_model_121_is_what_a_percentage_is_of_and_wrtg_without_it() -> None:
+    regs = Registers(40000, [(1, common()), (120, nameplate(8000, 0)), (121, settings_model(600, 1)), (123, controls())])
+    device = await ss.discover(regs.read)
+    assert (device.rated_w, device.max_w, device.full_w) == (8000, 6000, 6000)
+    assert controls_for(order(CommandType.LIMIT_FEED_IN, value=3000), HELD, device, NOW).wmaxlim_pct == 500  # 50.0 %
+    no_wmax = await ss.discover(Registers(40000, [(120, nameplate(8000, 0)), (121, settings_model(0xFFFF, 0)), (123, controls())]).read)
+    assert no_wmax.full_w == 8000
+
+
+def test_a_block_whose_header_moved_is_a_layout_change() -> None:
+    device = ss.DeviceMap(40000, (ss.Model(123, 40002, 24),), pct_sf=-1)
+    assert device.decode([123, 24, *HELD.registers()]) == (None, HELD)
+    with pytest.raises(ss.LayoutChanged):
+        device.decode([121, 30, *HELD.registers()])
+
+
+def test_only_the_points_a_command_needs_and_the_device_implements_are_written() -> None:
+    device = ss.DeviceMap(40000, (ss.Model(123, 40002, 24),), pct_sf=-1)
+    no_timers = ss.Controls(conn_win_tms=0xFFFF, conn_rvrt_tms=0xFFFF, conn=1, wmaxlim_pct=1000, wmaxlim_pct_win_tms=0xFFFF,
+                            wmaxlim_pct_rvrt_tms=0xFFFF, wmaxlim_pct_rmp_tms=0xFFFF, wmaxlim_ena=0)
+    limit = order(CommandType.LIMIT_PRODUCTION_POWER, percentage=40, end_at=NOW + timedelta(minutes=5))
+    target = controls_for(limit, no_timers, device, NOW)
+    assert target.wmaxlim_pct_rvrt_tms == 0xFFFF  # not implemented: left as it is
+    body = device.controls.body
+    assert device.writes(None, no_timers, target, points_for(limit)) == [(body + 3, [400]), (body + 7, [1])]
+    target = controls_for(limit, HELD, device, NOW)
+    assert device.writes(None, HELD, target, points_for(limit)) == [(body + 3, [400, 0, 300]), (body + 7, [1])]
+    disconnect = order(CommandType.DISCONNECT)
+    assert device.writes(None, no_timers, controls_for(disconnect, no_timers, device, NOW), points_for(disconnect)) == [(body + 2, [0])]
+    # A tag right before model 123: one request when every point is implemented, else the tag last.
+    tagged = ss.DeviceMap(40000, (ss.Model(ss.TAG, 40002, ss.TAG_LENGTH), ss.Model(123, 40004 + ss.TAG_LENGTH, 24)), pct_sf=-1)
+    tag = ss.CommandTag("c-1", "LimitProductionPower", 40)
+    [(address, registers)] = tagged.writes(tag, HELD, target, points_for(limit))
+    assert address == 40004 and registers == tagged.encode(tag, target)
+    requests = tagged.writes(tag, no_timers, controls_for(limit, no_timers, tagged, NOW), points_for(limit))
+    assert requests[-1] == (40004, tag.registers()) and len(requests) == 3
+
+
+def test_a_command_whose_main_point_is_not_implemented_is_refused_and_holds_compares_what_was_written() -> None:
+    with pytest.raises(Unmappable) as caught:
+        controls_for(order(CommandType.DISCONNECT), ss.Controls(conn=0xFFFF), DEVICE, NOW)
+    assert caught.value.reason == "not_implemented"
+    target = ss.Controls(conn=0, wmaxlim_pct=300, wmaxlim_ena=1)
+    assert holds(target, ss.Controls(conn=0, wmaxlim_pct=999), ("conn_win_tms", "conn_rvrt_tms", "conn"))
+    assert not holds(target, ss.Controls(conn=0, wmaxlim_pct=999))
+
+
+async def test_an_end_model_without_its_length_ends_the_chain() -> None:
+    regs = Registers(40000, [(1, common()), (123, controls())])
+    end = max(regs.values)
+    del regs.values[end]  # the end model's L
+    device = await ss.discover(regs.read)
+    assert [m.id for m in device.models] == [1, 123]
+
+
+async def test_discovery_says_what_each_base_answered() -> None:
+    async def failed(address: int, count: int) -> list[int]:
+        raise ss.ExceptionAnswer(ss.DEVICE_FAILURE, "read")
+
+    with pytest.raises(ss.UnitMissing):
+        await ss.discover(failed)
+    regs = Registers(50000, [(1, common()), (123, controls())])
+    probed: list[int] = []
+
+    async def silent_below_50000(base: int) -> list[int]:
+        probed.append(base)
+        if base != 50000:
+            raise ss.NoAnswer("no answer in time")
+        return await regs.read(base, 2)
+
+    assert (await ss.discover(regs.read, ss.BASES, silent_below_50000)).base == 50000
+    assert probed == [40000, 0, 50000]
+    with pytest.raises(ss.ControlsTruncated):
+        await ss.discover(Registers(40000, [(1, common()), (123, [0] * 10)]).read)
+    with pytest.raises(ss.DerModelsOnly):
+        await ss.discover(Registers(40000, [(1, common()), (701, [0] * 10)]).read)
+    with pytest.raises(ss.ControlsMissing):
+        await ss.discover(Registers(40000, [(1, common())]).read)

@@ -7,22 +7,31 @@ two) and ``L`` registers, ending with ID 0xFFFF. What dercmd uses of it:
 
     model 1      common: manufacturer, model, serial number
     model 120    nameplate: ``WRtg`` (continuous power output, W) with ``WRtg_SF``
+    model 121    basic settings: ``WMax`` (the maximum power output the device is set to, W)
+                 with ``WMax_SF``: what ``WMaxLimPct`` is a percentage of
     model 123    immediate controls: ``Conn_WinTms``, ``Conn_RvrtTms``, ``Conn`` (0 disconnect,
                  1 connect), ``WMaxLimPct`` (% of WMax, scaled by ``WMaxLimPct_SF``),
                  ``WMaxLimPct_WinTms``, ``WMaxLimPct_RvrtTms`` (the device drops the limit by
                  itself after this many seconds; 0: never), ``WMaxLimPct_RmpTms``,
                  ``WMaxLim_Ena`` (0 disabled, 1 enabled): the first eight points of the model,
-                 which one command rewrites together
+                 of which a command writes only those it needs (:data:`POINTS`)
     model 64990  dercmd's command tag (a vendor model; SunSpec leaves 64000.. to vendors):
                  ``CmdId`` (string, 32 registers: the id of the command whose values the
                  controls hold), ``CmdTyp`` (index + 1 in :data:`TAG_TYPES`, 0: none),
                  ``CmdVal`` (uint32: the command's value or percentage, 0xFFFFFFFF: none)
 
 The tag is how a reader tells whether *its* command was carried out (a setpoint alone cannot
-say whose it is). A device that places the tag model right before model 123 gets the tag and
-the controls in one write request (:attr:`DeviceMap.block`), so the device takes both or
-neither; the header registers of model 123 inside that range are written with the values they
-hold. A device without the tag gets the controls alone, and only the values can be read back.
+say whose it is). A device that places the tag model right before model 123, and implements
+all eight control points, gets the tag and the controls in one write request
+(:attr:`DeviceMap.block`), so the device takes both or neither; the header registers of model
+123 inside that range are written with the values they hold. Otherwise (every device but
+dercmd's simulator) a command writes only the points it needs, in as few requests as there are
+runs of adjacent points, never a point the device does not implement (0xFFFF), and the tag
+last, in a request of its own.
+
+Every read of the block takes model 123's ``ID`` and ``L`` with it (:meth:`DeviceMap.decode`):
+when they are not what discovery found, the layout changed under dercmd (:class:`LayoutChanged`)
+and nothing is written until the device is discovered again.
 
 Errors, as a caller must take them (:class:`SunSpecError`):
 
@@ -34,7 +43,11 @@ Errors, as a caller must take them (:class:`SunSpecError`):
                         address or value refused) and 0x04 (device failure) are not
     NoAnswer            the request left and no answer came (timeout, connection dropped): a
                         write may have been carried out
-    NotSunSpec          no marker, or a model dercmd needs is missing
+    UnitMissing         the device (or gateway) answered 0x04 at every base: no such unit
+    NotSunSpec          no marker (reason ``not_sunspec``), model 123 missing
+                        (``no_controls_model``) or truncated (``controls_truncated``), only the
+                        DER models 701-704 (``der_models_unsupported``)
+    LayoutChanged       model 123 is no longer where discovery found it
 """
 
 from __future__ import annotations
@@ -56,10 +69,20 @@ from .settings import BackendSettings
 MARKER = (0x5375, 0x6E53)  # "SunS"
 BASES = (40000, 0, 50000)
 END = 0xFFFF
-COMMON, NAMEPLATE, CONTROLS, TAG = 1, 120, 123, 64990
+COMMON, NAMEPLATE, SETTINGS, CONTROLS, TAG = 1, 120, 121, 123, 64990
+#: Offset of WMax_SF in model 121's body (WMax is at 0).
+WMAX_SF_OFFSET = 20
+#: The SunSpec 2018 DER information models (AC measurements, capability, enter service, AC
+#: controls): dercmd drives model 123 only and refuses a device that has these instead.
+DER_MODELS = frozenset({701, 702, 703, 704})
 COMMON_LENGTH, NAMEPLATE_LENGTH, CONTROLS_LENGTH = 66, 26, 24
-#: Points of model 123 a command rewrites: Conn_WinTms .. WMaxLim_Ena.
+#: Points of model 123 a command may write: Conn_WinTms .. WMaxLim_Ena.
 CONTROL_POINTS = 8
+#: Their offsets in model 123's body.
+POINTS = ("conn_win_tms", "conn_rvrt_tms", "conn", "wmaxlim_pct", "wmaxlim_pct_win_tms", "wmaxlim_pct_rvrt_tms",
+          "wmaxlim_pct_rmp_tms", "wmaxlim_ena")
+#: "Not implemented" of a uint16 or enum16 point (all eight control points are one or the other).
+NOT_IMPLEMENTED = 0xFFFF
 #: Offset of WMaxLimPct_SF in model 123's body.
 PCT_SF_OFFSET = 21
 TAG_ID_REGISTERS = 32
@@ -79,7 +102,8 @@ BUSY_CODES = frozenset({ACKNOWLEDGE, DEVICE_BUSY, GATEWAY_NO_RESPONSE})
 
 
 class SunSpecError(Exception):
-    pass
+    #: What a caller reports the error as.
+    reason = "backend_unavailable"
 
 
 class Unreachable(SunSpecError):
@@ -102,8 +126,35 @@ class NoAnswer(SunSpecError):
     """The request left and no answer came: a write may have been carried out."""
 
 
+class UnitMissing(SunSpecError):
+    """Every base answered exception 0x04: a gateway's way of saying no device has that unit id
+    (or the device failed)."""
+
+    reason = "unit_missing"
+
+
 class NotSunSpec(SunSpecError):
     """No SunSpec marker, or a model dercmd needs is missing."""
+
+    reason = "not_sunspec"
+
+
+class ControlsMissing(NotSunSpec):
+    reason = "no_controls_model"
+
+
+class ControlsTruncated(NotSunSpec):
+    reason = "controls_truncated"
+
+
+class DerModelsOnly(NotSunSpec):
+    reason = "der_models_unsupported"
+
+
+class LayoutChanged(SunSpecError):
+    """Model 123's header is not what discovery found: the device's layout changed."""
+
+    reason = "layout_changed"
 
 
 # -- registers ---------------------------------------------------------------------------
@@ -144,6 +195,9 @@ class Controls:
     def registers(self) -> list[int]:
         return [self.conn_win_tms, self.conn_rvrt_tms, self.conn, self.wmaxlim_pct, self.wmaxlim_pct_win_tms,
                 self.wmaxlim_pct_rvrt_tms, self.wmaxlim_pct_rmp_tms, self.wmaxlim_ena]
+
+    def implemented(self, point: str) -> bool:
+        return getattr(self, point) != NOT_IMPLEMENTED
 
     @classmethod
     def of(cls, registers: Sequence[int]) -> Controls:
@@ -197,6 +251,7 @@ class DeviceMap:
     model_name: str = ""
     serial: str = ""
     rated_w: int | None = None  # WRtg x 10^WRtg_SF; None: no nameplate
+    max_w: int | None = None  # WMax x 10^WMax_SF (model 121); None: no such model or not implemented
     pct_sf: int = 0  # WMaxLimPct_SF
 
     def find(self, model_id: int) -> Model | None:
@@ -206,8 +261,16 @@ class DeviceMap:
     def controls(self) -> Model:
         model = self.find(CONTROLS)
         if model is None:
-            raise NotSunSpec("no immediate controls model (123)")
+            if der := sorted(m.id for m in self.models if m.id in DER_MODELS):
+                raise DerModelsOnly(f"the device has the DER models {der} and no model 123: dercmd drives model 123 only")
+            raise ControlsMissing(f"no immediate controls model (123) among {[m.id for m in self.models]}")
         return model
+
+    @property
+    def full_w(self) -> int | None:
+        """What ``WMaxLimPct`` is a percentage of: ``WMax`` (model 121) where the device has it,
+        else the nameplate's ``WRtg``."""
+        return self.max_w or self.rated_w
 
     @property
     def tagged(self) -> bool:
@@ -217,31 +280,63 @@ class DeviceMap:
 
     @property
     def block(self) -> tuple[int, int]:
-        """``(address, count)`` of what one command writes: tag, model 123's header and its
-        eight control points when :attr:`tagged`, else the control points alone."""
+        """``(address, count)`` of what one read takes: tag, model 123's header and its eight
+        control points when :attr:`tagged`, else the header and the control points."""
         controls = self.controls
         if self.tagged:
             tag = self.find(TAG)
             assert tag is not None
             return tag.body, tag.length + 2 + CONTROL_POINTS
-        return controls.body, CONTROL_POINTS
+        return controls.address, 2 + CONTROL_POINTS
 
     def encode(self, tag: CommandTag | None, controls: Controls) -> list[int]:
-        """The registers of :attr:`block` holding ``tag`` (when tagged) and ``controls``."""
+        """The registers of :attr:`block` holding ``tag`` (when tagged), model 123's header and
+        ``controls``."""
+        header = [CONTROLS, self.controls.length]
         if not self.tagged:
-            return controls.registers()
+            return [*header, *controls.registers()]
         tag_model = self.find(TAG)
         assert tag_model is not None
         tag_registers = (tag or CommandTag()).registers()
         padding = [0] * (tag_model.length - len(tag_registers))
-        return [*tag_registers, *padding, CONTROLS, self.controls.length, *controls.registers()]
+        return [*tag_registers, *padding, *header, *controls.registers()]
 
     def decode(self, registers: Sequence[int]) -> tuple[CommandTag | None, Controls]:
-        if not self.tagged:
-            return None, Controls.of(registers)
-        tag_model = self.find(TAG)
-        assert tag_model is not None
-        return CommandTag.of(registers[:TAG_LENGTH]), Controls.of(registers[tag_model.length + 2 :])
+        """The registers of :attr:`block` as tag and controls, once model 123's header in them
+        is checked against the map (:class:`LayoutChanged` when it differs)."""
+        at = 0
+        if self.tagged:
+            tag_model = self.find(TAG)
+            assert tag_model is not None
+            at = tag_model.length
+        header = tuple(registers[at : at + 2])
+        if header != (CONTROLS, self.controls.length):
+            raise LayoutChanged(f"model 123 expected at {self.controls.address}, found ID/L {header} there")
+        controls = Controls.of(registers[at + 2 :])
+        return (CommandTag.of(registers[:TAG_LENGTH]) if self.tagged else None), controls
+
+    def writes(self, tag: CommandTag | None, current: Controls, target: Controls,
+               points: Iterable[str]) -> list[tuple[int, list[int]]]:
+        """The write requests ``(address, registers)`` that put ``target``'s ``points`` into
+        the device, which holds ``current``: the whole block in one request when tagged and
+        every control point is implemented; else each run of adjacent points the device
+        implements, in order, then the tag on its own. A point not implemented is left alone."""
+        if self.tagged and all(current.implemented(p) for p in POINTS):
+            return [(self.block[0], self.encode(tag, target))]
+        wanted = [i for i, p in enumerate(POINTS) if p in set(points) and current.implemented(p)]
+        values = target.registers()
+        requests: list[tuple[int, list[int]]] = []
+        for i in wanted:
+            address = self.controls.body + i
+            if requests and requests[-1][0] + len(requests[-1][1]) == address:
+                requests[-1][1].append(values[i])
+            else:
+                requests.append((address, [values[i]]))
+        if self.tagged and tag is not None:
+            tag_model = self.find(TAG)
+            assert tag_model is not None
+            requests.append((tag_model.body, tag.registers()))
+        return requests
 
 
 def scaled(value: int, sf: int) -> float:
@@ -251,25 +346,56 @@ def scaled(value: int, sf: int) -> float:
 Reader = Callable[[int, int], Awaitable[list[int]]]
 
 
-async def find_base(read: Reader) -> int:
-    """The base address whose first two registers are ``SunS``. A base the device refuses to
-    read (an exception answer, other than busy) is simply not it."""
-    for base in BASES:
+Prober = Callable[[int], Awaitable[list[int]]]
+
+
+async def find_base(read: Reader, bases: Sequence[int] = BASES, probe: Prober | None = None) -> int:
+    """The base address whose first two registers are ``SunS``, tried in the order of
+    ``bases`` as pysunspec2 does (40000, 0, 50000). A base the device refuses to read (an
+    exception answer, other than busy) or does not answer at all (``probe`` reads the marker
+    with a short deadline and reconnects after one that passed) is simply not it."""
+    probe = probe or (lambda address: read(address, 2))
+    found: dict[int, str] = {}  # base: what it answered
+    codes: set[int | None] = set()  # exception codes; None: no answer; -1: registers, not the marker
+    for base in bases:
         try:
-            if tuple(await read(base, 2)) == MARKER:
-                return base
+            marker = tuple(await probe(base))
         except ExceptionAnswer as exc:
             if exc.busy:
                 raise
-    raise NotSunSpec(f"no SunS marker at {', '.join(map(str, BASES))}")
+            found[base] = f"exception 0x{exc.code:02X}"
+            codes.add(exc.code)
+            continue
+        except NoAnswer:
+            found[base] = "no answer"
+            codes.add(None)
+            continue
+        if marker == MARKER:
+            return base
+        found[base] = "registers " + " ".join(f"{r:04X}" for r in marker)
+        codes.add(-1)
+    detail = ", ".join(f"{base}: {what}" for base, what in found.items())
+    if codes == {DEVICE_FAILURE}:
+        raise UnitMissing(f"exception 0x04 at every base ({detail}): no such unit behind the gateway, or it failed")
+    if codes == {GATEWAY_PATH_UNAVAILABLE}:
+        raise ExceptionAnswer(GATEWAY_PATH_UNAVAILABLE, f"read the marker ({detail})")
+    if codes == {None}:
+        raise NoAnswer(f"no answer at any base ({detail})")
+    raise NotSunSpec(f"no SunS marker ({detail})")
 
 
 async def walk(read: Reader, base: int, limit: int = 200) -> list[Model]:
-    """The model chain after the marker, up to the end model (ID 0xFFFF)."""
+    """The model chain after the marker, up to the end model (ID 0xFFFF; some devices hold
+    its ID and not its length, which is taken as the end too)."""
     models: list[Model] = []
     address = base + 2
     for _ in range(limit):
-        model_id, length = await read(address, 2)
+        try:
+            model_id, length = await read(address, 2)
+        except ExceptionAnswer as exc:
+            if exc.code != ILLEGAL_ADDRESS or (await read(address, 1)) != [END]:
+                raise
+            return models
         if model_id == END:
             return models
         models.append(Model(model_id, address, length))
@@ -288,9 +414,10 @@ async def read_long(read: Reader, address: int, count: int) -> list[int]:
     return out
 
 
-async def discover(read: Reader) -> DeviceMap:
-    """Find the marker, walk the chain, and read the common, nameplate and controls models."""
-    base = await find_base(read)
+async def discover(read: Reader, bases: Sequence[int] = BASES, probe: Prober | None = None) -> DeviceMap:
+    """Find the marker, walk the chain, and read the common, nameplate, settings and controls
+    models."""
+    base = await find_base(read, bases, probe)
     models = await walk(read, base)
     device = DeviceMap(base, tuple(models))
     if (common := device.find(COMMON)) is not None and common.length >= 64:
@@ -301,10 +428,20 @@ async def discover(read: Reader) -> DeviceMap:
         _typ, wrtg, wrtg_sf = await read(nameplate.body, 3)
         if wrtg != 0xFFFF and signed(wrtg_sf) != SF_NOT_IMPLEMENTED:
             device = replace(device, rated_w=round(scaled(wrtg, signed(wrtg_sf))))
+    if (settings := device.find(SETTINGS)) is not None and settings.length > WMAX_SF_OFFSET:
+        wmax, *_, wmax_sf = await read(settings.body, WMAX_SF_OFFSET + 1)
+        if wmax not in (0, 0xFFFF) and signed(wmax_sf) != SF_NOT_IMPLEMENTED:
+            device = replace(device, max_w=round(scaled(wmax, signed(wmax_sf))))
     controls = device.controls
-    if controls.length <= PCT_SF_OFFSET:
-        raise NotSunSpec(f"model 123 of length {controls.length}")
-    [pct_sf] = await read(controls.body + PCT_SF_OFFSET, 1)
+    if controls.length < CONTROLS_LENGTH:
+        raise ControlsTruncated(f"model 123 at {controls.address} of length {controls.length}, not {CONTROLS_LENGTH}")
+    try:
+        [pct_sf] = await read(controls.body + PCT_SF_OFFSET, 1)
+    except ExceptionAnswer as exc:
+        if exc.code != ILLEGAL_ADDRESS:
+            raise
+        raise ControlsTruncated(f"model 123 at {controls.address} says length {controls.length}, "
+                                f"its WMaxLimPct_SF at {controls.body + PCT_SF_OFFSET} cannot be read") from exc
     sf = signed(pct_sf)
     return replace(device, pct_sf=0 if sf == SF_NOT_IMPLEMENTED else sf)
 
@@ -378,13 +515,27 @@ class ModbusConnection:
         self.host, self.port, self.timeout_s = host, port, timeout_s
         self.broken = False
         self._lost = asyncio.Event()
-        options: dict[str, object] = {"port": port, "timeout": timeout_s, "retries": 0, "reconnect_delay": 0}
-        if "trace_connect" in inspect.signature(AsyncModbusTcpClient.__init__).parameters:
-            options["trace_connect"] = self._connection_changed
-        self._client = AsyncModbusTcpClient(host, **options)  # type: ignore[arg-type]
+        self._generation = 0  # of the pymodbus client in use (one per TCP connection)
+        self._client = self._new_client()
 
-    def _connection_changed(self, connected: bool) -> None:
-        if not connected:
+    def _new_client(self) -> AsyncModbusTcpClient:
+        options: dict[str, object] = {"port": self.port, "timeout": self.timeout_s, "retries": 0, "reconnect_delay": 0}
+        generation = self._generation = self._generation + 1
+        if "trace_connect" in inspect.signature(AsyncModbusTcpClient.__init__).parameters:
+            # Only the current client's loss counts: a replaced one may report its own late.
+            options["trace_connect"] = lambda connected: self._connection_changed(connected, generation)
+        return AsyncModbusTcpClient(self.host, **options)  # type: ignore[arg-type]
+
+    async def reopen(self) -> None:
+        """A new TCP connection in place of a broken one (a late answer on the old one can
+        never be taken for a new request's)."""
+        self._client.close()
+        self._client = self._new_client()
+        self.broken = False
+        await self.connect()
+
+    def _connection_changed(self, connected: bool, generation: int) -> None:
+        if not connected and generation == self._generation:
             self._lost.set()
 
     async def connect(self) -> None:
@@ -399,22 +550,22 @@ class ModbusConnection:
             raise Unreachable(f"{self.host}:{self.port}: connection refused or timed out")
         self._lost.clear()
 
-    async def read(self, unit: int, address: int, count: int) -> list[int]:
+    async def read(self, unit: int, address: int, count: int, timeout_s: float | None = None) -> list[int]:
         response = await self._request(self._client.read_holding_registers(address, count=count, **{UNIT_KEYWORD: unit}),
-                                       f"read {count} at {address} of unit {unit}")
-        return list(response.registers)
+                                       f"read {count} at {address} of unit {unit}", timeout_s)
+        return list(response.registers)  # type: ignore[attr-defined]
 
     async def write(self, unit: int, address: int, values: Sequence[int]) -> None:
         await self._request(self._client.write_registers(address, list(values), **{UNIT_KEYWORD: unit}),
                             f"write {len(values)} at {address} of unit {unit}")
 
-    async def _request(self, call: Awaitable[object], what: str) -> object:
+    async def _request(self, call: Awaitable[object], what: str, timeout_s: float | None = None) -> object:
         if self.broken:
             raise Unreachable(f"{self.host}:{self.port}: connection closed")
         request = asyncio.ensure_future(call)
         lost = asyncio.ensure_future(self._lost.wait())
         try:
-            done, _ = await asyncio.wait({request, lost}, timeout=self.timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({request, lost}, timeout=timeout_s or self.timeout_s, return_when=asyncio.FIRST_COMPLETED)
         finally:
             lost.cancel()
         if request not in done:
@@ -474,24 +625,41 @@ class ConnectionPool:
 
 
 class SunSpecClient:
-    """One SunSpec device (a unit behind a Modbus TCP server) over a lent connection."""
+    """One SunSpec device (a unit behind a Modbus TCP server) over a lent connection.
+    ``probe_timeout_s``: the deadline of reading the marker at one base during discovery (a
+    device may not answer at all at a base it does not use)."""
 
-    def __init__(self, connection: ModbusConnection, unit: int) -> None:
+    def __init__(self, connection: ModbusConnection, unit: int, probe_timeout_s: float | None = None) -> None:
         self.connection, self.unit = connection, unit
+        self.probe_timeout_s = probe_timeout_s
 
     async def read(self, address: int, count: int) -> list[int]:
         return await self.connection.read(self.unit, address, count)
 
-    async def discover(self) -> DeviceMap:
-        return await discover(self.read)
+    async def _probe(self, base: int) -> list[int]:
+        try:
+            return await self.connection.read(self.unit, base, 2, self.probe_timeout_s)
+        except NoAnswer:
+            await self.connection.reopen()
+            raise
+
+    async def discover(self, known_base: int | None = None) -> DeviceMap:
+        """The device's map; ``known_base`` (where it was found before) is tried first."""
+        bases = BASES if known_base is None else (known_base, *(b for b in BASES if b != known_base))
+        return await discover(self.read, bases, self._probe)
 
     async def read_block(self, device: DeviceMap) -> tuple[CommandTag | None, Controls]:
+        """Tag and controls, model 123's header checked (:class:`LayoutChanged`)."""
         address, count = device.block
         return device.decode(await self.read(address, count))
 
-    async def write_block(self, device: DeviceMap, tag: CommandTag | None, controls: Controls) -> None:
-        address, _count = device.block
-        await self.connection.write(self.unit, address, device.encode(tag, controls))
+    async def write(self, requests: Sequence[tuple[int, Sequence[int]]], written: Callable[[], None] | None = None) -> None:
+        """The write requests of :meth:`DeviceMap.writes`, in order; ``written`` is called after
+        the first one was carried out (what follows is a partly written command)."""
+        for i, (address, values) in enumerate(requests):
+            await self.connection.write(self.unit, address, values)
+            if i == 0 and written is not None:
+                written()
 
 
 class SunSpecModbusSettings(BackendSettings):
@@ -501,6 +669,8 @@ class SunSpecModbusSettings(BackendSettings):
     host: str = Field("", description="Modbus TCP server of units addressed without a host; empty: the local simulator (DERCMD_BIND_HOST).")
     port: int = Field(0, ge=0, description="Its port; 0: the simulator's (DERCMD_SIM_MODBUS_PORT).")
     timeout_s: float = Field(2.0, gt=0, description="Deadline of one Modbus request (and of connecting), in seconds.")
+    probe_timeout_s: float = Field(1.0, gt=0, description="Deadline of reading the SunSpec marker at one base address "
+                                   "(40000, 0, 50000) during discovery: a device silent at a base it does not use costs this.")
     connections: int = Field(8, ge=1, description="Connections dispatch holds open to one Modbus TCP server (units served at once).")
 
     def server(self, settings: ServiceSettings) -> tuple[str, int]:

@@ -7,13 +7,17 @@ server (``host:port/unit``) is not served here.
 
 Each unit holds, from 40000: the marker, common model 1, inverter model 103 (``W`` follows the
 device's measurements), nameplate 120 (``WRtg`` = 5 kW per inverter), dercmd's command tag
-64990 and immediate controls 123 (``WMaxLimPct_SF`` = -1), then the end model. Reads and writes
+64990 and immediate controls 123 (``WMaxLimPct_SF`` = -1), then the end model. Every point a
+unit does not use holds its type's not-implemented value (0xFFFF for uint16 and enum16, 0x8000
+for int16 and sunssf, 0 for accumulators and strings), as the SunSpec models define them, so a
+reader (pysunspec2 among them) sees it as not implemented rather than as 0. Reads and writes
 are function codes 3, 6 and 16; a write may touch the tag and the first 21 points of model 123,
 and rewrite the models' headers with the values they hold; anything else is refused
 (0x02 illegal address, 0x03 illegal value). A unit no entity has answers 0x0A (no path to it).
 
 What a write leaves in the controls is reflected into the device's :class:`~..devices.SimDevice`
-(``/sim/devices/{id}/state``): ``WMaxLim_Ena`` = 1 limits production to ``WMaxLimPct``, until
+(``/sim/devices/{id}/state``): ``WMaxLim_Ena`` = 1 limits production to ``WMaxLimPct`` (with its
+scale factor: 246 is 24.6 %, not 24 %), until
 ``WMaxLimPct_RvrtTms`` seconds after the limit was written, when the device drops it by itself
 (``WMaxLim_Ena`` reads 0 again); ``Conn`` = 0 disconnects. ``Conn``'s own timers are held, not
 acted on. A write that puts a new command id into the tag is that command's receipt, recorded
@@ -56,6 +60,16 @@ LAYOUT = ((ss.COMMON, ss.COMMON_LENGTH), (INVERTER, INVERTER_LENGTH), (ss.NAMEPL
           (ss.TAG, ss.TAG_LENGTH), (ss.CONTROLS, ss.CONTROLS_LENGTH))
 #: Writable points of model 123: Conn_WinTms .. VArPct_Ena (the scale factors are not).
 CONTROLS_WRITABLE = 21
+#: The point types of each model's body, one letter a register (from the SunSpec model
+#: definitions): ``u`` uint16, enum16 or a word of a uint32 or bitfield32 (not implemented:
+#: 0xFFFF), ``s`` int16, sunssf or pad (0x8000), ``z`` acc32 or string (0).
+TYPES = {
+    ss.COMMON: "z" * 64 + "us",
+    INVERTER: "uuuusuuuuuusssussssssszzsusussssssssuuuuuuuuuuuuuu",
+    ss.NAMEPLATE: "uusussssssussssssususususs",
+    ss.CONTROLS: "uuuuuuuusuuuusssuuuuusss",
+}
+_NOT_IMPLEMENTED = {"u": 0xFFFF, "s": 0x8000, "z": 0}
 _MBAP = struct.Struct(">HHHB")
 
 
@@ -83,16 +97,18 @@ class SunSpecUnit:
         self._put(BASE, list(ss.MARKER))
         for model in MODELS.values():
             self._put(model.address, [model.id, model.length])
+            if (types := TYPES.get(model.id)) is not None:
+                self._put(model.body, [_NOT_IMPLEMENTED[t] for t in types])
         self._put(END_ADDRESS, [ss.END, 0])
         common = MODELS[ss.COMMON].body
         self._put(common, ss.encode_string(entity.vendor, 16) + ss.encode_string("dercmd-sim-inverter", 16)
-                  + ss.encode_string("", 8) + ss.encode_string("1.0", 8) + ss.encode_string(entity.id, 16) + [unit, 0])
+                  + ss.encode_string("", 8) + ss.encode_string("1.0", 8) + ss.encode_string(entity.id, 16) + [unit, 0x8000])
         units = len(device.units) if device is not None else 1
         rated_w, rated_sf = units * NOMINAL_W, 0
         while rated_w > 0xFFFE:
             rated_w, rated_sf = rated_w // 10, rated_sf + 1
         self._put(MODELS[ss.NAMEPLATE].body, [4, rated_w, rated_sf])
-        self._put(MODELS[INVERTER].body + W_OFFSET + 1, [0])  # W_SF
+        self._put(MODELS[INVERTER].body + W_OFFSET, [0, 0])  # W, W_SF
         self._put(MODELS[ss.TAG].body, ss.CommandTag().registers())
         controls = MODELS[ss.CONTROLS].body
         self._put(controls, ss.Controls(conn=1, wmaxlim_pct=100 * 10**-PCT_SF, wmaxlim_ena=0).registers())
@@ -119,7 +135,7 @@ class SunSpecUnit:
         self.expire(now)
         if self.device is not None:
             watts = self.device.measurements(utcnow())["activePowerW"]
-            self._put(MODELS[INVERTER].body + W_OFFSET, [min(watts, 0xFFFE)])
+            self._put(MODELS[INVERTER].body + W_OFFSET, [min(watts, 0x7FFF)])
         return self._get(address, count)
 
     def refusal(self, address: int, values: list[int]) -> int | None:
@@ -168,7 +184,7 @@ class SunSpecUnit:
         self.device.apply(CommandType.RESET, None, None)
         if c.wmaxlim_ena:
             end_at = utcnow() + timedelta(seconds=self.revert_at - now) if self.revert_at is not None else None
-            percentage = int(ss.scaled(c.wmaxlim_pct, PCT_SF))
+            percentage = held_percentage(c.wmaxlim_pct)
             self.device.apply(CommandType.LIMIT_PRODUCTION_POWER, None, percentage, end_at=end_at)
         if c.conn == 0:
             self.device.apply(CommandType.DISCONNECT, None, None)
@@ -288,6 +304,12 @@ class SunSpecSim:
         self.recorder.record(unit.entity.id, BACKEND, tag.command_id, tag.type or "", value, utcnow(),
                              percentage=percentage, end_at=end_at)
         self.received.inc()
+
+
+def held_percentage(register: int) -> int | float:
+    """``WMaxLimPct`` as the device holds it, its scale factor applied (a whole number as int)."""
+    percentage = round(ss.scaled(register, PCT_SF), -PCT_SF)
+    return int(percentage) if percentage == int(percentage) else percentage
 
 
 def _exception(function: int, code: int) -> bytes:

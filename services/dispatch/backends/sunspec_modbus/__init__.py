@@ -6,17 +6,25 @@ An entity's address is its ``vendorDeviceId`` when that is ``<unit>`` (on the de
 ``<host>:<port>/<unit>``; else the free unit ids of the default server in the order of the
 fleet's sunspec-modbus entity ids, as the simulator assigns them.
 
-A command is three requests on one pooled connection: read the controls (and dercmd's command
-tag), write them with the command's values (:mod:`.mapping`) and its tag in one request, read
-them back. The read-back is the confirmation (Confirmation.SYNC): the device holds the values
-and, where it has the tag model, the command's id. Outcomes:
+A command is a few requests on one pooled connection: read the controls with model 123's
+header (and dercmd's command tag), write the points the command needs (:mod:`.mapping`;
+:meth:`~dercmd.protocols.sunspec.DeviceMap.writes`), read them back. Every read checks model
+123's ``ID`` and ``L`` where the map says they are; when they differ (the device's layout
+changed under a live connection) the device is discovered again before anything is written,
+so nothing is ever written into a model that was not just verified. The read-back is the
+confirmation (Confirmation.SYNC): the device holds the values and, where it has the tag model,
+the command's id. Outcomes (reasons in brackets):
 
-    not sent (no connection; any failure before the write; the write answered busy)
+    not sent (no connection; any failure before the write; the first write answered busy;
+    exception 0x04 at every base [unit_missing])
                                                  NotDelivered
-    an exception answer to the write (other than busy), no such unit (0x0A), not SunSpec,
-    a command the registers cannot express, values not held after the write
+    an exception answer to a write other than busy [write_refused], no such unit (0x0A)
+    [unknown_device], no marker [not_sunspec], model 123 missing [no_controls_model] or
+    truncated [controls_truncated], DER models 701-704 only [der_models_unsupported], a point
+    the command needs not implemented [not_implemented], a command the registers cannot
+    express, values not held after the write [not_applied]
                                                  Refused
-    no answer to the write or to the read-back (timeout, dropped connection)
+    no answer to a write or to the read-back (timeout, dropped connection)
                                                  DeliveryUnknown
 
 What became of a command (:meth:`SunSpecModbusBackend.outcomes`) is read from the device: the
@@ -53,7 +61,7 @@ from ..base import (
     Refused,
     register,
 )
-from .mapping import Unmappable, controls_for, holds, tag_for
+from .mapping import Unmappable, controls_for, holds, points_for, tag_for
 
 NAME = "sunspec-modbus"
 #: Deliveries one call takes (each unit's in order, different units at once).
@@ -68,7 +76,7 @@ T = TypeVar("T")
 class _Phase:
     """How far a delivery got, which decides what an error means."""
 
-    BEFORE, WRITE, AFTER = "before", "write", "after"
+    BEFORE, WRITE, PARTLY, AFTER = "before", "write", "partly", "after"
 
 
 class SunSpecModbusBackend:
@@ -77,9 +85,11 @@ class SunSpecModbusBackend:
     max_batch = MAX_BATCH
     router = None
 
-    def __init__(self, fleet: Fleet, server: tuple[str, int], *, timeout_s: float = 2.0, connections: int = 8) -> None:
+    def __init__(self, fleet: Fleet, server: tuple[str, int], *, timeout_s: float = 2.0, connections: int = 8,
+                 probe_timeout_s: float | None = None) -> None:
         self._server = server
         self._timeout_s, self._connections = timeout_s, connections
+        self._probe_timeout_s = min(probe_timeout_s or timeout_s, timeout_s)
         entities = [e for e in fleet.entities.values() if e.backend == NAME]
         self._addresses = {entity_id: self._resolve(a) for entity_id, a in
                            ss.assign_units((e.id, e.vendor_device_id) for e in entities).items()}
@@ -112,15 +122,20 @@ class SunSpecModbusBackend:
         if address is None:
             return Refused("unknown_device", f"{d.entity.id} has no Modbus unit (vendorDeviceId or one of 247 free units)")
         phase = _Phase.BEFORE
+
+        def written() -> None:
+            nonlocal phase
+            phase = _Phase.PARTLY
+
         try:
             async with self._pool(address).connection() as connection:
-                client = ss.SunSpecClient(connection, address.unit)
-                device = await self._device(client, address)
-                _tag, current = await client.read_block(device)
+                client = ss.SunSpecClient(connection, address.unit, self._probe_timeout_s)
+                device, _tag, current = await self._verified(client, address)
                 target = controls_for(d.order, current, device, utcnow())
+                points = points_for(d.order)
                 tag = tag_for(d.order) if device.tagged else None
                 phase = _Phase.WRITE
-                await client.write_block(device, tag, target)
+                await client.write(device.writes(tag, current, target, points), written)
                 phase = _Phase.AFTER
                 held_tag, held = await client.read_block(device)
         except Unmappable as exc:
@@ -128,7 +143,7 @@ class SunSpecModbusBackend:
         except ss.SunSpecError as exc:
             self._maps.pop(address, None)
             return _translate(exc, phase)
-        if not holds(target, held) or (tag is not None and held_tag != tag):
+        if not holds(target, held, points) or (tag is not None and held_tag != tag):
             return Refused("not_applied", f"unit {address.unit} holds {held} {held_tag or ''} after writing {target} {tag or ''}")
         return Accepted(Confirmation.SYNC)
 
@@ -146,14 +161,13 @@ class SunSpecModbusBackend:
             return CommandOutcome(Finding.UNKNOWN, f"{q.entity.id} has no Modbus unit")
         try:
             async with self._pool(address).connection() as connection:
-                client = ss.SunSpecClient(connection, address.unit)
-                device = await self._device(client, address)
-                tag, held = await client.read_block(device)
+                client = ss.SunSpecClient(connection, address.unit, self._probe_timeout_s)
+                device, tag, held = await self._verified(client, address)
                 if tag is None:
                     if q.order is None:
                         return Refused("cannot_tell", f"unit {address.unit} has no command tag (model {ss.TAG}) and the order is not at hand")
                     target = controls_for(q.order, held, device, q.order.ordered_at)
-                    found = holds(target, held)
+                    found = holds(target, held, points_for(q.order))
                 else:
                     found = tag.command_id == q.command_id
         except Unmappable:
@@ -191,26 +205,40 @@ class SunSpecModbusBackend:
             pool = self._pools[key] = ss.ConnectionPool(address.host, address.port, self._timeout_s, self._connections)
         return pool
 
-    async def _device(self, client: ss.SunSpecClient, address: ss.Address) -> ss.DeviceMap:
-        """The device's model map, discovered once and kept until an error on that unit."""
+    async def _verified(self, client: ss.SunSpecClient,
+                        address: ss.Address) -> tuple[ss.DeviceMap, ss.CommandTag | None, ss.Controls]:
+        """The device's model map (discovered once, kept until an error on that unit or a
+        layout change) and what its block holds, read with model 123's header and checked
+        against the map: when the header moved, or the block is no longer there (0x02), the
+        device is discovered again (its old base tried first) and read anew."""
         device = self._maps.get(address)
-        if device is None:
-            device = self._maps[address] = await client.discover()
-        return device
+        if device is not None:
+            try:
+                return device, *await client.read_block(device)
+            except (ss.LayoutChanged, ss.ExceptionAnswer) as exc:
+                if isinstance(exc, ss.ExceptionAnswer) and exc.code != ss.ILLEGAL_ADDRESS:
+                    raise
+                self._maps.pop(address, None)
+        device = self._maps[address] = await client.discover(device.base if device is not None else None)
+        return device, *await client.read_block(device)
 
 
 def _translate(error: ss.SunSpecError, phase: str) -> BackendError:
     detail = str(error)
-    if phase == _Phase.AFTER or (phase == _Phase.WRITE and isinstance(error, ss.NoAnswer)):
+    if phase == _Phase.AFTER or (phase in (_Phase.WRITE, _Phase.PARTLY) and isinstance(error, ss.NoAnswer)):
         return DeliveryUnknown("delivery_unknown", detail)
+    if phase == _Phase.PARTLY:  # an exception answer after the first write went through
+        return Refused("write_refused", f"partly written: {detail}")
     if isinstance(error, ss.ExceptionAnswer):
         if error.busy:
             return NotDelivered("backend_unavailable", detail)
         if error.code == ss.GATEWAY_PATH_UNAVAILABLE:
             return Refused("unknown_device", detail)
-        return Refused("backend_refused", detail)
+        return Refused("write_refused" if phase == _Phase.WRITE else "backend_refused", detail)
     if isinstance(error, ss.NotSunSpec):
-        return Refused("not_sunspec", detail)
+        return Refused(error.reason, detail)
+    if isinstance(error, ss.UnitMissing):
+        return NotDelivered(error.reason, detail)
     return NotDelivered("backend_unavailable", detail)  # Unreachable, or no answer before the write
 
 
@@ -218,4 +246,4 @@ def _translate(error: ss.SunSpecError, phase: str) -> BackendError:
 def _create(context: BackendContext) -> SunSpecModbusBackend:
     settings = SunSpecModbusSettings()
     return SunSpecModbusBackend(context.fleet, settings.server(context.settings), timeout_s=settings.timeout_s,
-                                connections=settings.connections)
+                                connections=settings.connections, probe_timeout_s=settings.probe_timeout_s)

@@ -1,6 +1,7 @@
 """What each command writes into a SunSpec inverter's immediate controls (model 123), as registers.
 
-    LimitFeedIn (W)           WMaxLimPct = value / WRtg (rounded down, at most 100 %), WMaxLim_Ena = 1
+    LimitFeedIn (W)           WMaxLimPct = value / WMax (model 121; WRtg of model 120 when the
+                              device has no WMax) rounded down, at most 100 %, WMaxLim_Ena = 1
     StopFeedIn                WMaxLimPct = 0 %, WMaxLim_Ena = 1
     LimitProductionPower (%)  WMaxLimPct = percentage, WMaxLim_Ena = 1; with a window (``end_at``)
                               WMaxLimPct_RvrtTms = the seconds left until its end (rounded up,
@@ -12,8 +13,15 @@
 
 Every limit is immediate (``WMaxLimPct_WinTms`` = 0) and keeps the device's ramp time; a limit
 leaves ``Conn`` as it is, and ``Disconnect`` leaves the limit. A Modbus unit is one inverter:
-a command for listed assets is refused. ``LimitFeedIn`` needs the nameplate's ``WRtg`` (model
-120). A SunSpec inverter limits its output, so a feed-in limit is a limit of production.
+a command for listed assets is refused. ``LimitFeedIn`` needs ``WMax`` (model 121) or the
+nameplate's ``WRtg`` (model 120): ``WMaxLimPct`` is a percentage of ``WMax``, which may be set
+below the rating. A SunSpec inverter limits its output, so a feed-in limit is a limit of
+production.
+
+Only the points a command names (:func:`points_for`) are written; a timer the device does not
+implement (0xFFFF) is left as it is (a window then ends by dercmd's revert alone), and a
+command whose main point (``Conn``, ``WMaxLimPct``, ``WMaxLim_Ena``) is not implemented is
+refused (``not_implemented``).
 """
 
 from __future__ import annotations
@@ -24,7 +32,21 @@ from datetime import datetime
 from fractions import Fraction
 
 from dercmd.events import CommandType, DispatchOrderV1
+from dercmd.protocols import sunspec as ss
 from dercmd.protocols.sunspec import CommandTag, Controls, DeviceMap
+
+#: The points of model 123 each command writes (those the device implements).
+LIMIT = ("wmaxlim_pct", "wmaxlim_pct_win_tms", "wmaxlim_pct_rvrt_tms", "wmaxlim_ena")
+CONNECTION = ("conn_win_tms", "conn_rvrt_tms", "conn")
+POINTS_BY_TYPE: dict[CommandType, tuple[str, ...]] = {
+    CommandType.RESET: (*CONNECTION, *LIMIT),
+    CommandType.DISCONNECT: CONNECTION,
+    CommandType.STOP_FEED_IN: LIMIT,
+    CommandType.LIMIT_FEED_IN: LIMIT,
+    CommandType.LIMIT_PRODUCTION_POWER: LIMIT,
+}
+#: Points without which a command cannot be carried out.
+MAIN_POINTS = frozenset({"conn", "wmaxlim_pct", "wmaxlim_ena"})
 
 #: The longest revert timer the register holds, seconds.
 MAX_TIMER_S = 0xFFFF
@@ -55,8 +77,21 @@ def revert_timer(end_at: datetime | None, now: datetime) -> int:
     return seconds if 0 < seconds <= MAX_TIMER_S else 0
 
 
+def points_for(order: DispatchOrderV1) -> tuple[str, ...]:
+    return POINTS_BY_TYPE.get(order.type, ())
+
+
 def controls_for(order: DispatchOrderV1, current: Controls, device: DeviceMap, now: datetime) -> Controls:
-    """The controls after ``order``, from what the device holds now."""
+    """The controls after ``order``, from what the device holds now; a point the device does
+    not implement keeps its not-implemented value."""
+    target = _controls_for(order, current, device, now)
+    missing = [p for p in points_for(order) if p in MAIN_POINTS and not current.implemented(p)]
+    if missing:
+        raise Unmappable("not_implemented", f"the device does not implement {', '.join(missing)} of model 123")
+    return replace(target, **{p: getattr(current, p) for p in points_for(order) if not current.implemented(p)})
+
+
+def _controls_for(order: DispatchOrderV1, current: Controls, device: DeviceMap, now: datetime) -> Controls:
     if order.asset_identifiers:
         raise Unmappable("assets_unsupported", f"a SunSpec unit is one inverter; assets {list(order.asset_identifiers)} cannot be addressed")
     sf = device.pct_sf
@@ -68,9 +103,9 @@ def controls_for(order: DispatchOrderV1, current: Controls, device: DeviceMap, n
     if order.type == CommandType.STOP_FEED_IN:
         return _limit(current, pct_register(0, sf), 0)
     if order.type == CommandType.LIMIT_FEED_IN:
-        if not device.rated_w:
-            raise Unmappable("no_rated_power", "the device has no nameplate (model 120) WRtg to turn watts into a percentage")
-        return _limit(current, pct_register(Fraction(100 * (order.value or 0), device.rated_w), sf), 0)
+        if not device.full_w:
+            raise Unmappable("no_rated_power", "the device has neither WMax (model 121) nor WRtg (model 120) to turn watts into a percentage")
+        return _limit(current, pct_register(Fraction(100 * (order.value or 0), device.full_w), sf), 0)
     if order.type == CommandType.LIMIT_PRODUCTION_POWER:
         if order.end_at is not None and order.end_at <= now:
             raise Unmappable("end_at_in_the_past", f"the window ended at {order.end_at.isoformat()}")
@@ -88,6 +123,8 @@ def tag_for(order: DispatchOrderV1) -> CommandTag:
     return CommandTag(order.command_id, order.type.value, value)
 
 
-def holds(target: Controls, actual: Controls) -> bool:
-    """Whether the device holds what was written (its revert timer may be counting)."""
-    return replace(actual, wmaxlim_pct_rvrt_tms=0) == replace(target, wmaxlim_pct_rvrt_tms=0)
+def holds(target: Controls, actual: Controls, points: tuple[str, ...] | None = None) -> bool:
+    """Whether the device holds what was written to ``points`` (all eight when None; its revert
+    timer may be counting)."""
+    names = [p for p in (points or ss.POINTS) if p != "wmaxlim_pct_rvrt_tms"]
+    return all(getattr(actual, p) == getattr(target, p) for p in names)
