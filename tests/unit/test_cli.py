@@ -471,3 +471,26 @@ def test_run_starts_the_stack_through_the_launcher(monkeypatch: pytest.MonkeyPat
     assert CliRunner().invoke(app, ["run"]).exit_code == 0
     result = CliRunner().invoke(app, ["run", "--help"])
     assert result.exit_code == 0 and "as make run does" in result.stdout
+
+
+def test_ocpp_password_makes_a_password_and_the_hash_the_gateway_checks_it_with() -> None:
+    import json as _json
+
+    from dercmd.protocols.ocpp import password_matches
+
+    result = CliRunner().invoke(app, ["--json", "ocpp-password", "cp-7"])
+    assert result.exit_code == 0, result.output
+    made = _json.loads(result.stdout)
+    assert made["chargePointId"] == "cp-7" and 16 <= len(made["password"]) <= 40  # OCPP's AuthorizationKey
+    assert password_matches(made["ocppPasswordHash"], made["password"])
+    assert not password_matches(made["ocppPasswordHash"], made["password"] + "x")
+
+
+def test_settings_lists_every_variable_with_its_default() -> None:
+    import json as _json
+
+    result = CliRunner().invoke(app, ["--json", "settings"])
+    assert result.exit_code == 0, result.output
+    rows = {r["variable"]: r for r in _json.loads(result.stdout)}
+    assert rows["DERCMD_API_PORT"]["default"] == "8080"
+    assert rows["DERCMD_VENDOR_CLOUD_TIMEOUT_S"]["description"]  # a backend's, from its protocol's settings
