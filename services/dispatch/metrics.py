@@ -38,6 +38,11 @@ REPORT_REQUESTS = Counter(
     "failed (the backend call failed), missing (the backend sent none for the device).",
     ["result"],
 )
+WEBHOOKS_REFUSED = Counter(
+    "dercmd_dispatch_webhooks_refused_total",
+    "Webhooks not taken, by backend and reason (invalid_signature, stale_webhook, replayed).",
+    ["backend", "reason"],
+)
 REPORTS_REFUSED = Counter(
     "dercmd_dispatch_reports_refused_total",
     "Report POSTs or reports not taken, by reason (unauthorized, malformed, unknown_device).",

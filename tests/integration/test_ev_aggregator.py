@@ -8,6 +8,7 @@ what the backend learned."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from dercmd.dispatch.backends.ev_aggregator import CALLBACK_PATH, EvAggregatorBa
 from dercmd.events import CommandType, DispatchOrderV1
 from dercmd.fleet import Entity, EntityKind, Fleet
 from dercmd.launcher import free_port
-from dercmd.protocols.ev_aggregator import SIGNATURE_HEADER, sign
+from dercmd.protocols.ev_aggregator import ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 from dercmd.settings import Settings
 from dercmd.simulator.app import create_app
 from dercmd.simulator.backends.ev_aggregator import EvAggregatorSim
@@ -301,19 +302,42 @@ async def test_the_access_token_is_renewed_before_it_expires(harness: Harness) -
     assert harness.sim.tokens_issued == issued + 1
 
 
+def signed(body: bytes, *, secret: str = WEBHOOK_SECRET, webhook_id: str | None = None, at: float | None = None) -> dict[str, str]:
+    """The headers the aggregator sends with ``body``."""
+    timestamp = int(time.time() if at is None else at)
+    webhook_id = webhook_id or uuid.uuid4().hex
+    return {ID_HEADER: webhook_id, TIMESTAMP_HEADER: str(timestamp), SIGNATURE_HEADER: sign(secret, body, timestamp, webhook_id)}
+
+
 async def test_a_webhook_is_taken_only_with_its_signature(harness: Harness) -> None:
     body = (b'{"event":"action.updated","action":{"id":"a1","vehicleId":"ev-3","type":"START_CHARGING",'
             b'"state":"CONFIRMED","idempotencyKey":"forged"}}')
     async with httpx.AsyncClient() as http:
-        forged = await http.post(harness.webhook_url, content=body, headers={SIGNATURE_HEADER: sign("guessed", body)})
+        forged = await http.post(harness.webhook_url, content=body, headers=signed(body, secret="guessed"))
         unsigned = await http.post(harness.webhook_url, content=body)
-        genuine = await http.post(harness.webhook_url, content=body, headers={SIGNATURE_HEADER: sign(WEBHOOK_SECRET, body)})
+        genuine = await http.post(harness.webhook_url, content=body, headers=signed(body))
         pending = body.replace(b"CONFIRMED", b"PENDING")
-        ignored = await http.post(harness.webhook_url, content=pending, headers={SIGNATURE_HEADER: sign(WEBHOOK_SECRET, pending)})
+        ignored = await http.post(harness.webhook_url, content=pending, headers=signed(pending))
     assert forged.status_code == unsigned.status_code == 403
     assert genuine.status_code == 200 and genuine.json() == {"state": "emit"}
     assert ignored.status_code == 200 and ignored.json() == {"state": "ignored"}
     assert harness.reports.of("forged") == [(True, None)]
+
+
+async def test_a_stale_or_replayed_webhook_changes_nothing(harness: Harness) -> None:
+    """A genuine webhook captured and sent again: outside its window it is refused as stale,
+    inside it recognised by its id and answered without being taken a second time."""
+    body = (b'{"event":"action.updated","action":{"id":"a2","vehicleId":"ev-3","type":"START_CHARGING",'
+            b'"state":"FAILED","failureReason":"unplugged","idempotencyKey":"replayed"}}')
+    async with httpx.AsyncClient() as http:
+        stale = await http.post(harness.webhook_url, content=body, headers=signed(body, at=time.time() - 3600))
+        headers = signed(body)
+        first = await http.post(harness.webhook_url, content=body, headers=headers)
+        again = await http.post(harness.webhook_url, content=body, headers=headers)
+    assert stale.status_code == 403 and stale.json()["key"] == "stale_webhook"
+    assert first.status_code == 200 and first.json() == {"state": "emit"}
+    assert again.status_code == 200 and again.json() == {"state": "replayed"}
+    assert harness.reports.of("replayed") == [(False, "unplugged")]  # taken once
 
 
 async def test_an_unknown_command_is_unknown(harness: Harness) -> None:

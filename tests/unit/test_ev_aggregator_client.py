@@ -11,7 +11,7 @@ from urllib.parse import parse_qs
 import httpx
 import pytest
 
-from dercmd.protocols.ev_aggregator import EvAggregatorClient, EvAggregatorError, sign, verify
+from dercmd.protocols.ev_aggregator import EvAggregatorClient, EvAggregatorError, refusal, sign
 
 BASE = "http://aggregator.test/ev-aggregator/"
 ACTION = {"id": "a1", "vehicleId": "WBA 1/2", "type": "START_CHARGING", "state": "PENDING", "idempotencyKey": "c1"}
@@ -204,11 +204,21 @@ async def test_a_failed_lookup_by_key_is_an_error_not_none() -> None:
     await ev.aclose()
 
 
-def test_a_webhook_signature_covers_exactly_the_raw_body() -> None:
+def test_a_webhook_signature_covers_exactly_its_id_time_and_raw_body_and_a_stale_one_is_refused() -> None:
     body = b'{"event":"action.updated","action":{}}'
-    signature = sign("whsec", body)
+    signature = sign("whsec", body, 1_000, "w1")
     assert signature.startswith("sha256=") and len(signature) == 7 + 64
-    assert verify("whsec", body, signature)
-    assert not verify("other", body, signature)
-    assert not verify("whsec", body + b" ", signature)
-    assert not verify("whsec", body, None)
+
+    def why(secret: str = "whsec", b: bytes = body, sig: str | None = signature, ts: str | None = "1000",
+            wid: str | None = "w1", now: float = 1_010) -> str | None:
+        return refusal(secret, b, sig, ts, wid, now=now, tolerance_s=300)
+
+    assert why() is None
+    assert why(secret="other") == "invalid_signature"
+    assert why(b=body + b" ") == "invalid_signature"
+    assert why(sig=None) == "invalid_signature"
+    assert why(ts="1001") == "invalid_signature"  # the time is signed
+    assert why(ts=None) == why(ts="soon") == "invalid_signature"
+    assert why(wid="w2") == "invalid_signature"  # and so is the id
+    assert why(now=1_301) == "stale_webhook"  # a genuine webhook, replayed after its window
+    assert why(now=699) == "stale_webhook"

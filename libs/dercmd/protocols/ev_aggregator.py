@@ -23,7 +23,9 @@ action's outcome by webhook, or by asking.
     PUT  {base}/v1/webhooks   body WebhookSubscription {"url", "secret"}   -> 204
         One subscription per client (a PUT replaces it): from now on every change of an
         action's state is POSTed to ``url``:
-        POST {url}   X-Signature: sha256=<hex HMAC-SHA256 of the raw body, keyed by secret>
+        POST {url}   X-Webhook-Id: <id, the same on retries>   X-Timestamp: <Unix seconds>
+                     X-Signature: sha256=<hex HMAC-SHA256 of "<id>.<timestamp>.<raw body>", keyed by secret>
+            (a receiver refuses a timestamp more than a few minutes off, and an id it took before)
             body WebhookEvent {"event": "action.updated", "action": Action}
         The aggregator retries a POST that failed, but a webhook can still be lost: the
         action's state is what counts, and it can always be asked for.
@@ -66,17 +68,22 @@ __all__ = [
     "ActionRequest",
     "EvAggregatorClient",
     "EvAggregatorError",
+    "ID_HEADER",
     "SIGNATURE_HEADER",
+    "TIMESTAMP_HEADER",
     "TokenAnswer",
     "WebhookEvent",
     "WebhookSubscription",
+    "refusal",
     "sign",
-    "verify",
 ]
 
 #: dercmd's command types, as the aggregator's action types.
 ACTION_TYPES: dict[str, str] = {"StartCharging": "START_CHARGING", "StopCharging": "STOP_CHARGING"}
 SIGNATURE_HEADER = "X-Signature"
+#: When the webhook was sent (Unix seconds) and its id (the same on the aggregator's retries).
+TIMESTAMP_HEADER = "X-Timestamp"
+ID_HEADER = "X-Webhook-Id"
 #: A token is renewed this long before it expires (at most a fifth of its lifetime).
 REFRESH_BEFORE_S = 60.0
 
@@ -116,14 +123,26 @@ class TokenAnswer(BaseModel):
     expires_in: float | None = None
 
 
-def sign(secret: str, body: bytes) -> str:
-    """The ``X-Signature`` value of a webhook body."""
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+def sign(secret: str, body: bytes, timestamp: int, webhook_id: str) -> str:
+    """The ``X-Signature`` value of a webhook: HMAC-SHA256 over its id, its timestamp and its
+    raw body (``<id>.<timestamp>.<body>``), so none of them can be changed or reused alone."""
+    signed = f"{webhook_id}.{timestamp}.".encode() + body
+    return "sha256=" + hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
 
 
-def verify(secret: str, body: bytes, signature: str | None) -> bool:
-    """Whether ``signature`` is the aggregator's for exactly this raw body."""
-    return signature is not None and hmac.compare_digest(signature, sign(secret, body))
+def refusal(secret: str, body: bytes, signature: str | None, timestamp: str | None, webhook_id: str | None, *,
+            now: float, tolerance_s: float) -> str | None:
+    """Why a webhook is refused (``invalid_signature``: not the aggregator's for exactly this id,
+    time and body; ``stale_webhook``: its time is more than ``tolerance_s`` from ``now``), or
+    None: it is genuine and fresh. A replay inside the window has a valid signature: the
+    receiver recognises it by its id."""
+    if signature is None or not timestamp or not timestamp.isdigit() or not webhook_id or len(webhook_id) > 128:
+        return "invalid_signature"
+    if not hmac.compare_digest(signature, sign(secret, body, int(timestamp), webhook_id)):
+        return "invalid_signature"
+    if abs(now - int(timestamp)) > tolerance_s:
+        return "stale_webhook"
+    return None
 
 
 class EvAggregatorError(DeviceApiError):
@@ -250,6 +269,9 @@ class EvAggregatorSettings(BackendSettings):
     webhook_secret: str = Field(
         "dercmd-dev-ev-aggregator-webhook-secret",
         description="Key of the HMAC-SHA256 the aggregator signs its webhooks with (dispatch subscribes with it; shared by all replicas; set your own).",
+    )
+    webhook_tolerance_s: float = Field(
+        300.0, gt=0, description="A webhook whose X-Timestamp is further than this from now is refused (stale_webhook); one whose id was taken within it is a replay, answered and ignored.",
     )
     poll_interval_s: float = Field(
         5.0, gt=0, description="How often an action still pending is asked about, the first time this long after it was sent (the fallback for lost webhooks).",

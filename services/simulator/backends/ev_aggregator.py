@@ -29,6 +29,7 @@ import asyncio
 import itertools
 import logging
 import secrets
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -42,7 +43,16 @@ from pydantic.alias_generators import to_camel
 
 from dercmd.events import utcnow
 from dercmd.fleet import Entity, Fleet
-from dercmd.protocols.ev_aggregator import ACTION_TYPES, SIGNATURE_HEADER, ActionRequest, EvAggregatorSettings, WebhookSubscription, sign
+from dercmd.protocols.ev_aggregator import (
+    ACTION_TYPES,
+    ID_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    ActionRequest,
+    EvAggregatorSettings,
+    WebhookSubscription,
+    sign,
+)
 
 from .. import metrics
 from ..backend import SimBackend, before_answering, dumps, json_response
@@ -237,11 +247,14 @@ class EvAggregatorSim(SimBackend):
 
     async def _post_webhook(self, subscription: WebhookSubscription, action: SimAction) -> None:
         body = dumps({"event": "action.updated", "action": action.to_json()}).encode()
-        headers = _JSON | {SIGNATURE_HEADER: sign(subscription.secret, body)}
+        webhook_id = uuid.uuid4().hex  # the same on the retry: the receiver takes it once
         error: str | None = None
         for attempt in range(2):
             if attempt:
                 await asyncio.sleep(RETRY_DELAY_S)
+            timestamp = int(time.time())  # signed anew for each try, as real senders do
+            headers = _JSON | {ID_HEADER: webhook_id, TIMESTAMP_HEADER: str(timestamp),
+                               SIGNATURE_HEADER: sign(subscription.secret, body, timestamp, webhook_id)}
             try:
                 response = await self.http.post(subscription.url, content=body, headers=headers)
             except httpx.HTTPError as exc:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -42,14 +43,17 @@ from dercmd.fleet import Entity, EntityKind
 from dercmd.protocols.common import DeviceApiError
 from dercmd.protocols.ev_aggregator import (
     ACTION_TYPES,
+    ID_HEADER,
     SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
     Action,
     EvAggregatorClient,
     EvAggregatorSettings,
     WebhookEvent,
-    verify,
+    refusal,
 )
 from dercmd.state.ev_pending import PendingActions
+from dercmd.state.webhooks import Webhooks
 from dercmd.web import error
 
 from ..base import (
@@ -70,6 +74,7 @@ from ..base import (
 )
 from ..bulk_rest import translate, translated
 from ..subscriptions import keep_subscribed
+from ... import metrics
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +115,7 @@ class EvAggregatorBackend:
         self.pending = PendingActions(
             context.redis, first_poll_s=settings.poll_interval_s, give_up_s=context.settings.deadline_sent_s,
         )
+        self._webhooks = Webhooks(context.redis, NAME)
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self.router = self._webhook_router()
@@ -200,8 +206,21 @@ class EvAggregatorBackend:
         @router.post(CALLBACK_PATH, include_in_schema=False)
         async def ev_aggregator_webhook(request: Request) -> JSONResponse:
             body = await request.body()
-            if not verify(self._settings.webhook_secret, body, request.headers.get(SIGNATURE_HEADER)):
-                return error("invalid_signature", f"{SIGNATURE_HEADER} does not sign this body", 403)
+            webhook_id = request.headers.get(ID_HEADER)
+            refused = refusal(self._settings.webhook_secret, body, request.headers.get(SIGNATURE_HEADER),
+                              request.headers.get(TIMESTAMP_HEADER), webhook_id, now=time.time(),
+                              tolerance_s=self._settings.webhook_tolerance_s)
+            if refused is not None:
+                metrics.WEBHOOKS_REFUSED.labels(NAME, refused).inc()
+                message = (f"{SIGNATURE_HEADER} does not sign this id, time and body" if refused == "invalid_signature"
+                           else f"{TIMESTAMP_HEADER} is more than {self._settings.webhook_tolerance_s:g} s from now")
+                return error(refused, message, 403)
+            assert webhook_id is not None
+            if await self._webhooks.seen(webhook_id):
+                # The same webhook again inside its window (a replay, or a retry after an
+                # answer that was lost): taken once already, so nothing changes.
+                metrics.WEBHOOKS_REFUSED.labels(NAME, "replayed").inc()
+                return JSONResponse({"state": "replayed"})
             try:
                 event = WebhookEvent.model_validate_json(body)
             except ValidationError as exc:
@@ -212,6 +231,7 @@ class EvAggregatorBackend:
                 # same, or the aggregator would send it again and again.
                 return JSONResponse({"state": "ignored"})
             [state] = await self._context.report([result])
+            await self._webhooks.taken(webhook_id, 2 * self._settings.webhook_tolerance_s)
             with contextlib.suppress(Exception):  # left in: a later poll reports it again, harmlessly
                 await self.pending.remove([(result.entity_id, result.command_id)])
             return JSONResponse({"state": state})
