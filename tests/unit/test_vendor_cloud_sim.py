@@ -40,10 +40,13 @@ class Receiver:
 
     status: int = 200
     posts: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    taken: list[dict[str, Any]] = field(default_factory=list)  # the bodies answered 2xx
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         VendorResults.model_validate_json(request.content)  # the protocol's shape, or the POST fails
         self.posts.append((str(request.url), json.loads(request.content)))
+        if self.status < 300:
+            self.taken.append(json.loads(request.content))
         return httpx.Response(self.status, json={})
 
     def results(self) -> list[dict[str, Any]]:
@@ -134,14 +137,29 @@ def test_results_due_together_come_in_posts_of_at_most_500_per_response_url(simu
     assert len(simulator.received("ev-1")) == 1010
 
 
-def test_a_refused_post_of_results_is_retried_once_then_counted_lost(simulator: Simulator) -> None:
+def test_a_refused_post_of_results_is_retried_with_backoff_until_the_receiver_is_back(simulator: Simulator) -> None:
+    """As webhook senders do: a receiver down for a while (dispatch restarting) gets every
+    result once it is back, nothing counted lost."""
     simulator.receiver.status = 503
     before = callback_errors()
     assert simulator.batch([command("ev-1", "c1"), command("ev-1", "c2")]).status_code == 200
+    wait_for(lambda: len(simulator.receiver.posts) >= 3, deadline_s=10, what="three tries")
+    simulator.receiver.status = 200
+    wait_for(lambda: simulator.receiver.taken, deadline_s=15, what="the results once the receiver is back")
+    assert sorted(r["commandId"] for r in simulator.receiver.taken[0]["results"]) == ["c1", "c2"]
+    assert callback_errors() == before
+    assert all(body == simulator.receiver.posts[0][1] for _, body in simulator.receiver.posts)  # the same results each time
 
+
+def test_a_post_of_results_refused_past_every_retry_is_counted_lost(simulator: Simulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dercmd.simulator.backends import vendor_cloud
+
+    monkeypatch.setattr(vendor_cloud, "RETRY_DELAYS_S", (0.01, 0.01))
+    simulator.receiver.status = 503
+    before = callback_errors()
+    assert simulator.batch([command("ev-1", "c1"), command("ev-1", "c2")]).status_code == 200
     wait_for(lambda: callback_errors() - before == 2, deadline_s=10, what="two lost results counted")
-    assert len(simulator.receiver.posts) == 2  # the first attempt and one retry, nothing more
-    assert simulator.receiver.posts[0] == simulator.receiver.posts[1]
+    assert len(simulator.receiver.posts) == 3  # the first try and one per retry, nothing more
 
 
 def test_a_wrong_token_is_401_and_nothing_is_recorded(simulator: Simulator) -> None:

@@ -152,6 +152,7 @@ class Phase:
     fault: str
     offered: Offered | None = None
     recovered_s: float = 0.0
+    recovered_at: float = 0.0  # wall clock, when the fault was over
     counts: dict[str, Any] = field(default_factory=dict)
 
 
@@ -180,6 +181,7 @@ async def _run_phases(launched: Launched, args: argparse.Namespace, ids: Sequenc
             offering = asyncio.create_task(load.paced(entities, args.rate, 0.01))
             await asyncio.sleep(args.phase_seconds / 3)
             phase.recovered_s = await _inject(launched, phase.fault, args.cut_seconds)
+            phase.recovered_at = time.time()
             phase.offered = await offering
             print(f"faults: {phase.fault}: back after {phase.recovered_s:.1f} s; {len(phase.offered.produced_at):,} accepted, "
                   f"{sum(phase.offered.post_errors.values()):,} refused", flush=True)
@@ -203,7 +205,12 @@ def _count(phase: Phase, states: dict[str, Any], received: dict[str, list[float]
     mine = {c: states[c] for c in ids if c in states}
     terminal = {c: s.status.value for c, s in mine.items() if s.status.value in TERMINAL}
     wrong = untruthful(terminal, {c: t for c, t in received.items() if c in ids})
+    # How long after the fault was over the last command accepted before then ended: the
+    # time recovery took (0 when they had all ended before).
+    before = [s for c, s in mine.items() if phase.offered.produced_at[c] <= phase.recovered_at and s.status.value in TERMINAL]
+    last = max((s.updated_at.timestamp() for s in before), default=phase.recovered_at)
     phase.counts = {
+        "settled_s": max(0.0, last - phase.recovered_at),
         "accepted": len(ids),
         "refused": sum(phase.offered.post_errors.values()),
         "lost": len(ids - set(mine)),
@@ -225,6 +232,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--faults", type=lambda t: [f for f in t.split(",") if f], default=list(DEFAULT_FAULTS),
                    help=f"comma-separated, in order (default: {','.join(DEFAULT_FAULTS)})")
     p.add_argument("--drain", type=float, default=180, help="seconds for every accepted command to end (default 180)")
+    p.add_argument("--confirm-ms", type=int, default=None,
+                   help="how long a simulated device takes to confirm a command, ms (default: the stack's, 5)")
     p.add_argument("--work-dir", type=Path, default=None, help="fleet, ledger and logs (default: a new temp dir)")
     return p.parse_args(argv)
 
@@ -236,8 +245,9 @@ def run(args: argparse.Namespace) -> list[Phase]:
     print(f"faults: work dir {work} (fleet, ledger, launcher.log)", flush=True)
     ids = fleetgen.write(work / "fleet.yaml", args.entities)
     database_url = f"sqlite:///{work}/ledger.sqlite3"
+    settings = STACK_SETTINGS | ({"sim_confirm_delay_ms": str(args.confirm_ms)} if args.confirm_ms is not None else {})
     env = isolated_env(redis_url=f"redis://127.0.0.1:{free_port()}/0", database_url=database_url,
-                       fleet_file=work / "fleet.yaml", **STACK_SETTINGS)
+                       fleet_file=work / "fleet.yaml", **settings)
     launched = Launched(env, work / "launcher.log")
     ledger = Ledger(database_url)
     launched.start()
@@ -258,8 +268,10 @@ def run(args: argparse.Namespace) -> list[Phase]:
 
 
 def report(phases: Sequence[Phase]) -> str:
-    header = ("fault", "back after", "accepted", "refused", "lost", "twice", "stuck", "untruthful", "statuses")
-    rows = [(p.fault, f"{p.recovered_s:.1f} s", f"{p.counts['accepted']:,}", f"{p.counts['refused']:,}",
+    header = ("fault", "back after", "all ended after it", "accepted", "refused", "lost", "twice", "stuck", "untruthful",
+              "statuses")
+    rows = [(p.fault, f"{p.recovered_s:.1f} s", f"{p.counts['settled_s']:.1f} s", f"{p.counts['accepted']:,}",
+             f"{p.counts['refused']:,}",
              *(p.counts[k] for k in ("lost", "twice", "stuck", "untruthful")),
              ", ".join(f"{k} {v:,}" for k, v in p.counts["statuses"].most_common())) for p in phases]
     return grid(header, rows)

@@ -23,6 +23,7 @@ import heapq
 import itertools
 import logging
 import math
+import random
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,7 +52,10 @@ from ..registry import SimContext, simulates
 log = logging.getLogger(__name__)
 
 BACKEND = "vendor-cloud"
-RETRY_DELAY_S = 0.2  # before the one retry of a failed POST of results
+#: Pauses before the retries of a POST of results that failed (no answer, 5xx, 429), as webhook
+#: senders retry: quickly first, then backing off, for about a minute in all (each pause
+#: jittered by up to a half). A receiver that is back within that has every result.
+RETRY_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 _JSON = {"Content-Type": "application/json"}
 
 
@@ -233,9 +237,11 @@ class VendorCloudSim(SimBackend):
     async def _deliver(self, url: str, results: list[dict[str, Any]]) -> None:
         body = dumps({"results": results})
         error, retriable = await self._post(url, body)
-        if error and retriable:
-            await asyncio.sleep(RETRY_DELAY_S)
-            error, _ = await self._post(url, body)
+        for pause in RETRY_DELAYS_S:
+            if not (error and retriable):
+                break
+            await asyncio.sleep(pause * random.uniform(1.0, 1.5))
+            error, retriable = await self._post(url, body)
         if error:
             metrics.CALLBACK_ERRORS.inc(len(results))
             log.warning(
