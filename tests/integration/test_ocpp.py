@@ -146,7 +146,8 @@ async def rig(redis_url: str) -> AsyncIterator[Rig]:
     app = FastAPI()
     add_routes(app, gateway)
     server, serving = await serve(app, port)
-    sim = OcppChargePoints(FLEET, recorder, faults, f"ws://127.0.0.1:{port}/ocpp", 0.005, passwords={"cp-locked": LOCKED_PASSWORD})
+    sim = OcppChargePoints(FLEET, recorder, faults, f"ws://127.0.0.1:{port}/ocpp", 0.005, passwords={"cp-locked": LOCKED_PASSWORD},
+                           redis=redis)
     sim.by_entity["cp-mute"].profiles = []
     del sim.by_entity["cp-offline"]
     sim.start()
@@ -195,13 +196,17 @@ async def test_one_call_takes_several_charge_points_and_one_charge_points_comman
     assert isinstance(answers[1], (backends.Accepted, backends.Refused)), answers
 
 
-async def test_the_command_id_is_the_message_id_and_a_long_one_its_digest(rig: Rig) -> None:
+async def test_a_long_command_id_is_correlated_by_the_gateways_record_not_the_message_id(rig: Rig) -> None:
+    """The message id is a fresh uuid4 whatever the command id; the command (even one longer
+    than OCPP's 36 characters) is found by its idTag, and kept whole in the gateway's record."""
     long_id = "x" * 64
     start = rig.delivery("cp-3", CommandType.START_CHARGING, command_id=long_id)
     assert isinstance((await rig.send(start))[0], backends.Accepted)
     assert (await rig.result_of(long_id)).succeeded  # matched back by its idTag
-    [(recorded, _)] = rig.received("cp-3")
-    assert recorded.startswith("h-") and len(recorded) == 36
+    assert rig.received("cp-3") == [(long_id, "StartCharging")]
+    record = await OcppState(rig.redis).command("cp-3", long_id)
+    assert record is not None and record.message_id is not None and len(record.message_id) == 36
+    assert uuid.UUID(record.message_id).version == 4
 
 
 async def test_a_stop_with_nothing_to_stop_is_refused_and_a_start_while_charging_starts_anew(rig: Rig) -> None:
@@ -265,7 +270,8 @@ async def test_dispatch_reaches_the_replica_that_holds_the_charge_point(rig: Rig
     app = FastAPI()
     add_routes(app, other)
     server, serving = await serve(app, port)
-    moved = SimChargePoint(FLEET.entities["cp-1"], f"ws://127.0.0.1:{port}/ocpp", rig.recorder, rig.faults, 0.005)
+    moved = SimChargePoint(FLEET.entities["cp-1"], f"ws://127.0.0.1:{port}/ocpp", rig.recorder, rig.faults, 0.005,
+                           commands=OcppState(rig.redis))
     running = None
     try:
         await rig.sim.stop("cp-1")
@@ -471,3 +477,66 @@ async def test_a_charge_point_with_a_password_is_reached_only_with_it(rig: Rig, 
     assert (await rig.gateway.state.link("cp-locked")).conn == holder
     start = await rig.start_charging("cp-locked")
     assert rig.received("cp-locked") == [(start.order.command_id, "StartCharging")]
+
+
+# -- message ids (issue 20) ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Frame:
+    charge_point: str
+    sent: bool  # by the gateway (else: by the charge point)
+    message: list[Any]
+
+
+@pytest.fixture
+def frames(monkeypatch: pytest.MonkeyPatch) -> list[Frame]:
+    """Every OCPP-J frame the gateway exchanges with any charge point, in order, as it crossed
+    the WebSocket. Requested before ``rig``, so the boots are among them."""
+    import json
+
+    from dercmd.ocpp_gateway import gateway as gateway_module
+
+    seen: list[Frame] = []
+    recv, send = gateway_module._Socket.recv, gateway_module._Socket.send
+
+    def charge_point(socket: Any) -> str:
+        return str(socket._websocket.url.path).rsplit("/", 1)[-1]
+
+    async def recording_recv(self: Any) -> str:
+        text = await recv(self)
+        seen.append(Frame(charge_point(self), False, json.loads(text)))
+        return text
+
+    async def recording_send(self: Any, message: str) -> None:
+        seen.append(Frame(charge_point(self), True, json.loads(message)))
+        await send(self, message)
+
+    monkeypatch.setattr(gateway_module._Socket, "recv", recording_recv)
+    monkeypatch.setattr(gateway_module._Socket, "send", recording_send)
+    return seen
+
+
+async def test_a_retry_after_a_call_error_has_a_new_message_id_on_the_same_connection(frames: list[Frame], rig: Rig) -> None:
+    """The message id was the command id: a retry of a command after the charge point's
+    CALLERROR reused it on the same connection, and a charge point that de-duplicates by
+    message id could replay its error. Now every call has its own; the command is still
+    recorded once, under its own id."""
+    connection = rig.gateway.connections["cp-5"]
+    plan(rig, "cp-5", FaultKind.ERROR_5XX)
+    start = rig.delivery("cp-5", CommandType.START_CHARGING)
+    [answer] = await rig.send(start)
+    assert isinstance(answer, backends.NotDelivered) and answer.reason == "call_error"
+    rig.faults.clear()
+    [answer] = await rig.send(start)  # the same command again
+    assert isinstance(answer, backends.Accepted)
+    assert (await rig.result_of(start.order.command_id)).succeeded
+    assert rig.gateway.connections["cp-5"] is connection  # one connection throughout
+    ids = [f.message[1] for f in frames if f.charge_point == "cp-5" and f.sent and f.message[0] == 2
+           and f.message[2] == "RemoteStartTransaction"]
+    answers = [f.message[0] for f in frames if f.charge_point == "cp-5" and not f.sent and f.message[1] in ids]
+    assert len(ids) == 2 and ids[0] != ids[1], ids
+    assert answers == [4, 3]  # a CALLERROR to the first, a CALLRESULT to the retry
+    assert start.order.command_id not in ids
+    assert rig.received("cp-5") == [(start.order.command_id, "StartCharging")]
+    record = await OcppState(rig.redis).command("cp-5", start.order.command_id)
+    assert record is not None and record.message_id == ids[1]

@@ -9,7 +9,7 @@ import pytest
 from dercmd.dispatch import backends
 from dercmd.dispatch.backends.ocpp import _answer, _outcome
 from dercmd.events import CommandType
-from dercmd.protocols.ocpp import MAX_ID_TAG, MAX_MESSAGE_ID, id_tag, message_id, parse_profiles, profiles_of
+from dercmd.protocols.ocpp import MAX_ID_TAG, MAX_MESSAGE_ID, id_tag, new_message_id, parse_profiles, profiles_of
 from dercmd.state.ocpp import CommandState
 
 
@@ -19,10 +19,10 @@ def test_an_id_tag_fits_ocpp_and_names_its_command() -> None:
     assert id_tag("c-1") == id_tag("c-1")
 
 
-def test_the_message_id_is_the_command_id_where_it_fits() -> None:
-    assert message_id("0f8fad5b-d9cb-469f-a165-70867728950e") == "0f8fad5b-d9cb-469f-a165-70867728950e"
-    long = message_id("x" * 64)
-    assert len(long) == MAX_MESSAGE_ID and long != message_id("y" * 64)
+def test_every_message_id_is_new_and_fits_ocpp() -> None:
+    """Issue 20: the message id was the command id, so a retry reused it; now each call has its own."""
+    ids = {new_message_id() for _ in range(1000)}
+    assert len(ids) == 1000 and all(len(i) <= MAX_MESSAGE_ID for i in ids)
 
 
 def test_declared_types_become_feature_profiles() -> None:
