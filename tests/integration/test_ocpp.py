@@ -479,7 +479,7 @@ async def test_a_charge_point_with_a_password_is_reached_only_with_it(rig: Rig, 
     assert rig.received("cp-locked") == [(start.order.command_id, "StartCharging")]
 
 
-# -- message ids (issue 20) ---------------------------------------------------------------
+# -- message ids and the OCPP 1.6 JSON schemas (issue 20) ---------------------------------
 
 @dataclass(frozen=True)
 class Frame:
@@ -516,6 +516,56 @@ def frames(monkeypatch: pytest.MonkeyPatch) -> list[Frame]:
     return seen
 
 
+def schema_violations(frames: Sequence[Frame]) -> tuple[list[str], list[str]]:
+    """Each CALL checked against its action's OCPP 1.6 JSON schema and each CALLRESULT against
+    the response schema of the CALL it answers (the schemas the ocpp package ships, read with
+    ``jsonschema``, not through the package's own validation), each CALLERROR's shape and
+    error code against OCPP-J's: the violations, and the actions seen (``Action`` for a CALL,
+    ``Action.result``, ``Action.error``)."""
+    import json
+    from importlib import resources
+
+    import jsonschema
+
+    schemas = resources.files("ocpp.v16") / "schemas"
+    calls: dict[tuple[str, str], str] = {}  # (charge point, message id) -> action
+    error_codes = {"NotImplemented", "NotSupported", "InternalError", "ProtocolError", "SecurityError", "FormationViolation",
+                   "PropertyConstraintViolation", "OccurenceConstraintViolation", "TypeConstraintViolation", "GenericError"}
+    violations: list[str] = []
+    seen: list[str] = []
+
+    def check(name: str, payload: Any, where: str) -> None:
+        schema = json.loads((schemas / f"{name}.json").read_text())
+        validator = jsonschema.Draft4Validator(schema, format_checker=jsonschema.Draft4Validator.FORMAT_CHECKER)
+        violations.extend(f"{where} {name}: {e.message}" for e in validator.iter_errors(payload))
+
+    for frame in frames:
+        kind, unique_id = frame.message[0], frame.message[1]
+        where = f"{frame.charge_point} {'gateway->cp' if frame.sent else 'cp->gateway'} {unique_id}"
+        if not isinstance(unique_id, str) or not 0 < len(unique_id) <= 36:
+            violations.append(f"{where}: message id {unique_id!r} is not a string of 1 to 36 characters")
+        if kind == 2:
+            _, _, action, payload = frame.message
+            calls[(frame.charge_point, unique_id)] = action
+            seen.append(action)
+            check(action, payload, where)
+        elif kind == 3:
+            action = calls.get((frame.charge_point, unique_id))
+            if action is None:
+                violations.append(f"{where}: a CALLRESULT to no CALL")
+                continue
+            seen.append(f"{action}.result")
+            check(f"{action}Response", frame.message[2], where)
+        elif kind == 4:
+            _, _, code, description, details = frame.message
+            seen.append(f"{calls.get((frame.charge_point, unique_id))}.error")
+            if code not in error_codes or not isinstance(description, str) or not isinstance(details, dict):
+                violations.append(f"{where}: CALLERROR {frame.message!r}")
+        else:
+            violations.append(f"{where}: message type {kind!r}")
+    return violations, seen
+
+
 async def test_a_retry_after_a_call_error_has_a_new_message_id_on_the_same_connection(frames: list[Frame], rig: Rig) -> None:
     """The message id was the command id: a retry of a command after the charge point's
     CALLERROR reused it on the same connection, and a charge point that de-duplicates by
@@ -540,3 +590,72 @@ async def test_a_retry_after_a_call_error_has_a_new_message_id_on_the_same_conne
     assert rig.received("cp-5") == [(start.order.command_id, "StartCharging")]
     record = await OcppState(rig.redis).command("cp-5", start.order.command_id)
     assert record is not None and record.message_id == ids[1]
+
+
+async def test_every_call_and_answer_follows_the_ocpp_16_json_schemas(frames: list[Frame], rig: Rig) -> None:
+    """Each frame of a run (boot, status, GetConfiguration, start and stop with their
+    transaction messages, a TriggerMessage read-back, a CALLERROR, and a charge point of our
+    own sending Heartbeat, Authorize and MeterValues) checked against the OCPP 1.6 schemas."""
+    import websockets
+    from ocpp.v16 import ChargePoint as Client
+    from ocpp.v16 import call as calls
+
+    start = await rig.start_charging("cp-1")
+    stop = rig.delivery("cp-1", CommandType.STOP_CHARGING)
+    assert isinstance((await rig.send(stop))[0], backends.Accepted)
+    assert (await rig.result_of(stop.order.command_id)).succeeded
+    plan(rig, "cp-5", FaultKind.ERROR_5XX)  # a CALLERROR
+    assert isinstance((await rig.send(rig.delivery("cp-5", CommandType.START_CHARGING)))[0], backends.NotDelivered)
+    plan(rig, "cp-9", FaultKind.LOSE_CALLBACK)  # read back with TriggerMessage(StatusNotification)
+    lost = rig.delivery("cp-9", CommandType.START_CHARGING)
+    assert isinstance((await rig.send(lost))[0], backends.Accepted)
+    rig.faults.clear()
+    assert await rig.finding(lost) is backends.Finding.SUCCEEDED
+
+    device_id = FLEET.entities["cp-offline"].device_id
+    url = rig.gateway.url.replace("http://", "ws://") + "/ocpp/" + device_id
+    async with websockets.connect(url, subprotocols=[SUBPROTOCOL]) as ws:  # type: ignore[list-item]
+        client = Client(device_id, ws)
+        listening = asyncio.ensure_future(client.start())
+        try:
+            await client.call(calls.BootNotification(charge_point_vendor="ABB", charge_point_model="Terra"))
+            await client.call(calls.Heartbeat())
+            await client.call(calls.Authorize(id_tag="card-1"))
+            await client.call(calls.MeterValues(connector_id=1, meter_value=[
+                {"timestamp": datetime.now(UTC).isoformat(), "sampledValue": [{"value": "1"}]}]))
+        finally:
+            listening.cancel()
+
+    violations, seen = schema_violations(frames)
+    assert violations == []
+    expected = {"BootNotification", "BootNotification.result", "StatusNotification", "StatusNotification.result",
+                "GetConfiguration", "GetConfiguration.result", "RemoteStartTransaction", "RemoteStartTransaction.result",
+                "RemoteStartTransaction.error", "StartTransaction", "StartTransaction.result", "RemoteStopTransaction",
+                "RemoteStopTransaction.result", "StopTransaction", "StopTransaction.result", "TriggerMessage",
+                "TriggerMessage.result", "Heartbeat", "Heartbeat.result", "Authorize", "Authorize.result", "MeterValues",
+                "MeterValues.result"}
+    assert expected <= set(seen), expected - set(seen)
+    assert rig.received("cp-1") == [(start.order.command_id, "StartCharging"), (stop.order.command_id, "StopCharging")]
+
+
+def test_the_schema_check_finds_a_violation() -> None:
+    """The check above is not vacuous: a payload the schema forbids, and an answer to no call, are found."""
+    bad = [Frame("cp-x", True, [2, "m-1", "RemoteStartTransaction", {"idTag": "x" * 21, "connectorId": 1}]),
+           Frame("cp-x", False, [3, "m-1", {"status": "Maybe"}]),
+           Frame("cp-x", False, [3, "m-2", {}])]
+    violations, _ = schema_violations(bad)
+    assert len(violations) == 3, violations
+
+
+async def test_the_gateway_answers_a_payload_outside_the_schema_with_a_call_error(rig: Rig) -> None:
+    """The ocpp package's own schema validation is on in the gateway: a BootNotification
+    without its required chargePointModel is refused, not handled."""
+    import json
+
+    import websockets
+
+    url = rig.gateway.url.replace("http://", "ws://") + "/ocpp/" + FLEET.entities["cp-offline"].device_id
+    async with websockets.connect(url, subprotocols=[SUBPROTOCOL]) as ws:  # type: ignore[list-item]
+        await ws.send(json.dumps([2, "bad-boot", "BootNotification", {"chargePointVendor": "ABB"}]))
+        answer = json.loads(await asyncio.wait_for(ws.recv(), 5))
+    assert answer[0] == 4 and answer[1] == "bad-boot", answer

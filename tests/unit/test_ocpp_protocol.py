@@ -59,3 +59,14 @@ def test_a_call_sent_and_never_answered_is_never_unknown() -> None:
     assert _outcome(CommandState.SUCCEEDED).finding is backends.Finding.SUCCEEDED
     assert _outcome(CommandState.REJECTED).finding is backends.Finding.FAILED
     assert {_outcome(s).finding for s in (CommandState.UNSENT, CommandState.CALL_ERROR, None)} == {backends.Finding.UNKNOWN}
+
+
+def test_neither_the_gateway_nor_the_simulator_turns_the_ocpp_packages_schema_validation_off() -> None:
+    """The ocpp package checks every payload it sends and receives against the OCPP 1.6 JSON
+    schemas unless a handler or a call says ``skip_schema_validation``."""
+    from pathlib import Path
+
+    root = Path(__file__).parents[2]
+    sources = [p for d in ("services", "libs") for p in (root / d).rglob("*.py") if ".venv" not in p.parts]
+    assert sources
+    assert [str(p) for p in sources if "skip_schema_validation" in p.read_text()] == []
