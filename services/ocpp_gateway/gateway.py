@@ -60,7 +60,7 @@ from dercmd.protocols.ocpp import (
     OcppResults,
     OcppSettings,
     basic_credentials,
-    message_id,
+    new_message_id,
     parse_profiles,
     password_matches,
 )
@@ -332,7 +332,9 @@ class Gateway:
         log.info("charge point declared", extra={"entity_id": connection.entity.id, "profiles": sorted(connection.profiles)})
 
     async def call(self, connection: Connection, payload: Any, unique_id: str | None = None) -> Any:
-        """One CALL on the connection, in its turn: the charge point's answer, or the
+        """One CALL on the connection, in its turn (``unique_id``: its message id; None: a new
+        one), its payload and the answer's checked against the OCPP 1.6 JSON schemas by the
+        ocpp package: the charge point's answer, or the
         :class:`ocpp.exceptions.OCPPError` of its CALLERROR. Raises :class:`NotSent` when the
         call did not leave, :class:`NoAnswer` when it left and no answer came."""
         action = type(payload).__name__
@@ -348,7 +350,7 @@ class Gateway:
             if connection.closed.is_set():
                 raise NotSent("not_connected")
             started = time.perf_counter()
-            calling = asyncio.ensure_future(charge_point.call(payload, suppress=False, unique_id=unique_id))
+            calling = asyncio.ensure_future(charge_point.call(payload, suppress=False, unique_id=unique_id or new_message_id()))
             closing = asyncio.ensure_future(connection.closed.wait())
             try:
                 await asyncio.wait((calling, closing), return_when=asyncio.FIRST_COMPLETED)
@@ -401,10 +403,14 @@ class Gateway:
                 return 409, GatewayError(key="no_transaction", message="no transaction is running on the charge point")
             payload = call.RemoteStopTransaction(transaction_id=transaction_id)
         # Before sending: the transaction message may come before (or instead of) the answer.
+        # Every call has a message id of its own (a retry of the command too); the command is
+        # correlated by this record, the start's idTag and the stop's transaction id.
+        unique_id = new_message_id()
         await self.state.record_command(entity_id, command_id, command.type, command.id_tag, command.token, command.result_url,
-                                        transaction_id)
+                                        transaction_id, unique_id)
+        log.debug("command call", extra={"command_id": command_id, "entity_id": entity_id, "message_id": unique_id})
         try:
-            answer = await self.call(connection, payload, message_id(command.command_id))
+            answer = await self.call(connection, payload, unique_id)
         except NotSent as exc:
             await self.state.advance(entity_id, command_id, CommandState.SENDING, CommandState.UNSENT)
             return (404 if exc.key == "not_connected" else 503), GatewayError(key=exc.key, message="the call was not sent")

@@ -49,7 +49,7 @@ class TestOcppConformance(BackendConformance):
         gateway = Gateway(settings, ocpp, redis, FLEET, transport=httpx.ASGITransport(app=dispatch))
         app = FastAPI()
         add_routes(app, gateway)
-        charge_points = OcppChargePoints(FLEET, recorder, faults, f"ws://127.0.0.1:{port}/ocpp", 0.005)
+        charge_points = OcppChargePoints(FLEET, recorder, faults, f"ws://127.0.0.1:{port}/ocpp", 0.005, redis=redis)
         async with served(app, port):
             charge_points.start()
             try:

@@ -146,7 +146,8 @@ async def rig(redis_url: str) -> AsyncIterator[Rig]:
     app = FastAPI()
     add_routes(app, gateway)
     server, serving = await serve(app, port)
-    sim = OcppChargePoints(FLEET, recorder, faults, f"ws://127.0.0.1:{port}/ocpp", 0.005, passwords={"cp-locked": LOCKED_PASSWORD})
+    sim = OcppChargePoints(FLEET, recorder, faults, f"ws://127.0.0.1:{port}/ocpp", 0.005, passwords={"cp-locked": LOCKED_PASSWORD},
+                           redis=redis)
     sim.by_entity["cp-mute"].profiles = []
     del sim.by_entity["cp-offline"]
     sim.start()
@@ -195,13 +196,17 @@ async def test_one_call_takes_several_charge_points_and_one_charge_points_comman
     assert isinstance(answers[1], (backends.Accepted, backends.Refused)), answers
 
 
-async def test_the_command_id_is_the_message_id_and_a_long_one_its_digest(rig: Rig) -> None:
+async def test_a_long_command_id_is_correlated_by_the_gateways_record_not_the_message_id(rig: Rig) -> None:
+    """The message id is a fresh uuid4 whatever the command id; the command (even one longer
+    than OCPP's 36 characters) is found by its idTag, and kept whole in the gateway's record."""
     long_id = "x" * 64
     start = rig.delivery("cp-3", CommandType.START_CHARGING, command_id=long_id)
     assert isinstance((await rig.send(start))[0], backends.Accepted)
     assert (await rig.result_of(long_id)).succeeded  # matched back by its idTag
-    [(recorded, _)] = rig.received("cp-3")
-    assert recorded.startswith("h-") and len(recorded) == 36
+    assert rig.received("cp-3") == [(long_id, "StartCharging")]
+    record = await OcppState(rig.redis).command("cp-3", long_id)
+    assert record is not None and record.message_id is not None and len(record.message_id) == 36
+    assert uuid.UUID(record.message_id).version == 4
 
 
 async def test_a_stop_with_nothing_to_stop_is_refused_and_a_start_while_charging_starts_anew(rig: Rig) -> None:
@@ -265,7 +270,8 @@ async def test_dispatch_reaches_the_replica_that_holds_the_charge_point(rig: Rig
     app = FastAPI()
     add_routes(app, other)
     server, serving = await serve(app, port)
-    moved = SimChargePoint(FLEET.entities["cp-1"], f"ws://127.0.0.1:{port}/ocpp", rig.recorder, rig.faults, 0.005)
+    moved = SimChargePoint(FLEET.entities["cp-1"], f"ws://127.0.0.1:{port}/ocpp", rig.recorder, rig.faults, 0.005,
+                           commands=OcppState(rig.redis))
     running = None
     try:
         await rig.sim.stop("cp-1")
@@ -471,3 +477,185 @@ async def test_a_charge_point_with_a_password_is_reached_only_with_it(rig: Rig, 
     assert (await rig.gateway.state.link("cp-locked")).conn == holder
     start = await rig.start_charging("cp-locked")
     assert rig.received("cp-locked") == [(start.order.command_id, "StartCharging")]
+
+
+# -- message ids and the OCPP 1.6 JSON schemas (issue 20) ---------------------------------
+
+@dataclass(frozen=True)
+class Frame:
+    charge_point: str
+    sent: bool  # by the gateway (else: by the charge point)
+    message: list[Any]
+
+
+@pytest.fixture
+def frames(monkeypatch: pytest.MonkeyPatch) -> list[Frame]:
+    """Every OCPP-J frame the gateway exchanges with any charge point, in order, as it crossed
+    the WebSocket. Requested before ``rig``, so the boots are among them."""
+    import json
+
+    from dercmd.ocpp_gateway import gateway as gateway_module
+
+    seen: list[Frame] = []
+    recv, send = gateway_module._Socket.recv, gateway_module._Socket.send
+
+    def charge_point(socket: Any) -> str:
+        return str(socket._websocket.url.path).rsplit("/", 1)[-1]
+
+    async def recording_recv(self: Any) -> str:
+        text = await recv(self)
+        seen.append(Frame(charge_point(self), False, json.loads(text)))
+        return text
+
+    async def recording_send(self: Any, message: str) -> None:
+        seen.append(Frame(charge_point(self), True, json.loads(message)))
+        await send(self, message)
+
+    monkeypatch.setattr(gateway_module._Socket, "recv", recording_recv)
+    monkeypatch.setattr(gateway_module._Socket, "send", recording_send)
+    return seen
+
+
+def schema_violations(frames: Sequence[Frame]) -> tuple[list[str], list[str]]:
+    """Each CALL checked against its action's OCPP 1.6 JSON schema and each CALLRESULT against
+    the response schema of the CALL it answers (the schemas the ocpp package ships, read with
+    ``jsonschema``, not through the package's own validation), each CALLERROR's shape and
+    error code against OCPP-J's: the violations, and the actions seen (``Action`` for a CALL,
+    ``Action.result``, ``Action.error``)."""
+    import json
+    from importlib import resources
+
+    import jsonschema
+
+    schemas = resources.files("ocpp.v16") / "schemas"
+    calls: dict[tuple[str, str], str] = {}  # (charge point, message id) -> action
+    error_codes = {"NotImplemented", "NotSupported", "InternalError", "ProtocolError", "SecurityError", "FormationViolation",
+                   "PropertyConstraintViolation", "OccurenceConstraintViolation", "TypeConstraintViolation", "GenericError"}
+    violations: list[str] = []
+    seen: list[str] = []
+
+    def check(name: str, payload: Any, where: str) -> None:
+        schema = json.loads((schemas / f"{name}.json").read_text())
+        validator = jsonschema.Draft4Validator(schema, format_checker=jsonschema.Draft4Validator.FORMAT_CHECKER)
+        violations.extend(f"{where} {name}: {e.message}" for e in validator.iter_errors(payload))
+
+    for frame in frames:
+        kind, unique_id = frame.message[0], frame.message[1]
+        where = f"{frame.charge_point} {'gateway->cp' if frame.sent else 'cp->gateway'} {unique_id}"
+        if not isinstance(unique_id, str) or not 0 < len(unique_id) <= 36:
+            violations.append(f"{where}: message id {unique_id!r} is not a string of 1 to 36 characters")
+        if kind == 2:
+            _, _, action, payload = frame.message
+            calls[(frame.charge_point, unique_id)] = action
+            seen.append(action)
+            check(action, payload, where)
+        elif kind == 3:
+            action = calls.get((frame.charge_point, unique_id))
+            if action is None:
+                violations.append(f"{where}: a CALLRESULT to no CALL")
+                continue
+            seen.append(f"{action}.result")
+            check(f"{action}Response", frame.message[2], where)
+        elif kind == 4:
+            _, _, code, description, details = frame.message
+            seen.append(f"{calls.get((frame.charge_point, unique_id))}.error")
+            if code not in error_codes or not isinstance(description, str) or not isinstance(details, dict):
+                violations.append(f"{where}: CALLERROR {frame.message!r}")
+        else:
+            violations.append(f"{where}: message type {kind!r}")
+    return violations, seen
+
+
+async def test_a_retry_after_a_call_error_has_a_new_message_id_on_the_same_connection(frames: list[Frame], rig: Rig) -> None:
+    """The message id was the command id: a retry of a command after the charge point's
+    CALLERROR reused it on the same connection, and a charge point that de-duplicates by
+    message id could replay its error. Now every call has its own; the command is still
+    recorded once, under its own id."""
+    connection = rig.gateway.connections["cp-5"]
+    plan(rig, "cp-5", FaultKind.ERROR_5XX)
+    start = rig.delivery("cp-5", CommandType.START_CHARGING)
+    [answer] = await rig.send(start)
+    assert isinstance(answer, backends.NotDelivered) and answer.reason == "call_error"
+    rig.faults.clear()
+    [answer] = await rig.send(start)  # the same command again
+    assert isinstance(answer, backends.Accepted)
+    assert (await rig.result_of(start.order.command_id)).succeeded
+    assert rig.gateway.connections["cp-5"] is connection  # one connection throughout
+    ids = [f.message[1] for f in frames if f.charge_point == "cp-5" and f.sent and f.message[0] == 2
+           and f.message[2] == "RemoteStartTransaction"]
+    answers = [f.message[0] for f in frames if f.charge_point == "cp-5" and not f.sent and f.message[1] in ids]
+    assert len(ids) == 2 and ids[0] != ids[1], ids
+    assert answers == [4, 3]  # a CALLERROR to the first, a CALLRESULT to the retry
+    assert start.order.command_id not in ids
+    assert rig.received("cp-5") == [(start.order.command_id, "StartCharging")]
+    record = await OcppState(rig.redis).command("cp-5", start.order.command_id)
+    assert record is not None and record.message_id == ids[1]
+
+
+async def test_every_call_and_answer_follows_the_ocpp_16_json_schemas(frames: list[Frame], rig: Rig) -> None:
+    """Each frame of a run (boot, status, GetConfiguration, start and stop with their
+    transaction messages, a TriggerMessage read-back, a CALLERROR, and a charge point of our
+    own sending Heartbeat, Authorize and MeterValues) checked against the OCPP 1.6 schemas."""
+    import websockets
+    from ocpp.v16 import ChargePoint as Client
+    from ocpp.v16 import call as calls
+
+    start = await rig.start_charging("cp-1")
+    stop = rig.delivery("cp-1", CommandType.STOP_CHARGING)
+    assert isinstance((await rig.send(stop))[0], backends.Accepted)
+    assert (await rig.result_of(stop.order.command_id)).succeeded
+    plan(rig, "cp-5", FaultKind.ERROR_5XX)  # a CALLERROR
+    assert isinstance((await rig.send(rig.delivery("cp-5", CommandType.START_CHARGING)))[0], backends.NotDelivered)
+    plan(rig, "cp-9", FaultKind.LOSE_CALLBACK)  # read back with TriggerMessage(StatusNotification)
+    lost = rig.delivery("cp-9", CommandType.START_CHARGING)
+    assert isinstance((await rig.send(lost))[0], backends.Accepted)
+    rig.faults.clear()
+    assert await rig.finding(lost) is backends.Finding.SUCCEEDED
+
+    device_id = FLEET.entities["cp-offline"].device_id
+    url = rig.gateway.url.replace("http://", "ws://") + "/ocpp/" + device_id
+    async with websockets.connect(url, subprotocols=[SUBPROTOCOL]) as ws:  # type: ignore[list-item]
+        client = Client(device_id, ws)
+        listening = asyncio.ensure_future(client.start())
+        try:
+            await client.call(calls.BootNotification(charge_point_vendor="ABB", charge_point_model="Terra"))
+            await client.call(calls.Heartbeat())
+            await client.call(calls.Authorize(id_tag="card-1"))
+            await client.call(calls.MeterValues(connector_id=1, meter_value=[
+                {"timestamp": datetime.now(UTC).isoformat(), "sampledValue": [{"value": "1"}]}]))
+        finally:
+            listening.cancel()
+
+    violations, seen = schema_violations(frames)
+    assert violations == []
+    expected = {"BootNotification", "BootNotification.result", "StatusNotification", "StatusNotification.result",
+                "GetConfiguration", "GetConfiguration.result", "RemoteStartTransaction", "RemoteStartTransaction.result",
+                "RemoteStartTransaction.error", "StartTransaction", "StartTransaction.result", "RemoteStopTransaction",
+                "RemoteStopTransaction.result", "StopTransaction", "StopTransaction.result", "TriggerMessage",
+                "TriggerMessage.result", "Heartbeat", "Heartbeat.result", "Authorize", "Authorize.result", "MeterValues",
+                "MeterValues.result"}
+    assert expected <= set(seen), expected - set(seen)
+    assert rig.received("cp-1") == [(start.order.command_id, "StartCharging"), (stop.order.command_id, "StopCharging")]
+
+
+def test_the_schema_check_finds_a_violation() -> None:
+    """The check above is not vacuous: a payload the schema forbids, and an answer to no call, are found."""
+    bad = [Frame("cp-x", True, [2, "m-1", "RemoteStartTransaction", {"idTag": "x" * 21, "connectorId": 1}]),
+           Frame("cp-x", False, [3, "m-1", {"status": "Maybe"}]),
+           Frame("cp-x", False, [3, "m-2", {}])]
+    violations, _ = schema_violations(bad)
+    assert len(violations) == 3, violations
+
+
+async def test_the_gateway_answers_a_payload_outside_the_schema_with_a_call_error(rig: Rig) -> None:
+    """The ocpp package's own schema validation is on in the gateway: a BootNotification
+    without its required chargePointModel is refused, not handled."""
+    import json
+
+    import websockets
+
+    url = rig.gateway.url.replace("http://", "ws://") + "/ocpp/" + FLEET.entities["cp-offline"].device_id
+    async with websockets.connect(url, subprotocols=[SUBPROTOCOL]) as ws:  # type: ignore[list-item]
+        await ws.send(json.dumps([2, "bad-boot", "BootNotification", {"chargePointVendor": "ABB"}]))
+        answer = json.loads(await asyncio.wait_for(ws.recv(), 5))
+    assert answer[0] == 4 and answer[1] == "bad-boot", answer

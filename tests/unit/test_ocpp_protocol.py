@@ -9,7 +9,7 @@ import pytest
 from dercmd.dispatch import backends
 from dercmd.dispatch.backends.ocpp import _answer, _outcome
 from dercmd.events import CommandType
-from dercmd.protocols.ocpp import MAX_ID_TAG, MAX_MESSAGE_ID, id_tag, message_id, parse_profiles, profiles_of
+from dercmd.protocols.ocpp import MAX_ID_TAG, MAX_MESSAGE_ID, id_tag, new_message_id, parse_profiles, profiles_of
 from dercmd.state.ocpp import CommandState
 
 
@@ -19,10 +19,10 @@ def test_an_id_tag_fits_ocpp_and_names_its_command() -> None:
     assert id_tag("c-1") == id_tag("c-1")
 
 
-def test_the_message_id_is_the_command_id_where_it_fits() -> None:
-    assert message_id("0f8fad5b-d9cb-469f-a165-70867728950e") == "0f8fad5b-d9cb-469f-a165-70867728950e"
-    long = message_id("x" * 64)
-    assert len(long) == MAX_MESSAGE_ID and long != message_id("y" * 64)
+def test_every_message_id_is_new_and_fits_ocpp() -> None:
+    """Issue 20: the message id was the command id, so a retry reused it; now each call has its own."""
+    ids = {new_message_id() for _ in range(1000)}
+    assert len(ids) == 1000 and all(len(i) <= MAX_MESSAGE_ID for i in ids)
 
 
 def test_declared_types_become_feature_profiles() -> None:
@@ -59,3 +59,14 @@ def test_a_call_sent_and_never_answered_is_never_unknown() -> None:
     assert _outcome(CommandState.SUCCEEDED).finding is backends.Finding.SUCCEEDED
     assert _outcome(CommandState.REJECTED).finding is backends.Finding.FAILED
     assert {_outcome(s).finding for s in (CommandState.UNSENT, CommandState.CALL_ERROR, None)} == {backends.Finding.UNKNOWN}
+
+
+def test_neither_the_gateway_nor_the_simulator_turns_the_ocpp_packages_schema_validation_off() -> None:
+    """The ocpp package checks every payload it sends and receives against the OCPP 1.6 JSON
+    schemas unless a handler or a call says ``skip_schema_validation``."""
+    from pathlib import Path
+
+    root = Path(__file__).parents[2]
+    sources = [p for d in ("services", "libs") for p in (root / d).rglob("*.py") if ".venv" not in p.parts]
+    assert sources
+    assert [str(p) for p in sources if "skip_schema_validation" in p.read_text()] == []

@@ -42,6 +42,7 @@ import binascii
 import hashlib
 import hmac
 import secrets
+import uuid
 from collections.abc import Iterable
 from typing import Literal
 
@@ -88,12 +89,13 @@ def id_tag(command_id: str) -> str:
     return "dc" + hashlib.sha256(command_id.encode()).hexdigest()[: MAX_ID_TAG - 2]
 
 
-def message_id(command_id: str) -> str:
-    """The CALL's message id: the command id itself where it fits OCPP's 36 characters, so
-    the charge point (the simulator's record) knows which command it got; else a digest."""
-    if len(command_id) <= MAX_MESSAGE_ID:
-        return command_id
-    return "h-" + hashlib.sha256(command_id.encode()).hexdigest()[: MAX_MESSAGE_ID - 2]
+def new_message_id() -> str:
+    """A CALL's message id: a fresh uuid4 (36 characters, OCPP's maximum) for every call,
+    retries of a command included, so a charge point that de-duplicates by message id never
+    takes a retry for the call it already answered. The command a call carries is correlated
+    elsewhere: the gateway's record of the command (:mod:`dercmd.state.ocpp`, which also keeps
+    its last call's message id), a start's idTag (:func:`id_tag`), a stop's transaction id."""
+    return str(uuid.uuid4())
 
 
 def profiles_of(declared: Iterable[CommandType] | None) -> list[str]:

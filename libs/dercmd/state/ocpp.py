@@ -19,13 +19,17 @@ Keys (all of one charge point under its entity's hash tag):
     The last transaction id the gateway gave the charge point. Gateway only.
 ``dercmd:{entity}:ocpp:cmd:<command id>`` (hash, ``STATE_TTL_S``)
     One command sent to the charge point: ``type``, ``idTag``, ``token``, ``resultUrl``,
-    ``state`` (:class:`CommandState`), ``txId``. Written by the gateway (``ocpp_advance.lua``,
+    ``state`` (:class:`CommandState`), ``txId``, ``msgId`` (the message id of its latest CALL:
+    each call, a retry included, has a new one). Written by the gateway (``ocpp_advance.lua``,
     ``ocpp_confirm.lua``), read by the gateway and by the ``ocpp`` backend's outcome queries
     (:meth:`OcppState.command_states`).
 ``dercmd:{entity}:ocpp:tag:<idTag>`` (string, ``STATE_TTL_S``)
-    The StartCharging command an idTag was derived from. Gateway only.
+    The StartCharging command an idTag was derived from. Written by the gateway; read by the
+    gateway and by the simulated charge points (:meth:`OcppState.command_of_tag`: a real
+    charge point never needs it).
 ``dercmd:{entity}:ocpp:stop:<transaction id>`` (string, ``STATE_TTL_S``)
-    The StopCharging command that asked to stop a transaction. Gateway only.
+    The StopCharging command that asked to stop a transaction. Written by the gateway; read by
+    the gateway and by the simulated charge points (:meth:`OcppState.command_of_stop`).
 
 Every call here is bounded by ``CALL_TIMEOUT_S``; the round trips are the ones the gateway and
 the backend made before this module existed (one pipeline per batch).
@@ -120,6 +124,7 @@ class CommandRecord:
     token: str | None = None
     result_url: str | None = None
     transaction_id: int | None = None
+    message_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,13 +181,16 @@ class OcppState:
         return int(running) if running is not None else None
 
     async def record_command(self, entity_id: str, command_id: str, type: CommandType, id_tag: str, token: str,
-                             result_url: str, transaction_id: int | None = None) -> None:
+                             result_url: str, transaction_id: int | None = None, message_id: str | None = None) -> None:
         """Before sending a command (the transaction message may come before, or instead of,
-        the answer): its record in state ``sending``, and what its transaction message is
-        matched by (a start's idTag; a stop's ``transaction_id``)."""
+        the answer): its record in state ``sending``, what its transaction message is matched
+        by (a start's idTag; a stop's ``transaction_id``), and the message id of the CALL about
+        to leave (``message_id``)."""
         record = _command(entity_id, command_id)
         fields = {"type": type.value, "idTag": id_tag, "token": token, "resultUrl": result_url,
                   "state": CommandState.SENDING.value}
+        if message_id is not None:
+            fields["msgId"] = message_id
         if transaction_id is None:
             side = _tag(entity_id, id_tag)
         else:
@@ -235,6 +243,20 @@ class OcppState:
         token, result_url = (_text(v) or "" for v in found)
         return Confirmed(token, result_url)
 
+    # -- the simulated charge points -----------------------------------------------------
+
+    async def command_of_tag(self, entity_id: str, id_tag: str) -> str | None:
+        """The StartCharging command an idTag was derived from (None: none recorded). The
+        simulator records what each charge point received under the command's id; a real
+        charge point never needs to know it."""
+        async with asyncio.timeout(CALL_TIMEOUT_S):
+            return _text(await self._redis.get(_tag(entity_id, id_tag)))
+
+    async def command_of_stop(self, entity_id: str, transaction_id: int) -> str | None:
+        """The StopCharging command that asked to stop a transaction (None: none recorded)."""
+        async with asyncio.timeout(CALL_TIMEOUT_S):
+            return _text(await self._redis.get(_stop(entity_id, transaction_id)))
+
     # -- dispatch's ocpp backend ----------------------------------------------------------
 
     async def links(self, entity_ids: Sequence[str]) -> list[Link]:
@@ -283,4 +305,4 @@ class OcppState:
         tx = raw.get(b"txId")
         return CommandRecord(CommandType(raw[b"type"].decode()) if raw.get(b"type") else None, _state(raw.get(b"state")),
                              _text(raw.get(b"idTag")), _text(raw.get(b"token")), _text(raw.get(b"resultUrl")),
-                             int(tx) if tx else None)
+                             int(tx) if tx else None, _text(raw.get(b"msgId")))

@@ -23,9 +23,13 @@ has answered them: one that could not be sent goes after the next boot (as OCPP 
 charge point offline). A StopTransaction takes its transaction id when it is sent (its start's
 answer is in by then).
 
-Each command the charge point acted on is recorded once, under the CALL's message id, which
-the gateway makes the command's id (:func:`dercmd.protocols.ocpp.message_id`; a command id
-longer than OCPP's 36 characters is recorded under its digest).
+Each command the charge point acted on is recorded once, under the command's id. Every CALL
+has a message id of its own (:func:`dercmd.protocols.ocpp.new_message_id`), so the simulator
+learns the command the way a real charge point never needs to: from the gateway's record in
+Redis (:meth:`dercmd.state.ocpp.OcppState.command_of_tag` for a start's idTag,
+:meth:`~dercmd.state.ocpp.OcppState.command_of_stop` for a stop's transaction id). Without
+that record (no Redis given, or none written: a call made by hand) it is recorded under the
+message id.
 
 The fault plans (:mod:`..faults`) apply to RemoteStart/RemoteStop, in OCPP's terms:
 
@@ -53,6 +57,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import redis.asyncio as aioredis
 import websockets
 import yaml
 from fastapi import APIRouter
@@ -83,6 +88,7 @@ from dercmd.protocols.ocpp import (
     profiles_of,
 )
 from dercmd.settings import SimulatorSettings
+from dercmd.state.ocpp import OcppState
 
 from .. import metrics
 from ..faults import Fault, FaultKind, Faults
@@ -159,8 +165,10 @@ class _Link(ChargePoint):
 
 class SimChargePoint:
     def __init__(self, entity: Entity, url: str, recorder: Recorder, faults: Faults, confirm_delay_s: float,
-                 password: str | None = None) -> None:
+                 password: str | None = None, commands: OcppState | None = None) -> None:
         self.entity = entity
+        #: Where it looks up which command a call carries (the gateway's records); None: nowhere.
+        self.commands = commands
         self.url = f"{url}/{entity.device_id}"
         #: Its AuthorizationKey (OCPP 1.6 security profile 1): sent as HTTP Basic when it connects.
         self.password = password
@@ -295,7 +303,8 @@ class SimChargePoint:
         fault = self._draw()
         if fault is not None and fault.kind is FaultKind.LATENCY:
             await asyncio.sleep(fault.latency_s)
-        self._record(message_id, CommandType.START_CHARGING)
+        command_id = await self._command_of(message_id, id_tag=id_tag)
+        self._record(command_id, CommandType.START_CHARGING)
         messages: list[tuple[Any, ...]] = []
         if self.charging:  # the newest command wins: the running transaction ends first
             messages.append(("stop", self._end(), Reason.other))
@@ -310,7 +319,8 @@ class SimChargePoint:
             return call_result.RemoteStopTransaction(status=RemoteStartStopStatus.rejected)
         if fault is not None and fault.kind is FaultKind.LATENCY:
             await asyncio.sleep(fault.latency_s)
-        self._record(message_id, CommandType.STOP_CHARGING)
+        command_id = await self._command_of(message_id, transaction_id=transaction_id)
+        self._record(command_id, CommandType.STOP_CHARGING)
         self.charging = False
         self.meter_wh += 1000
         messages = [("stop", self._end(), Reason.remote)]
@@ -331,9 +341,25 @@ class SimChargePoint:
             raise GenericError(description="rate limited", details={"retryAfterS": fault.retry_after_s})
         return fault
 
-    def _record(self, message_id: str, type: CommandType) -> None:
+    async def _command_of(self, message_id: str, *, id_tag: str | None = None, transaction_id: int | None = None) -> str:
+        """The command a call carries, as the gateway recorded it before sending (a start by its
+        idTag, a stop by its transaction id); the call's message id where there is no record."""
+        if self.commands is None:
+            return message_id
+        try:
+            if id_tag is not None:
+                found = await self.commands.command_of_tag(self.entity.id, id_tag)
+            else:
+                assert transaction_id is not None
+                found = await self.commands.command_of_stop(self.entity.id, transaction_id)
+        except Exception as exc:  # Redis away: the receipt is kept, under the message id
+            log.warning("command of a call not found", extra={"entity_id": self.entity.id, "error": repr(exc)})
+            return message_id
+        return found or message_id
+
+    def _record(self, command_id: str, type: CommandType) -> None:
         metrics.RECEIVED.labels(NAME).inc()
-        self.recorder.record(self.entity.id, NAME, message_id, type.value, None, utcnow())
+        self.recorder.record(self.entity.id, NAME, command_id, type.value, None, utcnow())
 
     async def _acted(self, link: _Link, fault: Fault | None, messages: list[tuple[Any, ...]], answer: Any) -> Any:
         """The charge point acted: its transaction messages follow (unless lost), and the
@@ -357,11 +383,16 @@ class OcppChargePoints:
     """Every simulated charge point of the fleet, each connected on its own task."""
 
     def __init__(self, fleet: Fleet, recorder: Recorder, faults: Faults, url: str, confirm_delay_s: float,
-                 passwords: Mapping[str, str] | None = None) -> None:
+                 passwords: Mapping[str, str] | None = None, redis: aioredis.Redis | None = None,
+                 owns_redis: bool = False) -> None:
         """``passwords``: each charge point's AuthorizationKey, by its id (those the fleet
-        requires one of connect with it)."""
+        requires one of connect with it); ``redis``: where the gateway records its commands
+        (the simulator reads which command each call carries there; closed with this object
+        when ``owns_redis``)."""
+        commands = OcppState(redis) if redis is not None else None
+        self._redis = redis if owns_redis else None
         self.by_entity = {
-            e.id: SimChargePoint(e, url, recorder, faults, confirm_delay_s, (passwords or {}).get(e.device_id))
+            e.id: SimChargePoint(e, url, recorder, faults, confirm_delay_s, (passwords or {}).get(e.device_id), commands)
             for e in fleet.entities.values() if e.backend == NAME
         }
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -384,6 +415,8 @@ class OcppChargePoints:
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         for cp in self.by_entity.values():
             cp.close()
+        if self._redis is not None:
+            await self._redis.aclose()
 
     def connected(self) -> Awaitable[Any]:
         """Done once every charge point has booted on a connection (tests)."""
@@ -393,7 +426,8 @@ class OcppChargePoints:
 @simulates(NAME, state="charge_points")
 def _create(context: SimContext) -> OcppChargePoints:
     return OcppChargePoints(context.fleet, context.recorder, context.faults, gateway_ws_url(context.settings, OcppSettings()),
-                            context.settings.sim_confirm_delay_ms / 1000, passwords(context.settings.sim_ocpp_passwords_file))
+                            context.settings.sim_confirm_delay_ms / 1000, passwords(context.settings.sim_ocpp_passwords_file),
+                            redis=aioredis.from_url(context.settings.redis_url), owns_redis=True)
 
 
 def passwords(path: str) -> dict[str, str]:
