@@ -102,7 +102,9 @@ def validation_errors(exc: RequestValidationError) -> tuple[str, str, list[dict[
 
 
 class KnownQueryRoute(APIRoute):
-    """A route (``APIRouter(route_class=KnownQueryRoute)``) that answers a query parameter it
+    """A route (``APIRouter(route_class=KnownQueryRoute)``) that refuses a path identifier
+    longer than its ``Path(max_length=...)`` with a 400 ``identifier_too_long`` before anything
+    else, and answers a query parameter it
     does not take with a 400 ``validation_error`` instead of ignoring it (a misspelt
     ``ignoreCooldown`` must not pass for its default). Checked before FastAPI solves the route's
     dependencies, not as one of them: a dependency cost every request (most have no query)
@@ -110,13 +112,38 @@ class KnownQueryRoute(APIRoute):
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handle = super().get_route_handler()
+        limits = identifier_limits(self)
 
         async def handle_known_query(request: Request) -> Response:
+            if limits:
+                refuse_long_identifiers(request, limits)
             if request.scope.get("query_string"):
                 refuse_unknown_query(request)
             return await handle(request)
 
         return handle_known_query
+
+
+def identifier_limits(route: APIRoute) -> dict[str, int]:
+    """The longest each path parameter of ``route`` may be (its ``Path(max_length=...)``)."""
+    limits: dict[str, int] = {}
+    for param in route.dependant.path_params:
+        for meta in param.field_info.metadata:
+            if isinstance(getattr(meta, "max_length", None), int):
+                limits[param.alias] = meta.max_length
+    return limits
+
+
+def refuse_long_identifiers(request: Request, limits: dict[str, int]) -> None:
+    """:class:`KnownQueryRoute`'s first check: an identifier in the path longer than any can be
+    is a 400 ``identifier_too_long`` before anything else is done (no body read, no lookup, no
+    token check: the answer says nothing of what exists, only that no id is that long)."""
+    params = request.scope.get("path_params", {})
+    for name, limit in limits.items():
+        value = params.get(name)
+        if isinstance(value, str) and len(value) > limit:
+            raise ApiError("identifier_too_long", f"{name} is longer than {limit} characters ({len(value)})",
+                           extra={"errors": [{"loc": ["path", name], "msg": f"at most {limit} characters"}]})
 
 
 def refuse_unknown_query(request: Request) -> None:
