@@ -1,5 +1,9 @@
 """Structured logs: one JSON object a line, with whatever ``extra=`` a call passes
-(``command_id``, ``entity_id``, ...)."""
+(``command_id``, ``entity_id``, ...).
+
+No request can make a long line: the message and every field are cut at :data:`MAX_FIELD`
+characters (a traceback at :data:`MAX_EXC`, keeping its end), with a marker saying how much
+was cut (``…[cut 1046528 chars]``)."""
 
 from __future__ import annotations
 
@@ -11,6 +15,31 @@ from typing import Any
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+
+#: The most characters of a message or of a field's value a line holds.
+MAX_FIELD = 2048
+#: The most characters of a traceback a line holds (its end: where it failed).
+MAX_EXC = 16384
+
+_SCALARS = (int, float, bool, type(None))
+
+
+def cap(value: str, limit: int = MAX_FIELD) -> str:
+    """``value``, cut to ``limit`` characters with a marker saying how many were cut."""
+    if len(value) <= limit:
+        return value
+    return f"{value[:limit]}…[cut {len(value) - limit} chars]"
+
+
+def _capped(value: Any) -> Any:
+    """A field's value, cut if its JSON would be longer than :data:`MAX_FIELD` (strings, the
+    common case, cost a length check; other values are written out once to be measured)."""
+    if isinstance(value, str):
+        return cap(value)
+    if isinstance(value, _SCALARS):
+        return value
+    text = json.dumps(value, default=str)
+    return value if len(text) <= MAX_FIELD else cap(text)
 
 
 class JsonFormatter(logging.Formatter):
@@ -24,11 +53,12 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "service": self.service,
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": cap(record.getMessage()),
         }
-        line.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
+        line.update({k: _capped(v) for k, v in vars(record).items() if k not in _STANDARD})
         if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
+            exc = self.formatException(record.exc_info)
+            line["exc"] = exc if len(exc) <= MAX_EXC else f"…[cut {len(exc) - MAX_EXC} chars]{exc[-MAX_EXC:]}"
         return json.dumps(line, default=str)
 
 

@@ -8,11 +8,16 @@ that is not JSON or is nested too deeply, a route that does not exist, a method 
 not take (``Allow`` names those it takes; ``OPTIONS`` answers 204 with it), Redis or the
 database not answering (503), a bug (500, logged). :func:`install_error_envelope` sets this
 up; :class:`~dercmd.service.Service` calls it for every service, the simulator itself.
+A request too malformed to reach the application (an unknown method, bytes that are not
+HTTP, a NUL in a header, a lying ``Content-Length``, an overlong request line) gets the
+envelope too, from the HTTP server itself (:func:`http_protocol`): 400 ``bad_request``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,7 +102,9 @@ def validation_errors(exc: RequestValidationError) -> tuple[str, str, list[dict[
 
 
 class KnownQueryRoute(APIRoute):
-    """A route (``APIRouter(route_class=KnownQueryRoute)``) that answers a query parameter it
+    """A route (``APIRouter(route_class=KnownQueryRoute)``) that refuses a path identifier
+    longer than its ``Path(max_length=...)`` with a 400 ``identifier_too_long`` before anything
+    else, and answers a query parameter it
     does not take with a 400 ``validation_error`` instead of ignoring it (a misspelt
     ``ignoreCooldown`` must not pass for its default). Checked before FastAPI solves the route's
     dependencies, not as one of them: a dependency cost every request (most have no query)
@@ -105,13 +112,38 @@ class KnownQueryRoute(APIRoute):
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handle = super().get_route_handler()
+        limits = identifier_limits(self)
 
         async def handle_known_query(request: Request) -> Response:
+            if limits:
+                refuse_long_identifiers(request, limits)
             if request.scope.get("query_string"):
                 refuse_unknown_query(request)
             return await handle(request)
 
         return handle_known_query
+
+
+def identifier_limits(route: APIRoute) -> dict[str, int]:
+    """The longest each path parameter of ``route`` may be (its ``Path(max_length=...)``)."""
+    limits: dict[str, int] = {}
+    for param in route.dependant.path_params:
+        for meta in param.field_info.metadata:
+            if isinstance(getattr(meta, "max_length", None), int):
+                limits[param.alias] = meta.max_length
+    return limits
+
+
+def refuse_long_identifiers(request: Request, limits: dict[str, int]) -> None:
+    """:class:`KnownQueryRoute`'s first check: an identifier in the path longer than any can be
+    is a 400 ``identifier_too_long`` before anything else is done (no body read, no lookup, no
+    token check: the answer says nothing of what exists, only that no id is that long)."""
+    params = request.scope.get("path_params", {})
+    for name, limit in limits.items():
+        value = params.get(name)
+        if isinstance(value, str) and len(value) > limit:
+            raise ApiError("identifier_too_long", f"{name} is longer than {limit} characters ({len(value)})",
+                           extra={"errors": [{"loc": ["path", name], "msg": f"at most {limit} characters"}]})
 
 
 def refuse_unknown_query(request: Request) -> None:
@@ -217,16 +249,58 @@ def _validation_errors_are_400(schema: dict[str, Any]) -> None:
         schema.setdefault("components", {}).setdefault("schemas", {})["ErrorBody"] = ErrorBody.model_json_schema()
 
 
-def serve(service: str, app: FastAPI, settings: ServiceSettings, port: int) -> None:
-    """Run until SIGINT/SIGTERM."""
-    logs.configure(service, settings.log_level)
-    uvicorn.run(
+#: What the HTTP server answers a request it cannot parse (before any application sees it).
+MALFORMED_BODY = json.dumps({"key": "bad_request", "message": "the request is not valid HTTP"}).encode()
+
+
+def _send_malformed(protocol: Any) -> None:
+    """Answer 400 in the envelope and close: the connection's parser is broken, so the answer
+    is written as bytes (uvicorn's own answer here is ``text/plain``)."""
+    head = [b"HTTP/1.1 400 Bad Request\r\n"]
+    for name, value in protocol.server_state.default_headers:
+        head.append(name + b": " + value + b"\r\n")
+    head.append(b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(MALFORMED_BODY))
+    protocol.transport.write(b"".join(head) + MALFORMED_BODY)
+    protocol.transport.close()
+
+
+def http_protocol() -> type[Any]:
+    """uvicorn's HTTP/1.1 protocol (httptools' C parser where installed, as ``http="auto"``
+    would choose, else h11) answering a malformed request in the envelope."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    except ImportError:  # pragma: no cover - httptools is a dependency
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base  # type: ignore[assignment]
+
+    class EnvelopeHttpProtocol(Base):  # type: ignore[misc, valid-type]
+        def send_400_response(self, msg: str) -> None:
+            _send_malformed(self)
+
+    return EnvelopeHttpProtocol
+
+
+def server_config(service: str, app: FastAPI, settings: ServiceSettings, port: int) -> uvicorn.Config:
+    """How every service is served (:func:`serve`)."""
+    return uvicorn.Config(
         app,
         host=settings.bind_host,
         port=port,
+        http=http_protocol(),
         log_config=logs.logging_config(service, settings.log_level),
         # uvicorn builds each request's access-log arguments before the logger drops them
         # (uvicorn.access is at WARNING unless DEBUG): not built at all, unless DEBUG.
         access_log=settings.log_level.upper() == "DEBUG",
         timeout_graceful_shutdown=5,
     )
+
+
+def serve(service: str, app: FastAPI, settings: ServiceSettings, port: int) -> None:
+    """Run until SIGINT/SIGTERM."""
+    logs.configure(service, settings.log_level)
+    server = uvicorn.Server(server_config(service, app, settings, port))
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    if not server.started:
+        sys.exit(3)  # as uvicorn.run: it could not start (port taken, startup failed)

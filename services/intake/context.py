@@ -5,15 +5,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from aiokafka.errors import KafkaError
+from fastapi import Path
 from fastapi.security import HTTPBearer
 from starlette.requests import HTTPConnection
 
 from pydantic import Field
 
-from dercmd.events import CommandAcceptedV1, CommandStateV1, Model
+from dercmd.events import CommandAcceptedV1, CommandRequestV1, CommandStateV1, Model
 from dercmd.fleet import Entity, Fleet, Role
 from dercmd.ledger import Ledger
 from dercmd.web import ErrorBody
@@ -21,9 +22,19 @@ from dercmd.web import ErrorBody
 from .admission import Admission, Refusal
 from .idempotency import Idempotency
 
+#: The longest an entity id may be (a request's ``entityId``, the ledger's column).
+MAX_ENTITY_ID: int = next(m.max_length for m in CommandRequestV1.model_fields["entity_id"].metadata if hasattr(m, "max_length"))
+#: The longest a command id may be (``ID_PATTERN``, the ledger's column).
+MAX_COMMAND_ID = 64
+
+#: Path parameters: longer is a 400 ``identifier_too_long`` before anything else (web.KnownQueryRoute).
+EntityId = Annotated[str, Path(alias="entityId", min_length=1, max_length=MAX_ENTITY_ID)]
+CommandId = Annotated[str, Path(max_length=MAX_COMMAND_ID)]
+
 #: The error answers every route may give, for the OpenAPI document (all in the one envelope).
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "Not valid: `validation_error` (with `errors`), `invalid_json`, `invalid_idempotency_key`, "
+                                             "`identifier_too_long` (an id in the path longer than any id can be), "
                                              "or the key of the rule broken"},
     401: {"model": ErrorBody, "description": "`unauthorized`: no or unknown bearer token"},
     403: {"model": ErrorBody, "description": "`forbidden`: the token may read this entity but not command it"},

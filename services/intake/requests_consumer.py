@@ -120,17 +120,20 @@ class RequestsHandler:
 
     async def on_invalid(self, record: ConsumerRecord, error: Exception) -> None:
         """Say ``Rejected`` for a request that did not parse (it is dead-lettered already), if
-        it names an entity."""
+        it names an entity: ``identifier_too_long`` for an ``entityId`` longer than any entity's
+        (the status names it by its first characters and ``…``), else ``invalid_request``."""
         body: Any = loads(record.value)  # never raises: None for what is too large, deep or not JSON
         body = body if isinstance(body, dict) else {}
         entity_id = body.get("entityId")
-        if not isinstance(entity_id, str) or len(entity_id) > _MAX_ENTITY_ID:
-            entity_id = None  # not an entity any status could name
-        if not entity_id:
+        key, message = "invalid_request", str(error)
+        if isinstance(entity_id, str) and len(entity_id) > _MAX_ENTITY_ID:
+            key, message = "identifier_too_long", f"entityId is longer than {_MAX_ENTITY_ID} characters ({len(entity_id)})"
+            entity_id = entity_id[:_MAX_ENTITY_ID - 1] + "…"  # as long as an entity id may be, and no entity's
+        if not isinstance(entity_id, str) or not entity_id:
             metrics.REFUSED.labels("kafka", "unreadable").inc()
             return  # nothing to attach a status to: the dead letter is all there is
         body_id = body.get("id") if isinstance(body.get("id"), str) and re.fullmatch(ID_PATTERN, body["id"]) else None
-        await self._reject([(command_id_of(record, body_id), entity_id, "invalid_request", str(error), None)])
+        await self._reject([(command_id_of(record, body_id), entity_id, key, message, None)])
 
     async def _reject(self, rejections: list[tuple[str, str, str, str, CommandRequestV1 | None]]) -> None:
         known = await self._admission.known([command_id for command_id, *_ in rejections])

@@ -286,8 +286,13 @@ class Gateway:
             await connection.charge_point.start()
         except WebSocketDisconnect:
             pass
-        except Exception:
-            log.exception("charge point connection failed", extra={"charge_point": charge_point_id})
+        except Exception as exc:
+            if self.connections.get(charge_point_id) is not connection:
+                # A newer connection of this charge point replaced (and closed) this one: its
+                # next read or write fails, as expected. Not an error.
+                log.info("charge point connection replaced", extra={"charge_point": charge_point_id, "error": repr(exc)})
+            else:
+                log.exception("charge point connection failed", extra={"charge_point": charge_point_id})
         finally:
             connection.closed.set()
             metrics.CONNECTED.dec()

@@ -659,3 +659,36 @@ async def test_the_gateway_answers_a_payload_outside_the_schema_with_a_call_erro
         await ws.send(json.dumps([2, "bad-boot", "BootNotification", {"chargePointVendor": "ABB"}]))
         answer = json.loads(await asyncio.wait_for(ws.recv(), 5))
     assert answer[0] == 4 and answer[1] == "bad-boot", answer
+
+
+async def test_a_replaced_connection_ends_with_an_info_line_not_an_error(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    """A charge point that reconnects replaces its old connection: that end is expected (the
+    probe saw an error traceback for each, 86 in 24 s), so it is one info line."""
+    import logging
+
+    import websockets
+
+    from ocpp.v16 import call
+
+    old = rig.gateway.connections["cp-2"]
+    assert old.charge_point is not None
+    route = old.charge_point.route_message
+    busy = asyncio.Event()
+
+    async def slow_route(message: str) -> None:  # busy with a message when it is replaced
+        busy.set()
+        await until(lambda: old.websocket.application_state.name == "DISCONNECTED")
+        await route(message)
+
+    old.charge_point.route_message = slow_route  # type: ignore[method-assign]
+    asking = asyncio.ensure_future(rig.gateway.call(old, call.GetConfiguration(key=["HeartbeatInterval"])))
+    await until(busy.is_set)
+    url = rig.gateway.url.replace("http://", "ws://") + "/ocpp/cp-2"
+    with caplog.at_level(logging.INFO, logger="dercmd.ocpp_gateway.gateway"):
+        async with websockets.connect(url, subprotocols=[SUBPROTOCOL], open_timeout=5):  # type: ignore[list-item]
+            await until(lambda: old.closed.is_set())
+        await until(lambda: any(r.getMessage() == "charge point connection replaced" for r in caplog.records))
+    await asyncio.gather(asking, return_exceptions=True)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    replaced = next(r for r in caplog.records if r.getMessage() == "charge point connection replaced")
+    assert replaced.levelno == logging.INFO and replaced.exc_info is None

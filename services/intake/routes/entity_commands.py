@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Path, Query, Request
+from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BeforeValidator, Field
 
@@ -24,7 +24,7 @@ from dercmd.fleet import Role
 
 from .. import commands, idempotency
 from ..admission import Refusal
-from ..context import ERRORS, CancelRequested, Command, Intake, Scheduled, caller_of, command_json
+from ..context import ERRORS, CancelRequested, Command, CommandId, EntityId, Intake, Scheduled, caller_of, command_json
 from ..idempotency import IdempotencyKeyHeader
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,6 @@ def _true_or_false(value: Any) -> Any:
     return value
 
 
-EntityId = Annotated[str, Path(alias="entityId", min_length=1, max_length=128)]
 IgnoreCooldown = Annotated[bool, Query(alias="ignoreCooldown", description="true: bypass the cooldown (audited)"),
                            BeforeValidator(_true_or_false)]
 
@@ -123,7 +122,7 @@ def router(intake: Intake) -> APIRouter:
         return await intake.idempotency.answer(request, token, idempotency_key, schedule)
 
     @api.delete("/v1/commands/{id}", status_code=202, response_model=CancelRequested)
-    async def cancel_command(id: str, token: str = Depends(intake.token)) -> Any:
+    async def cancel_command(id: CommandId, token: str = Depends(intake.token)) -> Any:
         """Cancel a command. One not yet delivered ends ``Canceled`` (reason ``canceled``); an
         active window already delivered ends now and the device is returned to its default.
         202: the cancel is on its way to arbitration, which decides it in order with the
@@ -131,7 +130,11 @@ def router(intake: Intake) -> APIRouter:
         for a command that has finished or been delivered (the device has it), a delivered
         window still active excepted."""
         state = await intake.command(token, id)
-        intake.authorise(token, state.entity_id, Role.CONTRIBUTOR)
+        # The command may be seen (GET answers it), so not a 404, even when its entity is not
+        # (or no longer) in the fleet: a Rejected request for an unknown entity is a 409 below.
+        role = intake.fleet.role(token, state.entity_id)
+        if role is None or not role.allows(Role.CONTRIBUTOR):
+            raise Refusal("forbidden", f"{role} may not cancel commands of {state.entity_id}", status=403)
         now = utcnow()
         active_window = state.end_at is not None and state.end_at > now and state.reason is None
         delivered = state.status is CommandStatus.SENT or state.status.terminal

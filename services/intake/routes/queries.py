@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 
 from dercmd import web
@@ -13,7 +13,7 @@ from dercmd.events import CommandStatus, RequestTime
 from dercmd.fleet import Role
 
 from ..commands import check_aware
-from ..context import ERRORS, Command, CommandPage, Intake, command_json
+from ..context import ERRORS, Command, CommandId, CommandPage, EntityId, Intake, command_json
 
 
 #: Pages beyond this are refused (400): the offset must stay a number every database takes.
@@ -24,14 +24,14 @@ def router(intake: Intake) -> APIRouter:
     api = APIRouter(tags=["queries"], responses=ERRORS, route_class=web.KnownQueryRoute)
 
     @api.get("/v1/commands/{id}", response_model=Command)
-    async def get_command(id: str, token: str = Depends(intake.token)) -> Any:
+    async def get_command(id: CommandId, token: str = Depends(intake.token)) -> Any:
         """A command's current state."""
         state = await intake.command(token, id)
         return JSONResponse(command_json(state))
 
     @api.get("/v1/entities/{entityId}/commands", response_model=CommandPage)
     async def list_commands(
-        entity_id: Annotated[str, Path(alias="entityId", min_length=1, max_length=128)],
+        entity_id: EntityId,
         since: Annotated[RequestTime | None, Query(alias="from", description="created at or after (ISO 8601)")] = None,
         until: Annotated[RequestTime | None, Query(alias="to", description="created before (ISO 8601)")] = None,
         status: CommandStatus | None = None,
