@@ -414,7 +414,7 @@ class Ledger:
         out = []
         for ev in events:
             row = rows[ev.command_id]
-            if ev.event_id in foreign or row["entity_id"] != ev.entity_id:
+            if row["entity_id"] != ev.entity_id:  # (foreign: not recorded above either)
                 out.append((row, False, False, True))
                 continue
             fresh = ev.event_id in unseen

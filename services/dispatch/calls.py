@@ -194,10 +194,10 @@ class Calls:
         if keep:
             log.info("sending again", extra={"backend": backend.name, "commands": len(keep), "wait_s": round(wait_s, 3),
                                              "command_ids": [o.command_id for o in keep][:20]})
-        await asyncio.gather(self._expire_at_deadline(backend, expiring), asyncio.sleep(wait_s if keep else 0))
+        await asyncio.gather(self._expire_at_deadline(expiring), asyncio.sleep(wait_s if keep else 0))
         return keep
 
-    async def _expire_at_deadline(self, backend: backends.DeviceBackend, expiring: list[Failure]) -> None:
+    async def _expire_at_deadline(self, expiring: list[Failure]) -> None:
         """Each order ends ``Failed: expired`` at its ``expiresAt`` (never earlier: until then
         it was still the caller's to have)."""
         for when in sorted({o.expires_at for o, _ in expiring if o.expires_at is not None}):

@@ -137,10 +137,11 @@ class Outcomes:
         for (order, error), t in zip(orders, moved, strict=True):
             if t.step is Step.RETRY or t.stage is Stage.MISSING:  # MISSING: Redis lost the claim; claimed again
                 again.append((order, error))
-            elif t.step is Step.SUPERSEDED:  # taken over while its call was out: arbitration left it to us
-                metrics.ORDERS.labels("stale").inc()
-                resumed.append((order, t))
-            else:  # a result came meanwhile (it was delivered after all): carry on from it
+            else:
+                # SUPERSEDED: taken over while its call was out (arbitration left it to us: done as
+                # Canceled); else a result came meanwhile (it was delivered after all): on from it.
+                if t.step is Step.SUPERSEDED:
+                    metrics.ORDERS.labels("stale").inc()
                 resumed.append((order, t))
         return again, resumed
 

@@ -58,16 +58,14 @@ class RequestsHandler:
         #: How many partitions the requests topic has (set once its consumer runs).
         self.partitions: Callable[[], int | None] = lambda: None
 
-    def _misrouted(self, record: ConsumerRecord) -> Refusal | None:
+    def _misrouted(self, record: ConsumerRecord, count: int | None) -> Refusal | None:
         """A request on another partition than its key's murmur2 partition (a producer with
         another partitioner, e.g. librdkafka's default consistent_random): counted and logged,
         and refused where ``DERCMD_REQUESTS_MISROUTED=refuse``, since the entity's requests on
         two partitions may be taken in either order."""
-        count = self.partitions()
-        if not count or record.key is None or partition_of(record.key, count) == record.partition:
+        if not count or record.key is None or (expected := partition_of(record.key, count)) == record.partition:
             return None
         metrics.MISROUTED.inc()
-        expected = partition_of(record.key, count)
         log.warning("request on another partition than its key's", extra={
             "key": clip(record.key, 128), "partition": record.partition, "expected": expected})
         if not self._refuse_misrouted:
@@ -79,6 +77,7 @@ class RequestsHandler:
         admitted: list[tuple[Item[CommandRequestV1], CommandAcceptedV1]] = []
         refused: list[tuple[Item[CommandRequestV1], str, Refusal]] = []
         now = utcnow()
+        partitions = self.partitions()  # (the topic's, once a batch)
         for item in items:
             request = item.event
             command_id = command_id_of(item.record, request.id)
@@ -88,7 +87,7 @@ class RequestsHandler:
                     # The key decides the partition, and so the order of the entity's commands.
                     raise Refusal("key_mismatch", f"the record's key must be its entityId {request.entity_id!r}, "
                                                   f"not {clip(item.record.key, 200)}")
-                if (misrouted := self._misrouted(item.record)) is not None:
+                if (misrouted := self._misrouted(item.record, partitions)) is not None:
                     raise misrouted
                 if entity is None:
                     raise Refusal("unknown_entity", f"no entity {request.entity_id}")

@@ -105,8 +105,9 @@ class Sweeper:
         self._mark = LedgerMark()
         self._lease_held = SweeperLease(redis, uuid.uuid4().hex)
         self._asked: dict[str, float] = {}  # command id -> monotonic time it was last asked about
-        #: Per command whose expiresAt comes before the next round: the timer that ends it then.
-        self._expiries: dict[str, asyncio.TimerHandle] = {}
+        #: Per command whose expiresAt comes before the next round: the timer that ends it then,
+        #: and then the task publishing that.
+        self._expiries: dict[str, asyncio.TimerHandle | asyncio.Future[None]] = {}
 
     async def run(self) -> None:
         """Sweep every ``DERCMD_SWEEP_INTERVAL_S`` while this replica holds the lease."""
@@ -154,12 +155,12 @@ class Sweeper:
                                      "action": "expired"})
 
         async def publish() -> None:
-            try:
-                await retrying(lambda: self._publisher.publish_all([(topics.ACCEPTED, cancel, state.entity_id)]), "sweeper")
-            finally:
-                self._expiries.pop(state.id, None)
+            await retrying(lambda: self._publisher.publish_all([(topics.ACCEPTED, cancel, state.entity_id)]), "sweeper")
 
-        asyncio.ensure_future(publish())
+        # The loop keeps only a weak reference to a task: the timer's entry holds it until done.
+        task = asyncio.ensure_future(publish())
+        self._expiries[state.id] = task
+        task.add_done_callback(lambda _: self._expiries.pop(state.id, None))
 
     async def _lease(self, interval: float) -> bool:
         """Hold the sweeper's lease for the next few rounds (or keep holding it)."""
