@@ -175,7 +175,7 @@ class Stack:
         """The settings the services will see (this environment, not the launcher's own)."""
         prefix = "DERCMD_"
         return load(Settings, **{k[len(prefix):].lower(): v for k, v in self.environ.items()
-                                 if k.startswith(prefix) and not k.endswith("_FILE")})
+                                 if k.startswith(prefix) and k[len(prefix):].lower() in Settings.model_fields})
 
     def url(self, service: str) -> str:
         return f"http://{self.settings.bind_host}:{service_port(self.settings, service)}"

@@ -397,11 +397,6 @@ class Ledger:
 
     def _fold(self, conn: Connection, events: Sequence[StatusEventV1]) -> list[tuple[dict[str, Any], bool, bool, bool]]:
         rows = self._rows(conn, list(dict.fromkeys(ev.command_id for ev in events)))
-        # An event that names another entity than its command's row is refused: a result is
-        # about one command of one entity (a forged or mistaken one must not end another's).
-        foreign = {ev.event_id for ev in events if ev.command_id in rows and rows[ev.command_id]["entity_id"] != ev.entity_id}
-        # Each event is recorded once: only the first copy of a newly inserted id is fresh.
-        unseen = self._insert_new(conn, command_events, [self._event_row(ev) for ev in events if ev.event_id not in foreign])
         # A command the ledger has not seen (a Rejected request, or a row lost with a database)
         # is created from its first event.
         missing = {ev.command_id: self._row_from_event(ev) for ev in reversed(events) if ev.command_id not in rows}
@@ -410,11 +405,17 @@ class Ledger:
             rows.update({cid: missing[cid] for cid in created})
             # Not created: another writer (intake) inserted it since we looked; fold onto that.
             rows.update(self._rows(conn, [cid for cid in missing if cid not in created]))
+        # An event that names another entity than its command's row is refused, and not
+        # recorded: a result is about one command of one entity (a forged or mistaken one must
+        # not end another's). Each other event is recorded once: only the first copy of a newly
+        # inserted id is fresh.
+        unseen = self._insert_new(conn, command_events, [self._event_row(ev) for ev in events
+                                                          if rows[ev.command_id]["entity_id"] == ev.entity_id])
         moved: set[str] = set()
         out = []
         for ev in events:
             row = rows[ev.command_id]
-            if row["entity_id"] != ev.entity_id:  # (foreign: not recorded above either)
+            if row["entity_id"] != ev.entity_id:  # foreign: refused
                 out.append((row, False, False, True))
                 continue
             fresh = ev.event_id in unseen

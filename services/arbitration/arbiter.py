@@ -32,16 +32,10 @@ from dercmd.events import (
 from dercmd.fleet import Fleet
 from dercmd.state.due import Due
 from dercmd.state.slots import Cancel, Decide, Decision, End, Operation, Outcome, Payload, Slots, Start
+from dercmd.state.slots import from_ms as _time
+from dercmd.state.slots import to_ms as _ms
 
 __all__ = ["Arbiter", "Decision", "Outcome", "Payload", "Records", "cancel_emissions", "emissions", "fire_emissions"]
-
-
-def _ms(t: datetime) -> int:
-    return int(t.timestamp() * 1000)
-
-
-def _time(ms: int | None) -> datetime | None:
-    return datetime.fromtimestamp(ms / 1000, UTC) if ms else None
 
 
 Records = list[tuple[topics.Topic, Event, str]]

@@ -138,7 +138,8 @@ class Sweeper:
         loop = asyncio.get_running_loop()
         armed = 0
         for state in expiring:
-            if state.id in self._expiries or state.expires_at is None:
+            # (handed on already: a ledger that has not caught up still shows it open)
+            if state.id in self._expiries or state.id in self._asked or state.expires_at is None:
                 continue
             delay = max(0.0, (state.expires_at - utcnow()).total_seconds())
             self._expiries[state.id] = loop.call_later(delay, self._expire, state)
@@ -147,15 +148,13 @@ class Sweeper:
 
     def _expire(self, state: CommandStateV1) -> None:
         assert state.expires_at is not None
-        cancel = CommandCancelV1(command_id=state.id, entity_id=state.entity_id, reason="expired", include_scheduled=True,
-                                 detail="its expiresAt passed before it was delivered", at=state.expires_at)
+        record = self._request(state, state.expires_at)  # as a round at that moment would: the cancel
+        assert record is not None
         self._asked[state.id] = time.monotonic()
-        metrics.SWEPT.labels(state.status.value, "expired").inc()
-        log.info("handed on", extra={"command_id": state.id, "entity_id": state.entity_id, "status": state.status.value,
-                                     "action": "expired"})
+        self._handed_on(state, record)
 
         async def publish() -> None:
-            await retrying(lambda: self._publisher.publish_all([(topics.ACCEPTED, cancel, state.entity_id)]), "sweeper")
+            await retrying(lambda: self._publisher.publish_all([record]), "sweeper")
 
         # The loop keeps only a weak reference to a task: the timer's entry holds it until done.
         task = asyncio.ensure_future(publish())
@@ -190,12 +189,16 @@ class Sweeper:
                 continue
             self._asked[state.id] = clock
             records.append(record)
-            action = type(record[1]).__name__
-            metrics.SWEPT.labels(state.status.value, _ACTIONS[action]).inc()
-            log.info("handed on", extra={"command_id": state.id, "entity_id": state.entity_id, "status": state.status.value,
-                                         "action": _ACTIONS[action]})
+            self._handed_on(state, record)
         await self._publisher.publish_all(records)
         return len(records)
+
+    @staticmethod
+    def _handed_on(state: CommandStateV1, record: tuple[topics.Topic, Event, str]) -> None:
+        action = _ACTIONS[type(record[1]).__name__]
+        metrics.SWEPT.labels(state.status.value, action).inc()
+        log.info("handed on", extra={"command_id": state.id, "entity_id": state.entity_id, "status": state.status.value,
+                                     "action": action})
 
     def _request(self, state: CommandStateV1, now: datetime) -> tuple[topics.Topic, Event, str] | None:
         if state.status is CommandStatus.SENT:

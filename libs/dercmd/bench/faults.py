@@ -207,7 +207,7 @@ def _count(phase: Phase, states: dict[str, Any], received: dict[str, list[float]
     wrong = untruthful(terminal, {c: t for c, t in received.items() if c in ids})
     # How long after the fault was over the last command accepted before then ended: the
     # time recovery took (0 when they had all ended before).
-    before = [s for c, s in mine.items() if phase.offered.produced_at[c] <= phase.recovered_at and s.status.value in TERMINAL]
+    before = [s for c, s in mine.items() if c in terminal and phase.offered.produced_at[c] <= phase.recovered_at]
     last = max((s.updated_at.timestamp() for s in before), default=phase.recovered_at)
     phase.counts = {
         "settled_s": max(0.0, last - phase.recovered_at),

@@ -55,11 +55,12 @@ from .scripts import Script, source
 _SCRIPT = source("slots.lua")
 
 
-def _ms(t: datetime) -> int:
+def to_ms(t: datetime) -> int:
+    """A time as the scripts keep it: ms since the epoch."""
     return int(t.timestamp() * 1000)
 
 
-def _time(ms: int | None) -> datetime | None:
+def from_ms(ms: int | None) -> datetime | None:
     return datetime.fromtimestamp(ms / 1000, UTC) if ms else None
 
 
@@ -97,9 +98,9 @@ class Payload:
 
     @classmethod
     def of(cls, cmd: CommandAcceptedV1) -> Payload:
-        return cls(cmd.type, cmd.value, cmd.percentage, _ms(cmd.trigger_time) if cmd.trigger_time else None,
-                   _ms(cmd.end_at) if cmd.end_at else None, cmd.asset_identifiers, _ms(cmd.accepted_at), cmd.ignore_cooldown,
-                   _ms(cmd.expires_at) if cmd.expires_at else None)
+        return cls(cmd.type, cmd.value, cmd.percentage, to_ms(cmd.trigger_time) if cmd.trigger_time else None,
+                   to_ms(cmd.end_at) if cmd.end_at else None, cmd.asset_identifiers, to_ms(cmd.accepted_at), cmd.ignore_cooldown,
+                   to_ms(cmd.expires_at) if cmd.expires_at else None)
 
     def encode(self) -> str:
         """``type|value|percentage|start|end|accepted[+expires]|ignore cooldown|assets``: ms
@@ -151,7 +152,7 @@ class Decision:
             outcome=Outcome(d["outcome"]),
             fence=int(d["fence"]),
             superseded=tuple(superseded) if isinstance(superseded, list) else (),
-            cooldown_until=_time(until),
+            cooldown_until=from_ms(until),
             duplicate=bool(d.get("duplicate")),
             payload=Payload.decode(d["cmd"]) if d.get("cmd") else None,
             at_ms=d.get("at"),
@@ -182,7 +183,7 @@ class Decide:
         start = cmd.trigger_time
         # Kept only where it is needed later: at its start (by Redis's clock) or its end.
         needed = start is not None or cmd.end_at is not None
-        return cls(cmd.entity_id, cmd.id, _ms(start) if start else None, _ms(cmd.end_at) if cmd.end_at else None,
+        return cls(cmd.entity_id, cmd.id, to_ms(start) if start else None, to_ms(cmd.end_at) if cmd.end_at else None,
                    cooldown_ms, cmd.ignore_cooldown, Payload.of(cmd) if needed else None)
 
     def args(self) -> tuple[object, ...]:
@@ -272,7 +273,7 @@ class Slots:
     async def run(self, ops: Sequence[Operation]) -> list[Decision]:
         """Run the operations in one round trip, in the order given (so one entity's are run
         in their order)."""
-        now = _ms(self._now()) if self._now else ""
+        now = to_ms(self._now()) if self._now else ""
         calls: list[tuple[list[str], list[object]]] = []
         for op in ops:
             call_keys = [keys.slots(op.entity_id), keys.decision(op.entity_id, op.command_id)]
@@ -291,7 +292,7 @@ class Slots:
             pipe.hget(keys.slots(entity_id), "cooldown_until")
         async with asyncio.timeout(CALL_TIMEOUT_S):
             replies = await pipe.execute()
-        return [_time(int(raw or 0)) for raw in replies]
+        return [from_ms(int(raw or 0)) for raw in replies]
 
     async def abort(self, entity_id: str, command_id: str) -> bool:
         """Record the command as aborted before arbitration decides it, so that it never will.
@@ -313,12 +314,6 @@ class Slots:
     async def read(self, entity_id: str) -> SlotsRecord:
         (record,) = await self.read_many([entity_id])
         return record
-
-    async def decision(self, entity_id: str, command_id: str) -> Decision | None:
-        """The recorded decision of a command, as the script would replay it."""
-        async with asyncio.timeout(CALL_TIMEOUT_S):
-            raw = await self._redis.get(keys.decision(entity_id, command_id))
-        return Decision.from_json(raw) if raw is not None else None
 
     async def decision_ttl(self, entity_id: str, command_id: str) -> int:
         """Seconds the command's decision is still kept (Redis's TTL: -2 none, -1 no expiry)."""
